@@ -1,0 +1,214 @@
+// Fused masked log-sum-exp on the CPU (schema and math: csrc/ops.cpp).
+//
+// Rows are cut into tiles of kRowTile anchors and columns into tiles of kColTile; one tile of
+// logits (kRowTile x kColTile accumulator floats) is the only N x M-shaped memory, per thread.
+// Products run through ATen's GEMM on the tile, the bias/mask/exp passes on the tile stay in cache.
+//   forward:  parallel over row tiles, online LSE across column tiles.
+//   backward: recompute P from z, k and lse. dz is a row-parallel pass, dk a column-parallel
+//             pass; each output tile is owned by one task and summed in a fixed order, so results
+//             are bitwise reproducible run to run whatever the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace rcl_kernels {
+namespace {
+
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kColTile = 512;
+
+int64_t num_tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
+
+// The op's inputs, converted once to the accumulation dtype (float, or double for float64).
+struct Problem {
+  at::Tensor z, k, row_labels, col_labels, row_bias, col_bias;
+  int64_t self_offset;
+  double scale;
+};
+
+Problem make_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                     const at::Tensor& col_labels, const at::Tensor& row_bias,
+                     const at::Tensor& col_bias, int64_t self_offset, double scale) {
+  TORCH_CHECK(z.dim() == 2 && k.dim() == 2 && z.size(1) == k.size(1),
+              "masked_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
+  TORCH_CHECK(z.scalar_type() == k.scalar_type(), "masked_lse: z and k must share a dtype");
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "masked_lse: z must be floating point");
+  const int64_t n = z.size(0), m = k.size(0);
+  TORCH_CHECK(row_labels.numel() == n && row_bias.numel() == n,
+              "masked_lse: row_labels and row_bias must have N = ", n, " entries");
+  TORCH_CHECK(col_labels.numel() == m && col_bias.numel() == m,
+              "masked_lse: col_labels and col_bias must have M = ", m, " entries");
+  TORCH_CHECK(row_labels.scalar_type() == at::kLong && col_labels.scalar_type() == at::kLong,
+              "masked_lse: labels must be int64");
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto prep = [](const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); };
+  return {prep(z, acc), prep(k, acc), prep(row_labels, at::kLong), prep(col_labels, at::kLong),
+          prep(row_bias, acc), prep(col_bias, acc), self_offset, scale};
+}
+
+// logits[r, c] = scale·<z_{r0+r}, k_{c0+c}> + bias, with the self column set to −inf.
+template <typename acc_t>
+void tile_logits(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                 at::Tensor& logits) {
+  at::mm_out(logits, p.z.slice(0, r0, r1), p.k.slice(0, c0, c1).t());
+  const int64_t cols = c1 - c0;
+  acc_t* t = logits.data_ptr<acc_t>();
+  const int64_t* rl = p.row_labels.data_ptr<int64_t>();
+  const int64_t* cl = p.col_labels.data_ptr<int64_t>() + c0;
+  const acc_t* rb = p.row_bias.data_ptr<acc_t>();
+  const acc_t* cb = p.col_bias.data_ptr<acc_t>() + c0;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    acc_t* row = t + r * cols;
+    const int64_t label = rl[r0 + r];
+    const acc_t same_bias = rb[r0 + r];
+    for (int64_t c = 0; c < cols; ++c) {
+      row[c] = scale * row[c] + (cl[c] == label ? same_bias : cb[c]);
+    }
+    const int64_t self = r0 + r + p.self_offset - c0;
+    if (self >= 0 && self < cols) row[self] = -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+// Row maximum that propagates NaN (std::max would silently drop it).
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return b > a ? b : a;
+}
+
+template <typename acc_t>
+void forward_row_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end, acc_t* lse) {
+  const int64_t n = p.z.size(0), m = p.k.size(0);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  auto logits_storage = at::empty({kRowTile * kColTile}, p.z.options());
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t r0 = tile * kRowTile, r1 = std::min(n, r0 + kRowTile), rows = r1 - r0;
+    acc_t run_max[kRowTile], run_sum[kRowTile];
+    std::fill(run_max, run_max + rows, neg_inf);
+    std::fill(run_sum, run_sum + rows, acc_t(0));
+    for (int64_t c0 = 0; c0 < m; c0 += kColTile) {
+      const int64_t c1 = std::min(m, c0 + kColTile), cols = c1 - c0;
+      auto logits = logits_storage.narrow(0, 0, rows * cols).view({rows, cols});
+      tile_logits<acc_t>(p, r0, r1, c0, c1, logits);
+      acc_t* t = logits.data_ptr<acc_t>();
+      acc_t shift[kRowTile];
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t tile_max = neg_inf;
+        for (int64_t c = 0; c < cols; ++c) tile_max = nan_max(tile_max, t[r * cols + c]);
+        const acc_t new_max = nan_max(run_max[r], tile_max);
+        // A row with every column masked so far keeps max −inf; shifting by 0 keeps exp(−inf)=0.
+        shift[r] = new_max == neg_inf ? acc_t(0) : new_max;
+        run_sum[r] *= std::exp(run_max[r] - shift[r]);
+        run_max[r] = new_max;
+        for (int64_t c = 0; c < cols; ++c) t[r * cols + c] -= shift[r];
+      }
+      logits.exp_();  // ATen's vectorized exp
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < cols; ++c) s += t[r * cols + c];
+        run_sum[r] += s;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      lse[r0 + r] = run_max[r] == neg_inf ? neg_inf : run_max[r] + std::log(run_sum[r]);
+    }
+  }
+}
+
+at::Tensor masked_lse_forward_cpu(const at::Tensor& z, const at::Tensor& k,
+                                  const at::Tensor& row_labels, const at::Tensor& col_labels,
+                                  const at::Tensor& row_bias, const at::Tensor& col_bias,
+                                  int64_t self_offset, double scale, bool /*allow_tf32*/) {
+  const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  auto lse = at::empty({z.size(0)}, p.z.options());
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_forward_cpu", [&] {
+    scalar_t* out = lse.data_ptr<scalar_t>();
+    at::parallel_for(0, num_tiles(z.size(0), kRowTile), 1, [&](int64_t begin, int64_t end) {
+      forward_row_tiles<scalar_t>(p, begin, end, out);
+    });
+  });
+  return lse;
+}
+
+// weights[r, c] = g_r·scale·p_rc for one tile (p = 0 on the self column and on rows whose lse
+// is −inf, i.e. rows with no column at all).
+template <typename acc_t>
+void tile_weights(const Problem& p, const acc_t* lse, const acc_t* grad, int64_t r0, int64_t r1,
+                  int64_t c0, int64_t c1, at::Tensor& weights) {
+  tile_logits<acc_t>(p, r0, r1, c0, c1, weights);
+  const int64_t cols = c1 - c0;
+  acc_t* t = weights.data_ptr<acc_t>();
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    // exp(t − (+inf)) = 0 for every t < +inf: rows without columns get zero weights.
+    const acc_t shift = lse[r0 + r] == -inf ? inf : lse[r0 + r];
+    for (int64_t c = 0; c < cols; ++c) t[r * cols + c] -= shift;
+  }
+  weights.exp_();
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const acc_t factor = grad[r0 + r] * static_cast<acc_t>(p.scale);
+    for (int64_t c = 0; c < cols; ++c) t[r * cols + c] *= factor;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
+    bool /*allow_tf32*/) {
+  const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  const int64_t n = z.size(0), m = k.size(0);
+  TORCH_CHECK(grad_lse.numel() == n && lse.numel() == n,
+              "masked_lse_backward: grad_lse and lse must have N = ", n, " entries");
+  const auto grad_acc = grad_lse.to(p.z.scalar_type()).contiguous();
+  const auto lse_acc = lse.to(p.z.scalar_type()).contiguous();
+  auto dz = at::zeros_like(p.z);
+  auto dk = at::zeros_like(p.k);
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_backward_cpu", [&] {
+    const scalar_t* g = grad_acc.data_ptr<scalar_t>();
+    const scalar_t* l = lse_acc.data_ptr<scalar_t>();
+    // dz rows: Σ over column tiles of W_tile · K_tile.
+    at::parallel_for(0, num_tiles(n, kRowTile), 1, [&](int64_t begin, int64_t end) {
+      auto storage = at::empty({kRowTile * kColTile}, p.z.options());
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t r0 = tile * kRowTile, r1 = std::min(n, r0 + kRowTile);
+        auto dz_rows = dz.slice(0, r0, r1);
+        for (int64_t c0 = 0; c0 < m; c0 += kColTile) {
+          const int64_t c1 = std::min(m, c0 + kColTile);
+          auto w = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+          tile_weights<scalar_t>(p, l, g, r0, r1, c0, c1, w);
+          dz_rows.addmm_(w, p.k.slice(0, c0, c1));
+        }
+      }
+    });
+    // dk columns: Σ over row tiles of W_tileᵀ · Z_tile.
+    at::parallel_for(0, num_tiles(m, kColTile), 1, [&](int64_t begin, int64_t end) {
+      auto storage = at::empty({kRowTile * kColTile}, p.z.options());
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t c0 = tile * kColTile, c1 = std::min(m, c0 + kColTile);
+        auto dk_cols = dk.slice(0, c0, c1);
+        for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+          const int64_t r1 = std::min(n, r0 + kRowTile);
+          auto w = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+          tile_weights<scalar_t>(p, l, g, r0, r1, c0, c1, w);
+          dk_cols.addmm_(w.t(), p.z.slice(0, r0, r1));
+        }
+      }
+    });
+  });
+  return {dz.to(z.scalar_type()), dk.to(k.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
+  m.impl("masked_lse_forward", &masked_lse_forward_cpu);
+  m.impl("masked_lse_backward", &masked_lse_backward_cpu);
+}
+
+}  // namespace rcl_kernels

@@ -1,0 +1,35 @@
+// Schemas of the fused ops and the Python module stub for rcl_kernels._C.
+//
+// The ops compute only the part of the loss that needs N x M tiles: a masked, biased log-sum-exp
+// per anchor row ("attention whose output is the LSE"). The positive terms of the loss are
+// O((N+M)·d) segment sums done in PyTorch by rcl_kernels/fused.py, shared by every backend.
+//
+//   t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
+//   lse_i = log Σ_{j ≠ i + self_offset} exp(t_ij)            (−inf when no column is left)
+//   p_ij  = exp(t_ij − lse_i)                                  (0 for the self column, or lse = −inf)
+//   dz    = scale · (g ⊙ P) · K        dk = scale · (g ⊙ P)ᵀ · Z     (g = grad_lse)
+//
+// Shapes and dtypes: z [N, d] and k [M, d] of one floating dtype (float32, float64, bfloat16,
+// float16); labels int64; row_bias [N], col_bias [M] and lse [N] float32 (float64 when z is
+// float64); dz and dk come back in z's dtype. allow_tf32 asks for TF32 tensor-core products on
+// float32 inputs (PyTorch's float32 matmul precision "high"/"medium"); CPU kernels ignore it.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import rcl_kernels._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rcl_kernels, m) {
+  m.def(
+      "masked_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32) -> Tensor");
+  m.def(
+      "masked_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
+      "float scale, bool allow_tf32) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,247 @@
+"""Public functional API: the general contrastive loss (DESIGN §1) and its presets.
+
+Each preset documents where its choices come from; the table in README.md sums them up.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import fused, reference
+from ._validation import (
+    check_class_table,
+    check_label_range,
+    check_positive_number,
+    check_prototypes,
+    check_reduction,
+    check_tensor,
+    flatten_views,
+)
+from .backends import select_backend
+from .distributed import gather_anchors
+
+
+def _resolve_num_classes(
+    num_classes: int | None,
+    prototypes: torch.Tensor | None,
+    tables: dict[str, torch.Tensor | None],
+    all_labels: torch.Tensor,
+) -> int:
+    """C from num_classes, the prototypes or a per-class table, all of which must agree; without
+    any of them, from the largest label (eager only: it reads the labels' values)."""
+    claims = {}
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+        claims["num_classes"] = num_classes
+    if prototypes is not None:
+        claims["prototypes"] = prototypes.shape[0]
+    claims.update({name: table.shape[0] for name, table in tables.items() if table is not None})
+    if len(set(claims.values())) > 1:
+        raise ValueError(f"num_classes: the class counts implied by the arguments disagree: {claims}")
+    if claims:
+        return next(iter(claims.values()))
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "num_classes: under torch.compile pass num_classes=, prototypes or a per-class table "
+            "(inferring it from the labels would read their values)"
+        )
+    return int(all_labels.max()) + 1
+
+
+def _reduce(losses: torch.Tensor, has_positive: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    # Mean over the anchors that have a positive; 0 (with zero gradient) when none has.
+    return total / has_positive.sum().clamp(min=1).to(losses.dtype)
+
+
+def contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.1,
+    feature_scale: float = 1.0,
+    class_averaging: bool = False,
+    logit_bias: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    base_temperature: float | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group=None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """The general class-balanced supervised contrastive loss of DESIGN §1.
+
+    features: [B, V, d] with labels [B] (views flattened view-major), or [N, d] with labels [N].
+    prototypes: optional [C, d] class prototypes, appended as columns with labels 0..C-1.
+    The logit of anchor i and column j is
+        feature_scale² / temperature · <z_i, k_j> + logit_bias[l_j] − margins[y_i]·[l_j = y_i],
+    class_averaging weights column j by 1 / (n[l_j] − [l_j = y_i]) (BCL), and the result is
+    multiplied by temperature / base_temperature when base_temperature is given (SupCon).
+    Anchors without a positive contribute nothing; "mean" averages over those that have one.
+    logit_bias and margins are constants (not differentiated). The result is float32 for
+    float32/bfloat16/float16 features and float64 for float64 features.
+    backend: "auto", "reference", "cpu", "triton" or "cuda" (see rk.available_backends()).
+    process_group: contrast local anchors with the anchors of every rank (rcl_kernels.distributed).
+    num_classes: C when neither prototypes nor a per-class table gives it (needed under
+    torch.compile); otherwise inferred from the largest label.
+    """
+    anchors, anchor_labels = flatten_views(features, labels)
+    prototypes = check_prototypes(prototypes, features)
+    logit_bias = check_class_table("logit_bias", logit_bias, features, None)
+    margins = check_class_table("margins", margins, features, None)
+    check_positive_number("temperature", temperature)
+    check_positive_number("feature_scale", feature_scale)
+    check_positive_number("base_temperature", base_temperature, allow_none=True)
+    check_reduction(reduction)
+    if not isinstance(class_averaging, bool):
+        raise TypeError(f"class_averaging: expected a bool, got {type(class_averaging).__name__}")
+    impl = select_backend(backend, anchors)
+
+    all_anchors, all_labels, self_offset = gather_anchors(anchors, anchor_labels, process_group)
+    num_classes = _resolve_num_classes(
+        num_classes, prototypes, {"logit_bias": logit_bias, "margins": margins}, all_labels
+    )
+    check_label_range(all_labels, num_classes)
+
+    columns, column_labels = all_anchors, all_labels
+    if prototypes is not None:
+        columns = torch.cat([all_anchors, prototypes])
+        prototype_labels = torch.arange(num_classes, device=anchors.device)
+        column_labels = torch.cat([all_labels, prototype_labels])
+    zeros = torch.zeros(num_classes, dtype=fused.accumulation_dtype(anchors.dtype), device=anchors.device)
+    per_anchor = reference.per_anchor_loss
+    if impl.lse_op is not None:
+        per_anchor = functools.partial(fused.per_anchor_loss, lse_op=impl.lse_op)
+    losses, has_positive = per_anchor(
+        anchors.contiguous(),
+        anchor_labels,
+        columns.contiguous(),
+        column_labels,
+        self_offset=self_offset,
+        num_classes=num_classes,
+        scale=feature_scale**2 / temperature,
+        bias=zeros if logit_bias is None else logit_bias,
+        margin=zeros if margins is None else margins,
+        class_averaging=class_averaging,
+    )
+    loss = _reduce(losses.to(fused.accumulation_dtype(anchors.dtype)), has_positive, reduction)
+    if base_temperature is not None:
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    **kwargs,
+) -> torch.Tensor:
+    """SupCon (Khosla et al., NeurIPS 2020), contrast_mode "all": every view is an anchor against
+    every other view, L = −(τ/τ_base)·mean over positives of log softmax; no prototypes."""
+    return contrastive_loss(
+        features, labels, temperature=temperature, base_temperature=base_temperature, **kwargs
+    )
+
+
+def bcl_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    temperature: float = 0.1,
+    **kwargs,
+) -> torch.Tensor:
+    """BCL (Zhu et al., CVPR 2022), as the authors' BalSCL.forward: class centers [C, d] are extra
+    columns and positives (class-complement), each class enters the denominator as one averaged
+    term with batch counts that include the centers (class-averaging), temperature without a
+    base temperature, mean over all anchors."""
+    return contrastive_loss(
+        features, labels, centers, temperature=temperature, class_averaging=True, **kwargs
+    )
+
+
+def class_prior(class_counts, features: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """π_c = n_c / Σ n from training-set class counts (a sequence or a 1-D tensor, all > 0)."""
+    if not isinstance(class_counts, torch.Tensor):
+        class_counts = torch.as_tensor(class_counts)
+    counts = check_class_table("class_counts", class_counts, features, num_classes)
+    counts = counts.to(torch.float64)
+    if counts.numel() == 0 or not torch.compiler.is_compiling() and bool((counts <= 0).any()):
+        raise ValueError("class_counts: expected a positive count for every class")
+    return counts / counts.sum()
+
+
+def rcl_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor | None,
+    class_counts: Sequence[int] | torch.Tensor,
+    temperature: float = 0.1,
+    feature_scale: float = 1.0,
+    tail_margin: float = 0.0,
+    class_averaging: bool | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """RCL (De Alvis, Denipitiyage, Seneviratne, arXiv 2312.01753), on BCL or standalone.
+
+    From the paper's abstract, in the forms we inferred (the full text was not available):
+    (1) Balanced-Softmax weighting (Ren et al., NeurIPS 2020) inside the contrastive softmax:
+        logit_bias = log π, π the training-set class prior from class_counts;
+    (2) intra-class compactness: features multiplied by feature_scale before the loss, so the
+        logit scale is feature_scale² / temperature;
+    (3) larger margins for tail classes: m_c = tail_margin·(n_min / n_c)^(1/4), subtracted from the
+        logits of an anchor's own class (0 disables them).
+    With centers (RCL on BCL) the class-averaging and class-complement of BCL apply; with
+    centers=None (standalone) there is no class averaging unless class_averaging=True.
+    """
+    prior = class_prior(class_counts, features, None if centers is None else centers.shape[0])
+    check_positive_number("feature_scale", feature_scale)
+    if isinstance(tail_margin, bool) or not isinstance(tail_margin, (int, float)) or tail_margin < 0:
+        raise ValueError(f"tail_margin: expected a number >= 0, got {tail_margin!r}")
+    margins = None
+    if tail_margin > 0:
+        margins = tail_margin * (prior.min() / prior) ** 0.25
+    if class_averaging is None:
+        class_averaging = centers is not None
+    return contrastive_loss(
+        features,
+        labels,
+        centers,
+        temperature=temperature,
+        feature_scale=feature_scale,
+        class_averaging=class_averaging,
+        logit_bias=torch.log(prior),
+        margins=margins,
+        **kwargs,
+    )
+
+
+def logit_adjusted_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_counts: Sequence[int] | torch.Tensor,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): CE(logits + τ·log π, labels), the
+    classification half of BCL's objective α·LA-CE + β·BCL."""
+    logits = check_tensor("logits", logits, dims=(2,))
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits: expected a floating tensor, got {logits.dtype}")
+    labels = check_tensor("labels", labels, dims=(1,))
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels: expected {logits.shape[0]} labels for logits {tuple(logits.shape)}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau: expected a number, got {type(tau).__name__}")
+    prior = class_prior(class_counts, logits, logits.shape[1])
+    check_label_range(labels, logits.shape[1])
+    return F.cross_entropy(logits + (tau * torch.log(prior)).to(logits.dtype), labels.long())

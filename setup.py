@@ -1,0 +1,63 @@
+"""Build rcl_kernels._C (C++ CPU kernels, plus CUDA kernels when they can be built) and install the
+rcl_kernels package together with the rcl_train harness.
+
+Build with the PyTorch you run with, without build isolation, so pip never fetches a second
+(multi-GB CUDA) PyTorch into a temporary build environment:
+
+    pip install --no-build-isolation -e .
+
+CUDA sources (csrc/cuda/*.cu) are compiled when a CUDA toolkit is found and the installed PyTorch
+is a CUDA build. RCL_KERNELS_CUDA=1 forces them (the build fails loudly without nvcc), and
+RCL_KERNELS_CUDA=0 skips them. Architectures come from TORCH_CUDA_ARCH_LIST (default 8.0;9.0).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_build_requested() -> bool:
+    """Decide whether to compile the CUDA sources (see the module docstring)."""
+    switch = os.environ.get("RCL_KERNELS_CUDA", "").strip().lower()
+    if switch in ("1", "true", "yes", "on"):
+        return True
+    if switch in ("0", "false", "no", "off"):
+        return False
+    if switch:
+        raise ValueError(f"RCL_KERNELS_CUDA must be 0 or 1 (or unset for auto), got {switch!r}")
+    import torch
+
+    return cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def relative_sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def make_extension():
+    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17"]
+    if not cuda_build_requested():
+        return cpp_extension.CppExtension(
+            "rcl_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "rcl_kernels._C",
+        sources,
+        define_macros=[("RCL_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
