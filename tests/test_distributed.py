@@ -1,0 +1,319 @@
+"""Distributed contrast (`process_group=`) against the single-process computation, on the CPU.
+
+2 and 4 processes (torch.multiprocessing spawn, gloo, tcp://127.0.0.1 on a free port). All cases
+of one world size run in one spawn (starting processes is the expensive part); every worker
+records the mismatches of each case instead of raising, so that a failing case neither hangs the
+other ranks nor hides the other cases, and the parametrized tests below report per case.
+
+Convention checked (rcl_kernels/distributed.py): rank r's loss L_r is the mean over its own
+anchors that have a positive, counts and positives over every rank's columns; the gradient that
+reaches rank r's features is that of Σ_q L_q; rank r's prototype gradient is that of L_r. The
+oracle is one float64 reference computation on the concatenation of every rank's flattened
+anchors in rank order (the global column order), reduction="none", split per rank. In addition
+the size-weighted mean of the L_r is compared with the plain single-process mean on the
+[ΣB, V, d] concatenation, and DistributedDataParallel on a small model is compared with
+single-process training of the same model on the global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import rcl_kernels as rk
+
+NUM_CLASSES, DIM, VIEWS, IN_DIM = 5, 8, 2, 6
+CLASS_COUNTS = [50, 20, 10, 5, 2]
+PRESETS = ("supcon", "bcl", "rcl", "rcl_standalone")
+BACKENDS = ("reference", "cpu")
+RTOL, ATOL = 1e-8, 1e-10
+SPAWN_TIMEOUT_S = 150
+
+
+def _loss(preset, features, labels, prototypes, **kwargs):
+    if preset == "supcon":
+        return rk.supcon_loss(features, labels, **kwargs)
+    if preset == "bcl":
+        return rk.bcl_loss(features, labels, prototypes, **kwargs)
+    if preset == "rcl":  # RCL on BCL, with feature scale and tail margins
+        return rk.rcl_loss(features, labels, prototypes, CLASS_COUNTS, feature_scale=1.5,
+                           tail_margin=0.3, **kwargs)
+    if preset == "rcl_standalone":  # no prototypes, Balanced-Softmax bias and margins only
+        return rk.rcl_loss(features, labels, None, CLASS_COUNTS, feature_scale=1.5,
+                           tail_margin=0.3, **kwargs)
+    raise AssertionError(preset)
+
+
+def _uses_prototypes(preset):
+    return preset in ("bcl", "rcl")
+
+
+def _cases(world):
+    """(id, spec) of every case of a world size; spec is JSON-able and seeds its own data."""
+    cases = []
+    equal = [3] * world
+    unequal = [2, 5] if world == 2 else [1, 3, 2, 4]
+    for preset in PRESETS:
+        for backend in BACKENDS:
+            for name, sizes in (("equal", equal), ("unequal", unequal)):
+                cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
+                                  sizes=sizes, flat=False))
+            if world == 2:  # [N, d] anchors: some anchors have no positive
+                cases.append(dict(kind="loss", preset=preset, backend=backend, layout="nd",
+                                  sizes=[6, 9], flat=False))
+        # the single-tensor collectives (all_gather_into_tensor / reduce_scatter_tensor) on gloo
+        cases.append(dict(kind="loss", preset=preset, backend="cpu", layout="bvd",
+                          sizes=unequal, flat=True))
+        if world == 2:
+            cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=equal,
+                              reduction="mean"))
+            cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=unequal,
+                              reduction="sum"))
+    out = []
+    for index, spec in enumerate(cases):
+        spec["seed"] = 1000 * world + index
+        parts = [spec["kind"], spec["preset"], spec["backend"], spec.get("layout", ""),
+                 "x".join(map(str, spec["sizes"]))]
+        if spec.get("flat"):
+            parts.append("flat")
+        if "reduction" in spec:
+            parts.append(spec["reduction"])
+        out.append(("-".join(p for p in parts if p), spec))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------------
+def _compare(errors, what, got, expected):
+    if got is None or expected is None:
+        if (got is None) != (expected is None):
+            errors.append(f"{what}: got {got}, expected {expected}")
+        return
+    if got.shape != expected.shape:
+        errors.append(f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}")
+    elif not torch.allclose(got, expected, rtol=RTOL, atol=ATOL):
+        diff = (got - expected).abs().max().item()
+        errors.append(f"{what}: max abs diff {diff:.3e} (|expected|max {expected.abs().max().item():.3e})")
+
+
+def _flatten(features):
+    """A rank's anchors in the loss's own order: [B, V, d] view-major, [N, d] as is."""
+    if features.dim() == 3:
+        return features.transpose(0, 1).reshape(-1, features.shape[-1])
+    return features
+
+
+def _labels_flat(features, labels):
+    return labels.repeat(features.shape[1]) if features.dim() == 3 else labels
+
+
+def _make_data(spec, world):
+    g = torch.Generator().manual_seed(spec["seed"])
+    features, labels = [], []
+    for r in range(world):
+        b = spec["sizes"][r]
+        shape = (b, VIEWS, DIM) if spec["layout"] == "bvd" else (b, DIM)
+        features.append(F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1))
+        labels.append(torch.randint(0, NUM_CLASSES, (b,), generator=g))
+    prototypes = F.normalize(torch.randn(NUM_CLASSES, DIM, generator=g, dtype=torch.float64), dim=-1)
+    return features, labels, prototypes
+
+
+def _case_loss(spec, rank, world, group):
+    import torch.distributed as dist
+
+    errors = []
+    preset, backend = spec["preset"], spec["backend"]
+    features, labels, prototypes = _make_data(spec, world)
+    with_protos = _uses_prototypes(preset)
+
+    # distributed
+    mine = features[rank].clone().requires_grad_()
+    protos = prototypes.clone().requires_grad_()
+    loss = _loss(preset, mine, labels[rank], protos, backend=backend, process_group=group)
+    loss.backward()
+
+    # oracle: the concatenation of every rank's flattened anchors, in rank order
+    rows = torch.cat([_flatten(f) for f in features]).requires_grad_()
+    row_labels = torch.cat([_labels_flat(f, y) for f, y in zip(features, labels)])
+    protos_sp = prototypes.clone().requires_grad_()
+    per_anchor = _loss(preset, rows, row_labels, protos_sp, backend="reference", reduction="none")
+    column_count = torch.bincount(row_labels, minlength=NUM_CLASSES) + int(with_protos)
+    has_positive = column_count[row_labels] > 1
+    bounds = torch.tensor([0] + [_flatten(f).shape[0] for f in features]).cumsum(0).tolist()
+    per_rank = [per_anchor[a:b].sum() / has_positive[a:b].sum().clamp(min=1)
+                for a, b in zip(bounds[:-1], bounds[1:])]
+    (row_grad,) = torch.autograd.grad(sum(per_rank), rows, retain_graph=True)
+    mine_grad = row_grad[bounds[rank] : bounds[rank + 1]]
+    if mine.dim() == 3:
+        mine_grad = mine_grad.reshape(VIEWS, -1, DIM).transpose(0, 1)
+    _compare(errors, "loss", loss.detach(), per_rank[rank].detach())
+    _compare(errors, "feature grad (of the sum of all ranks' losses)", mine.grad, mine_grad)
+    if with_protos:
+        (proto_grad,) = torch.autograd.grad(per_rank[rank], protos_sp)
+        _compare(errors, "prototype grad (of this rank's loss)", protos.grad, proto_grad)
+    elif protos.grad is not None:
+        errors.append("prototype grad: expected none for a preset without prototypes")
+
+    # Σ_r P_r·L_r / P equals the single-process mean; for [B, V, d] that is also the plain mean on
+    # the [ΣB, V, d] concatenation (the reduced loss does not depend on the anchors' order).
+    p_mine = has_positive[bounds[rank] : bounds[rank + 1]].sum().to(torch.float64)
+    totals = torch.stack([loss.detach() * p_mine, p_mine])
+    dist.all_reduce(totals, group=group)
+    if spec["layout"] == "bvd":
+        single = _loss(preset, torch.cat(features), torch.cat(labels), prototypes, backend="reference")
+    else:
+        single = _loss(preset, rows.detach(), row_labels, prototypes, backend="reference")
+    _compare(errors, "size-weighted mean of the rank losses vs single-process mean",
+             totals[0] / totals[1], single)
+    return errors
+
+
+class _TinyModel(torch.nn.Module):
+    """A projection to normalized features and class centers made from a parameter (as BCL's
+    normalize(head_fc(W))): both the gathered path and the replicated-prototype path."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(IN_DIM, DIM, dtype=torch.float64)
+        self.weight = torch.nn.Parameter(torch.randn(NUM_CLASSES, IN_DIM, dtype=torch.float64))
+        self.head = torch.nn.Linear(IN_DIM, DIM, dtype=torch.float64)
+
+    def forward(self, x):
+        return F.normalize(self.proj(x), dim=-1), F.normalize(self.head(self.weight), dim=-1)
+
+
+def _case_ddp(spec, rank, world, group):
+    """DDP gradient averaging on top of the distributed loss == the single-process gradient."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    errors = []
+    preset, sizes = spec["preset"], spec["sizes"]
+    g = torch.Generator().manual_seed(spec["seed"])
+    inputs = [torch.randn(b, VIEWS, IN_DIM, generator=g, dtype=torch.float64) for b in sizes]
+    labels = [torch.randint(0, NUM_CLASSES, (b,), generator=g) for b in sizes]
+    torch.manual_seed(spec["seed"])
+    reference_model = _TinyModel()
+    model = _TinyModel()
+    model.load_state_dict(reference_model.state_dict())
+    # supcon leaves the center parameters unused: DDP must be told, or it skips the bucket
+    ddp = DistributedDataParallel(model, process_group=group,
+                                  find_unused_parameters=not _uses_prototypes(preset))
+
+    z, protos = ddp(inputs[rank])
+    if spec["reduction"] == "mean":
+        # equal sizes, every anchor has a positive (2 views): DDP's average is the global mean
+        loss = _loss(preset, z, labels[rank], protos, backend=spec["backend"], process_group=group)
+    else:
+        # unequal sizes: the exact recipe, sum × W / P (every anchor has a positive: P = Σ N_r)
+        total = VIEWS * sum(sizes)
+        loss = _loss(preset, z, labels[rank], protos, backend=spec["backend"], process_group=group,
+                     reduction="sum") * (world / total)
+    loss.backward()
+
+    z_all, protos_all = reference_model(torch.cat(inputs))
+    single = _loss(preset, z_all, torch.cat(labels), protos_all, backend="reference")
+    single.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
+        _compare(errors, f"DDP-averaged grad of {name} vs single process", p.grad, p_ref.grad)
+    return errors
+
+
+def _worker(rank, world, port, out_dir, cases):
+    import torch.distributed as dist
+
+    from rcl_kernels import distributed as rkd
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        group = dist.group.WORLD
+        for case_id, spec in cases:
+            rkd.FLAT_COLLECTIVES_ON_GLOO = bool(spec.get("flat"))
+            try:
+                run = _case_ddp if spec["kind"] == "ddp" else _case_loss
+                results[case_id] = run(spec, rank, world, group)
+            except Exception as error:  # recorded; the next collective re-synchronizes or times out
+                results[case_id] = [f"raised {type(error).__name__}: {error}"]
+            finally:
+                rkd.FLAT_COLLECTIVES_ON_GLOO = False
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher side
+# --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(fn, world, args, timeout_s):
+    """mp.spawn `fn(rank, *args)` on `world` processes; terminate them all after `timeout_s`."""
+    context = mp.spawn(fn, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+
+
+_RESULTS: dict[int, dict] = {}
+
+
+def _results(world, tmp_path_factory):
+    if world not in _RESULTS:
+        out_dir = str(tmp_path_factory.mktemp(f"dist{world}"))
+        try:
+            spawn_and_wait(_worker, world, (world, free_port(), out_dir, _cases(world)),
+                           SPAWN_TIMEOUT_S)
+            merged = {}
+            for rank in range(world):
+                with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                    for case_id, errors in json.load(f).items():
+                        merged.setdefault(case_id, []).extend(f"rank {rank}: {e}" for e in errors)
+            _RESULTS[world] = merged
+        except Exception as error:
+            _RESULTS[world] = {"__spawn__": f"{type(error).__name__}: {error}"}
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize(
+    "world,case_id",
+    [(w, case_id) for w in (2, 4) for case_id, _ in _cases(w)],
+)
+def test_matches_single_process(world, case_id, tmp_path_factory):
+    results = _results(world, tmp_path_factory)
+    assert "__spawn__" not in results, results.get("__spawn__")
+    assert case_id in results, f"case {case_id} did not run"
+    assert results[case_id] == [], "\n".join(results[case_id])
+
+
+def test_uninitialized_group_is_a_value_error():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    features = torch.randn(4, 2, DIM)
+    with pytest.raises(ValueError, match="process_group"):
+        rk.supcon_loss(features, torch.tensor([0, 1, 0, 1]), process_group=object())
