@@ -1,0 +1,556 @@
+"""Triton kernels for the masked, biased log-sum-exp op (see csrc/ops.cpp for the definition).
+
+    t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
+    lse_i = log Σ_{j ≠ i + self_offset} exp(t_ij)            (−inf when no column is left)
+    p_ij  = exp(t_ij − lse_i)                                  (0 for the self column / lse = −inf)
+    dz    = scale · (g ⊙ P) · K        dk = scale · (g ⊙ P)ᵀ · Z     (g = grad_lse)
+
+It is attention whose only output is the LSE (keys = values = K), so the kernels follow the
+flash-attention pattern: the forward streams column tiles with an online (max, sumexp) pair and
+saves only lse [N]; the backward recomputes t from Z, K and lse. No N×M buffer exists anywhere;
+extra memory is O((N + M)·d) (split partials included).
+
+Kernels
+- forward: program = (row block, column split). The dot product of a tile loops over d in BLOCK_K
+  chunks (any d, odd ones masked). When the row blocks alone cannot fill the GPU (N=512, M=8654),
+  the columns are split across programs and the partial (max, sumexp) pairs are merged by a tiny
+  second kernel.
+- dz: program = (row block, d-output chunk, column split); dz_i = scale·g_i·Σ_j p_ij·k_j.
+- dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
+  Both are deterministic: every program owns its output tile, split partials are summed by torch
+  in a fixed order.
+
+Numerics: products accumulate in fp32 (tl.dot with an fp32 accumulator; fp32 inputs use TF32 only
+when allow_tf32); LSE and softmax in fp32; exp is only ever taken of t − (running max) or t − lse.
+P is cast to the input dtype for the second product, as flash attention does; for dk the row
+weights g are first divided by max|g| so that g·p stays in [−1, 1] (fp16 would otherwise underflow
+for the tiny g of a mean over many anchors) and max|g| is multiplied back in fp32.
+NaN propagation does not rely on tl.max/tl.maximum (which may drop NaN on the GPU): a NaN logit
+makes its exp NaN, so the running sumexp and hence lse become NaN whatever the running max does.
+
+The module imports without Triton; `unavailable_reason` says why the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the package must import on machines without it.
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = f"triton is not installed or failed to import ({type(exc).__name__}: {exc})"
+
+# triton.jit decides at decoration time whether a kernel is interpreted, so remember the mode the
+# kernels below were built in (setting TRITON_INTERPRET later does not change them).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = ["masked_lse_forward", "masked_lse_backward", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None when the Triton kernels can run on `device`, otherwise a human-readable reason."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return _TRITON_IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _INTERPRETED:
+            return (
+                "rcl_kernels.triton_lse was imported with TRITON_INTERPRET=1, so its kernels run "
+                "only on CPU tensors"
+            )
+        if not torch.cuda.is_available():
+            return "torch reports no usable CUDA device"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if torch.version.hip is None and torch.cuda.get_device_capability(index) < (7, 0):
+            return "the Triton kernels need a CUDA device of compute capability 7.0 or newer"
+        return None
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return (
+                "TRITON_INTERPRET=1 was set after rcl_kernels.triton_lse was imported; set it "
+                "before the import to run the kernels on the CPU"
+            )
+        return "no CUDA device and TRITON_INTERPRET is not set (Triton runs on the CPU only interpreted)"
+    return f"the Triton kernels do not support device type {device.type!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+    # The interpreter multiplies bf16 tiles as their raw uint16 storage; upcast them there (exact).
+    _UPCAST_DOT = tl.constexpr(_INTERPRETED)
+
+    @triton.jit
+    def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
+        """acc + a @ b with an fp32 accumulator."""
+        if _UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr):
+        """x.to(dtype) with round-to-nearest-even. The interpreter truncates fp32 -> bf16 (a
+        systematic bias of ~2^-9), so there the rounding is done on the bits first; the GPU cast
+        already rounds to nearest even."""
+        if _UPCAST_DOT:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                     stride_zm, stride_zd, stride_km, stride_kd,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
+        """<z_i, k_j> for a [BLOCK_M, BLOCK_N] tile, fp32 accumulation over d in BLOCK_K chunks."""
+        offs_k = tl.arange(0, BLOCK_K)
+        # int64 row offsets: N·d can exceed 2^31 for the large-batch shapes.
+        z_rows = z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm
+        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < D
+            a = tl.load(z_rows + kk[None, :] * stride_zd,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(k_rows + kk[None, :] * stride_kd,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc = _mma(a, tl.trans(b), acc, INPUT_PRECISION)
+        return acc
+
+    @triton.jit
+    def _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                     col_lab_ptr, col_bias_ptr, self_offset):
+        """Biased logits of a tile, −inf for the self column and every out-of-range index."""
+        col_lab = tl.load(col_lab_ptr + offs_n, mask=mask_n, other=-1)
+        col_b = tl.load(col_bias_ptr + offs_n, mask=mask_n, other=0.0)
+        same = row_lab[:, None] == col_lab[None, :]
+        t = dots * scale + tl.where(same, row_b[:, None], col_b[None, :])
+        valid = mask_m[:, None] & mask_n[None, :] & (offs_n[None, :] != offs_m[:, None] + self_offset)
+        # where (not an additive mask): a +inf bias on the masked self column must not leak.
+        return tl.where(valid, t, float("-inf"))
+
+    @triton.jit
+    def _finish_lse(m, s):
+        """max + log(sumexp); −inf for rows that saw no column (m = −inf, s = 0).
+
+        A NaN logit leaves s = NaN while m may be −inf (the max can drop NaN), so the dead-row
+        test must look at s too, and log must see the NaN (log(1) only replaces s = 0)."""
+        dead = (m == float("-inf")) & (s == 0.0)
+        return tl.where(dead, float("-inf"), m + tl.log(tl.where(s == 0.0, 1.0, s)))
+
+    @triton.jit
+    def _fwd_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
+                    lse_ptr, mpart_ptr, spart_ptr,
+                    N, M, D, cols_per_split, self_offset, scale,
+                    stride_zm, stride_zd, stride_km, stride_kd,
+                    N_KEY, M_KEY,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
+        row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        col_start = pid_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, M)
+        for n0 in range(col_start, col_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < col_end
+            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                                stride_zm, stride_zd, stride_km, stride_kd,
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab_ptr, col_bias_ptr, self_offset)
+            m_new = tl.maximum(m_i, tl.max(t, axis=1))
+            # Shift by 0 while a row has seen only −inf: exp(−inf − (−inf)) would be NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
+            m_i = m_new
+
+        if WRITE_LSE:
+            lse = _finish_lse(m_i, s_i)
+            tl.store(lse_ptr + offs_m, lse, mask=mask_m)
+        else:
+            part = pid_s.to(tl.int64) * N + offs_m
+            tl.store(mpart_ptr + part, m_i, mask=mask_m)
+            tl.store(spart_ptr + part, s_i, mask=mask_m)
+
+    @triton.jit
+    def _merge_kernel(mpart_ptr, spart_ptr, lse_ptr, N, NUM_SPLITS, BLOCK: tl.constexpr):
+        """lse = log Σ_s sumexp_s · exp(max_s − max) + max over the column splits."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            m = tl.maximum(m, tl.load(mpart_ptr + sp * N + offs, mask=mask, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            mp = tl.load(mpart_ptr + sp * N + offs, mask=mask, other=float("-inf"))
+            sp_ = tl.load(spart_ptr + sp * N + offs, mask=mask, other=0.0)
+            # A NaN partial has a NaN sumexp (see the module docstring), so NaN survives here.
+            s += sp_ * tl.exp(mp - m_safe)
+        lse = _finish_lse(m, s)
+        tl.store(lse_ptr + offs, lse, mask=mask)
+
+    @triton.jit
+    def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
+                   lse_ptr, g_ptr, out_ptr,
+                   N, M, D, cols_per_split, self_offset, scale,
+                   stride_zm, stride_zd, stride_km, stride_kd,
+                   N_KEY, M_KEY,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        """dz (or its column-split partial) for one (row block, d chunk): scale·g_i·Σ_j p_ij k_j."""
+        pid_m = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
+        row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+        # Rows without columns (lse = −inf) have p = 0: shift by +inf instead of −inf.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        col_start = pid_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, M)
+        for n0 in range(col_start, col_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < col_end
+            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                                stride_zm, stride_zd, stride_km, stride_kd,
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab_ptr, col_bias_ptr, self_offset)
+            p = tl.exp(t - lse[:, None])  # in [0, 1]: safe to cast to bf16/fp16
+            kv = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+                         + offs_d[None, :] * stride_kd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = _mma(_cast(p, kv.dtype), kv, acc, INPUT_PRECISION)
+
+        # g is constant along the row, so it is applied once here in fp32.
+        acc = acc * (g * scale)[:, None]
+        out = out_ptr + (pid_s.to(tl.int64) * N + offs_m.to(tl.int64))[:, None] * D + offs_d[None, :]
+        tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
+                   lse_ptr, g_ptr, gmax_ptr, out_ptr,
+                   N, M, D, rows_per_split, self_offset, scale,
+                   stride_zm, stride_zd, stride_km, stride_kd,
+                   N_KEY, M_KEY,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        """dk (or its row-split partial) for one (column block, d chunk): scale·Σ_i g_i p_ij z_i."""
+        pid_n = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < M
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
+        gmax = tl.load(gmax_ptr)
+        ginv = tl.where(gmax > 0, 1.0 / gmax, 1.0)
+
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        row_start = pid_s * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, N)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < row_end
+            row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
+            row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
+            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                                stride_zm, stride_zd, stride_km, stride_kd,
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab_ptr, col_bias_ptr, self_offset)
+            w = tl.exp(t - lse[:, None]) * g[:, None]
+            zv = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm
+                         + offs_d[None, :] * stride_zd,
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
+
+        acc = acc * (scale / ginv)
+        out = out_ptr + (pid_s.to(tl.int64) * M + offs_n.to(tl.int64))[:, None] * D + offs_d[None, :]
+        tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+
+    # ---------------------------------------------------------------------------------------------
+    # Configurations. Under the interpreter: one small fixed config (several tiles, several d chunks
+    # even at test sizes, so the loops and masks are exercised). On the GPU: a small autotune set
+    # keyed on d, the dtypes (added by the autotuner) and power-of-two buckets of N and M.
+    # ---------------------------------------------------------------------------------------------
+    _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    _INTERP_BLOCK_D_MAX = 64
+    _GPU_BLOCK_D_MAX = 128
+    # Split lengths are multiples of the largest BLOCK_M/BLOCK_N of any config, so only the last
+    # tile of a split is partial (interpreter: 16, so that small tests exercise the splits too).
+    _SPLIT_ALIGN = 16 if _INTERPRETED else 128
+    _NOMINAL_BLOCK = 64  # block size assumed when deciding how many programs a grid has
+
+    if _INTERPRETED:
+        _fwd = _fwd_kernel
+        _dz = _dz_kernel
+        _dk = _dk_kernel
+    else:
+        def _cfg(bm, bn, bk, warps, stages):
+            return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                                 num_warps=warps, num_stages=stages)
+
+        _FWD_CONFIGS = [
+            _cfg(64, 64, 64, 4, 3),
+            _cfg(64, 128, 64, 4, 3),
+            _cfg(128, 64, 64, 8, 3),
+            _cfg(128, 128, 32, 8, 3),
+            _cfg(128, 128, 64, 8, 2),
+            _cfg(64, 64, 32, 4, 4),
+        ]
+        # The backward holds a [BLOCK, BLOCK_D] fp32 accumulator as well: smaller tiles.
+        _BWD_CONFIGS = [
+            _cfg(64, 64, 64, 4, 2),
+            _cfg(64, 64, 32, 4, 3),
+            _cfg(64, 128, 32, 8, 2),
+            _cfg(128, 64, 32, 8, 2),
+            _cfg(32, 64, 64, 4, 3),
+        ]
+        _KEY = ["D", "N_KEY", "M_KEY"]
+        _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
+        _dz = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["BLOCK_D"])(_dz_kernel)
+        _dk = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["BLOCK_D"])(_dk_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bucket(x: int) -> int:
+    """Power-of-two bucket used as an autotune key (tuning once per size class, not per size)."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _target_programs(device: torch.device) -> int:
+    """Roughly two waves of programs; fixed under the interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _num_splits(parallel_programs: int, reduce_len: int, device: torch.device, cap: int) -> int:
+    """How many programs share one reduction (columns for forward/dz, rows for dk).
+
+    Only split when the parallel grid is smaller than the target, and keep each split at least a
+    few tiles long so the partials stay cheap."""
+    target = _target_programs(device)
+    if parallel_programs >= target:
+        return 1
+    return max(1, min(_cdiv(target, parallel_programs), _cdiv(reduce_len, 4 * _SPLIT_ALIGN), cap))
+
+
+def _alloc(shape, device, dtype) -> torch.Tensor:
+    """Every output/partial buffer comes from here (tests replace it to poison buffers with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _split_len(total: int, splits: int) -> tuple[int, int]:
+    """Length of each split (a multiple of the largest tile) and the resulting split count."""
+    per = _cdiv(_cdiv(total, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return per, max(1, _cdiv(total, per))
+
+
+def _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias):
+    reason = None
+    for name, x in (("z", z), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [rows, d]")
+    if z.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the Triton kernels support z/k of dtype float32, bfloat16 or float16, got {z.dtype}"
+            + (" (use the cpu or reference backend for float64)" if z.dtype == torch.float64 else "")
+        )
+    if k.dtype != z.dtype:
+        raise TypeError(f"z and k must have the same dtype, got {z.dtype} and {k.dtype}")
+    n, d = z.shape
+    m = k.shape[0]
+    if k.shape[1] != d:
+        raise ValueError(f"z and k must have the same feature size d, got {d} and {k.shape[1]}")
+    for name, x, length, dtype in (
+        ("row_labels", row_labels, n, torch.int64),
+        ("col_labels", col_labels, m, torch.int64),
+        ("row_bias", row_bias, n, torch.float32),
+        ("col_bias", col_bias, m, torch.float32),
+    ):
+        if x.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
+        if tuple(x.shape) != (length,):
+            raise ValueError(f"{name} must have shape [{length}], got {list(x.shape)}")
+    for name, x in (("k", k), ("row_labels", row_labels), ("col_labels", col_labels),
+                    ("row_bias", row_bias), ("col_bias", col_bias)):
+        if x.device != z.device:
+            raise ValueError(f"{name} is on {x.device} but z is on {z.device}")
+    reason = unavailable_reason(z.device)
+    if reason is not None:
+        raise RuntimeError(f"the Triton backend cannot run on {z.device}: {reason}")
+
+
+def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _common_args(z, k):
+    n, d = z.shape
+    m = k.shape[0]
+    return dict(
+        stride_zm=z.stride(0), stride_zd=z.stride(1), stride_km=k.stride(0), stride_kd=k.stride(1),
+        N_KEY=_bucket(n), M_KEY=_bucket(m),
+    )
+
+
+def _block_d(d: int) -> int:
+    cap = _INTERP_BLOCK_D_MAX if _INTERPRETED else _GPU_BLOCK_D_MAX
+    return min(max(16, triton.next_power_of_2(max(d, 1))), cap)
+
+
+def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
+             num_splits=None):
+    _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
+    n, d = z.shape
+    m = k.shape[0]
+    device = z.device
+    lse = _alloc((n,), device, torch.float32)
+    if n == 0:
+        return lse
+    if m == 0:
+        return lse.fill_(float("-inf"))
+    row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
+    row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
+    if num_splits is None:
+        num_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK), m, device, cap=64)
+    cols_per_split, num_splits = _split_len(m, num_splits)
+    if num_splits > 1:
+        mpart = _alloc((num_splits, n), device, torch.float32)
+        spart = _alloc((num_splits, n), device, torch.float32)
+    else:
+        mpart = spart = lse  # unused (WRITE_LSE)
+    extra = _INTERP_FWD if _INTERPRETED else {}
+    grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), num_splits)  # noqa: E731
+    _fwd[grid](
+        z, k, row_labels, col_labels, row_bias, col_bias, lse, mpart, spart,
+        n, m, d, cols_per_split, int(self_offset), float(scale),
+        **_common_args(z, k),
+        INPUT_PRECISION=_input_precision(z.dtype, allow_tf32), WRITE_LSE=num_splits == 1,
+        **extra,
+    )
+    if num_splits > 1:
+        block = 128
+        _merge_kernel[(_cdiv(n, block),)](mpart, spart, lse, n, num_splits, BLOCK=block)
+    return lse
+
+
+def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+              allow_tf32, dz_splits=None, dk_splits=None):
+    _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
+    n, d = z.shape
+    m = k.shape[0]
+    device = z.device
+    for name, x in (("grad_lse", grad_lse), ("lse", lse)):
+        if tuple(x.shape) != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {list(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but z is on {device}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32, got {lse.dtype}")
+    g = grad_lse.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
+    row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
+    if n == 0 or m == 0 or d == 0:
+        return (torch.zeros((n, d), device=device, dtype=z.dtype),
+                torch.zeros((m, d), device=device, dtype=z.dtype))
+
+    block_d = _block_d(d)
+    d_chunks = _cdiv(d, block_d)
+    precision = _input_precision(z.dtype, allow_tf32)
+    extra = _INTERP_BWD if _INTERPRETED else {}
+    common = _common_args(z, k)
+
+    # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
+    if dz_splits is None:
+        dz_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, device, cap=16)
+    cols_per_split, dz_splits = _split_len(m, dz_splits)
+    dz_out = (_alloc((n, d), device, z.dtype) if dz_splits == 1
+              else _alloc((dz_splits, n, d), device, torch.float32))
+    grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
+    _dz[grid](
+        z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
+        n, m, d, cols_per_split, int(self_offset), float(scale),
+        **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
+    )
+    # Fixed-order sum of the partials: deterministic.
+    dz = dz_out if dz_splits == 1 else dz_out.sum(0).to(z.dtype)
+
+    # dk: column-parallel; split the rows when needed (M ≫ N is the usual case, so rarely).
+    if dk_splits is None:
+        dk_splits = _num_splits(_cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, device, cap=16)
+    rows_per_split, dk_splits = _split_len(n, dk_splits)
+    dk_out = (_alloc((m, d), device, z.dtype) if dk_splits == 1
+              else _alloc((dk_splits, m, d), device, torch.float32))
+    gmax = g.abs().amax().reshape(1)
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
+    _dk[grid](
+        z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dk_out,
+        n, m, d, rows_per_split, int(self_offset), float(scale),
+        **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
+    )
+    dk = dk_out if dk_splits == 1 else dk_out.sum(0).to(z.dtype)
+    return dz, dk
+
+
+def masked_lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
+                       col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor,
+                       self_offset: int, scale: float, allow_tf32: bool) -> torch.Tensor:
+    """lse [N] float32 of the masked, biased logits (see the module docstring)."""
+    return _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                    allow_tf32)
+
+
+def masked_lse_backward(grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
+                        row_labels: torch.Tensor, col_labels: torch.Tensor,
+                        row_bias: torch.Tensor, col_bias: torch.Tensor, lse: torch.Tensor,
+                        self_offset: int, scale: float,
+                        allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dk) in z's dtype for grad_lse [N] and the lse saved by masked_lse_forward."""
+    return _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                     scale, allow_tf32)

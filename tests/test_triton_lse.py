@@ -1,0 +1,349 @@
+"""Kernel-level tests of rcl_kernels.triton_lse against a dense float64 formula of the op.
+
+Tolerance (DESIGN §4): the kernel's relative-norm error against float64 must be at most twice the
+error of the same dense formula evaluated in the input dtype, plus a small floor. On a machine
+without CUDA the kernels run under TRITON_INTERPRET=1 at small sizes; the `gpu` tests run the
+large shapes on a CUDA device and skip elsewhere.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must happen before triton (or the module under test) is imported: triton.jit decides at
+    # decoration time whether a kernel is interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from rcl_kernels import triton_lse as T  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+_REASON = T.unavailable_reason(DEVICE)
+if _REASON is not None:
+    pytest.skip(f"Triton kernels unavailable on {DEVICE}: {_REASON}", allow_module_level=True)
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+NEG_INF = float("-inf")
+
+# Floors added to the 2x rule, in relative-norm units: the unit roundoff of the output dtype
+# (dz/dk are returned in it), and 1e-5 for fp32 (summation-order differences).
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle: the dense formula, in any dtype
+# --------------------------------------------------------------------------------------------------
+def dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, g, dtype):
+    """lse, dz, dk of the op, every step evaluated in `dtype` (float64 = ground truth)."""
+    z, k = z.to(dtype), k.to(dtype)
+    n, m = z.shape[0], k.shape[0]
+    same = col_labels[None, :] == row_labels[:, None]
+    bias = torch.where(same, row_bias[:, None], col_bias[None, :]).to(dtype)
+    t = scale * (z @ k.T) + bias
+    self_col = torch.arange(m, device=z.device)[None, :] == (
+        torch.arange(n, device=z.device)[:, None] + self_offset)
+    t = t.masked_fill(self_col, NEG_INF)
+    lse = torch.logsumexp(t, dim=1) if m > 0 else torch.full((n,), NEG_INF, dtype=dtype)
+    dead = lse == NEG_INF
+    p = torch.exp(t - torch.where(dead, torch.inf, lse)[:, None])
+    gp = g.to(dtype)[:, None] * p
+    dz = scale * (gp @ k)
+    dk = scale * (gp.T @ z)
+    return lse, dz, dk
+
+
+def round_tf32(x):
+    """fp32 -> tf32 (10-bit mantissa, round to nearest), kept in fp32: the tf32 baseline."""
+    bits = x.float().contiguous().view(torch.int32)
+    bits = (bits + 0x1000) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def rel_err(x, ref):
+    """Relative L2 error over the finite entries of ref (non-finite pattern checked separately)."""
+    fin = torch.isfinite(ref)
+    diff = (x.double()[fin] - ref[fin]).norm()
+    return (diff / ref[fin].norm().clamp_min(1e-30)).item()
+
+
+def assert_close(name, out, ref64, ref_lowp, floor):
+    out = out.detach().cpu()
+    ref64 = ref64.detach().cpu()
+    ref_lowp = ref_lowp.detach().cpu()
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    # Same non-finite pattern (e.g. −inf for rows without columns), values compared elsewhere.
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref64)), f"{name}: non-finite pattern"
+    assert torch.equal(out.double()[~torch.isfinite(ref64)].nan_to_num(),
+                       ref64[~torch.isfinite(ref64)].nan_to_num()), f"{name}: non-finite values"
+    err = rel_err(out, ref64)
+    base = rel_err(ref_lowp, ref64)
+    assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 * {base:.3e} + {floor:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an unwritten element fails the test."""
+
+    def alloc(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(T, "_alloc", alloc)
+
+
+def make_inputs(n, m, d, dtype, *, num_classes=4, self_offset=0, with_prototypes=False,
+                singleton=True, gen=None, device=DEVICE):
+    """Fresh random inputs; labels from a long-tailed draw with (optionally) one singleton label."""
+    gen = gen or torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    z = torch.randn(n, d, generator=gen)
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    probs = torch.tensor([0.6 ** c for c in range(num_classes)])
+    row_labels = torch.multinomial(probs, n, replacement=True, generator=gen)
+    if singleton and n > 1:
+        row_labels[n // 2] = num_classes  # a label with exactly one member
+    if with_prototypes:
+        # The loss's layout: K = [Z; P], column labels = [y; 0..C], anchor i is column i.
+        protos = torch.randn(m - n, d, generator=gen)
+        protos = protos / protos.norm(dim=1, keepdim=True)
+        k = torch.cat([z, protos])
+        col_labels = torch.cat([row_labels, torch.arange(m - n) % (num_classes + 1)])
+    else:
+        k = torch.randn(m, d, generator=gen)
+        k = k / k.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        col_labels = torch.multinomial(probs, m, replacement=True, generator=gen)
+    row_bias = 0.5 * torch.randn(n, generator=gen)
+    col_bias = 0.5 * torch.randn(m, generator=gen)
+    g = torch.randn(n, generator=gen)
+    scale = float(torch.empty(()).uniform_(2.0, 14.0, generator=gen))
+    to = dict(device=device)
+    return dict(z=z.to(dtype).to(**to), k=k.to(dtype).to(**to),
+                row_labels=row_labels.to(**to), col_labels=col_labels.to(**to),
+                row_bias=row_bias.to(**to), col_bias=col_bias.to(**to),
+                self_offset=self_offset, scale=scale), g.to(**to)
+
+
+def run_kernels(inp, g, allow_tf32, **split):
+    fwd_split = {"num_splits": split["num_splits"]} if "num_splits" in split else {}
+    lse = T._forward(**inp, allow_tf32=allow_tf32, **fwd_split)
+    bwd_split = {key: split[key] for key in ("dz_splits", "dk_splits") if key in split}
+    dz, dk = T._backward(g, inp["z"], inp["k"], inp["row_labels"], inp["col_labels"],
+                         inp["row_bias"], inp["col_bias"], lse, inp["self_offset"], inp["scale"],
+                         allow_tf32, **bwd_split)
+    return lse, dz, dk
+
+
+def check_against_oracle(inp, g, dtype, allow_tf32, **split):
+    lse, dz, dk = run_kernels(inp, g, allow_tf32, **split)
+    assert lse.dtype == torch.float32 and dz.dtype == dtype and dk.dtype == dtype
+    args = {key: v.cpu() if torch.is_tensor(v) else v for key, v in inp.items()}
+    ref64 = dense_op(**args, g=g.cpu(), dtype=torch.float64)
+    if dtype == torch.float32 and allow_tf32 and HAS_CUDA:
+        # TF32 baseline: the dense formula on tf32-rounded inputs.
+        low = dict(args, z=round_tf32(args["z"]), k=round_tf32(args["k"]))
+        ref_low = dense_op(**low, g=g.cpu(), dtype=torch.float32)
+    else:
+        ref_low = dense_op(**args, g=g.cpu(), dtype=dtype)
+    floor = FLOOR[dtype]
+    for name, out, r64, rlow in zip(("lse", "dz", "dk"), (lse, dz, dk), ref64, ref_low):
+        assert_close(name, out, r64, rlow, floor)
+    return lse, dz, dk
+
+
+# --------------------------------------------------------------------------------------------------
+# Small shapes (interpreter on the CPU, or the GPU when there is one)
+# --------------------------------------------------------------------------------------------------
+# (N, M, d, self_offset, with_prototypes)
+SHAPES = [
+    pytest.param(1, 1, 20, 0, False, id="N1-M1-no-column-left"),
+    pytest.param(1, 6, 130, 0, False, id="N1-M6-d130"),
+    pytest.param(3, 150, 20, 0, False, id="N3-M150-MggN"),
+    pytest.param(17, 23, 130, 0, True, id="N17-protos-d130"),
+    pytest.param(17, 200, 20, 40, False, id="N17-M200-offset40"),
+    pytest.param(70, 9, 20, 0, False, id="N70-M9-NggM"),
+    pytest.param(17, 17, 33, 5, False, id="N17-M17-offset5-partial-self"),
+]
+DTYPES = [
+    pytest.param(torch.float32, False, id="fp32"),
+    pytest.param(torch.float32, True, id="fp32-tf32"),
+    pytest.param(torch.bfloat16, False, id="bf16"),
+    pytest.param(torch.float16, False, id="fp16"),
+]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype,allow_tf32", DTYPES)
+@pytest.mark.parametrize("n,m,d,self_offset,protos", SHAPES)
+def test_forward_backward_vs_float64(n, m, d, self_offset, protos, dtype, allow_tf32):
+    inp, g = make_inputs(n, m, d, dtype, self_offset=self_offset, with_prototypes=protos)
+    lse, _, _ = check_against_oracle(inp, g, dtype, allow_tf32)
+    if n == 1 and m == 1:
+        assert lse.item() == NEG_INF
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_splits(dtype):
+    """Column splits (forward + merge, dz) and row splits (dk) against the oracle."""
+    inp, g = make_inputs(19, 90, 40, dtype, self_offset=3)
+    check_against_oracle(inp, g, dtype, False, num_splits=3, dz_splits=4, dk_splits=2)
+    # More splits than tiles: the split length is rounded up and the count shrinks to match.
+    check_against_oracle(inp, g, dtype, False, num_splits=50, dz_splits=50, dk_splits=50)
+
+
+@pytest.mark.triton_interpret
+def test_rows_without_columns_and_dead_bias():
+    """−inf biases remove columns: rows with nothing left get lse = −inf and zero gradients."""
+    inp, g = make_inputs(9, 12, 20, torch.float32, num_classes=2)
+    # Every column is dead through col_bias, so only same-label columns (row_bias) stay live;
+    # rows 0..2 carry a label no column has, so nothing is left for them.
+    inp["col_bias"] = torch.full_like(inp["col_bias"], NEG_INF)
+    inp["row_labels"][:3] = 99
+    lse, dz, dk = check_against_oracle(inp, g, torch.float32, False)
+    assert torch.all(lse[:3].cpu() == NEG_INF)
+    assert torch.all(dz[:3].cpu() == 0)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter
+@pytest.mark.parametrize("where", ["z", "k"])
+def test_nan_propagates(where):
+    inp, g = make_inputs(17, 40, 20, torch.float32, self_offset=0)
+    bad = 5
+    x = inp[where].clone()
+    x[bad, 7] = float("nan")
+    inp[where] = x
+    lse, dz, dk = run_kernels(inp, g, False)
+    lse = lse.cpu()
+    if where == "z":
+        assert torch.isnan(lse[bad])
+        assert torch.isfinite(torch.cat([lse[:bad], lse[bad + 1:]])).all()
+        assert torch.isnan(dz[bad]).all()
+    else:
+        # Column 5 is live for every row except row 5 (its self column).
+        expect = torch.ones(17, dtype=torch.bool)
+        expect[bad] = False
+        assert torch.equal(torch.isnan(lse), expect)
+    # Split merge must keep NaN too.
+    lse_split = T._forward(**inp, allow_tf32=False, num_splits=3).cpu()
+    assert torch.equal(torch.isnan(lse_split), torch.isnan(lse))
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_inf_input_gives_nan():
+    inp, g = make_inputs(5, 30, 20, torch.float32)
+    inp["z"][2, 3] = float("inf")
+    lse, _, _ = run_kernels(inp, g, False)
+    assert torch.isnan(lse[2].cpu())
+
+
+@pytest.mark.triton_interpret
+def test_strided_inputs_do_not_read_padding():
+    """z and k are views into NaN-padded buffers (non-contiguous, k transposed storage)."""
+    inp, g = make_inputs(13, 37, 130, torch.float32, self_offset=2)
+    zbuf = torch.full((20, 150), float("nan"), device=DEVICE)
+    zbuf[:13, :130] = inp["z"]
+    kbuf = torch.full((140, 45), float("nan"), device=DEVICE)  # k stored transposed
+    kbuf[:130, :37] = inp["k"].T
+    strided = dict(inp, z=zbuf[:13, :130], k=kbuf[:130, :37].T)
+    assert not strided["z"].is_contiguous() and not strided["k"].is_contiguous()
+    lse, dz, dk = check_against_oracle(strided, g, torch.float32, False)
+    lse2, dz2, dk2 = run_kernels(inp, g, False)
+    torch.testing.assert_close(lse, lse2)
+
+
+@pytest.mark.triton_interpret
+def test_backward_deterministic():
+    inp, g = make_inputs(17, 60, 20, torch.bfloat16)
+    a = run_kernels(inp, g, False, num_splits=2, dz_splits=3, dk_splits=2)
+    b = run_kernels(inp, g, False, num_splits=2, dz_splits=3, dk_splits=2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.triton_interpret
+def test_tiny_grad_fp16_does_not_underflow():
+    """g of a mean over a million anchors: g·p would underflow in fp16 without the max|g| scaling."""
+    inp, g = make_inputs(17, 40, 20, torch.float16)
+    g = g * 1e-6
+    check_against_oracle(inp, g, torch.float16, False)
+
+
+def test_oracle_gradient_matches_autograd():
+    """The dense formula's dz/dk are the gradients of Σ g·lse (float64 autograd)."""
+    inp, g = make_inputs(7, 11, 5, torch.float64, self_offset=1, device="cpu")
+    z = inp["z"].clone().requires_grad_()
+    k = inp["k"].clone().requires_grad_()
+    args = dict(inp, z=z, k=k)
+    lse, dz, dk = dense_op(**args, g=g, dtype=torch.float64)
+    gz, gk = torch.autograd.grad((lse * g).sum(), [z, k])
+    torch.testing.assert_close(dz, gz)
+    torch.testing.assert_close(dk, gk)
+
+
+def test_rejects_bad_inputs():
+    inp, g = make_inputs(3, 5, 8, torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        T.masked_lse_forward(**dict(inp, z=inp["z"].double(), k=inp["k"].double()),
+                             allow_tf32=False)
+    with pytest.raises(TypeError, match="same dtype"):
+        T.masked_lse_forward(**dict(inp, k=inp["k"].half()), allow_tf32=False)
+    with pytest.raises(ValueError, match="feature size"):
+        T.masked_lse_forward(**dict(inp, k=inp["k"][:, :4]), allow_tf32=False)
+    with pytest.raises(TypeError, match="row_bias"):
+        T.masked_lse_forward(**dict(inp, row_bias=inp["row_bias"].double()), allow_tf32=False)
+
+
+def test_unavailable_reason():
+    assert T.unavailable_reason(DEVICE) is None
+    if not HAS_CUDA:
+        assert isinstance(T.unavailable_reason(torch.device("cuda")), str)
+    assert isinstance(T.unavailable_reason(torch.device("meta")), str)
+
+
+@pytest.mark.triton_interpret
+def test_empty_inputs():
+    inp, g = make_inputs(4, 6, 8, torch.float32)
+    lse = T.masked_lse_forward(**dict(inp, k=inp["k"][:0], col_labels=inp["col_labels"][:0],
+                                      col_bias=inp["col_bias"][:0]), allow_tf32=False)
+    assert torch.all(lse.cpu() == NEG_INF)
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-size shapes on a GPU
+# --------------------------------------------------------------------------------------------------
+GPU_SHAPES = [
+    pytest.param(4096, 4096 + 1000, 128, 0, True, id="N4096-d128-protos"),
+    pytest.param(4096, 4096 + 1000, 1024, 0, True, id="N4096-d1024-protos"),
+    pytest.param(512, 8654, 1024, 0, True, id="N512-M8654-d1024-inat"),
+    pytest.param(1000, 3 * 1000 + 17, 130, 1000, False, id="N1000-offset-d130"),
+    pytest.param(4099, 33, 20, 0, False, id="NggM-odd"),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,allow_tf32", DTYPES)
+@pytest.mark.parametrize("n,m,d,self_offset,protos", GPU_SHAPES)
+def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32):
+    inp, g = make_inputs(n, m, d, dtype, num_classes=50, self_offset=self_offset,
+                         with_prototypes=protos)
+    check_against_oracle(inp, g, dtype, allow_tf32)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_nan_and_determinism():
+    inp, g = make_inputs(2048, 3000, 256, torch.bfloat16)
+    a = run_kernels(inp, g, False)
+    b = run_kernels(inp, g, False)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    inp["k"][10, 0] = float("nan")
+    lse = T.masked_lse_forward(**inp, allow_tf32=False)
+    expect = torch.ones(2048, dtype=torch.bool)
+    expect[10] = False  # column 10 is row 10's self column
+    assert torch.equal(torch.isnan(lse).cpu(), expect)
