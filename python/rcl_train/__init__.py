@@ -1,0 +1,15 @@
+"""rcl_train: a thin training harness for long-tailed recognition with LA-CE + BCL/RCL/SupCon.
+
+Modules: data (datasets and long-tailed sampling), augment (kornia three-view augmentation),
+models (ResNets, cosine classifier, BCL heads), losses (the objective over rcl_kernels),
+optim (SGD, warm-up + cosine), checkpoint (exact resume), metrics (evaluation),
+report (report.json, plots, summary), train (the loop), config/cli (flags), demo (make demo).
+"""
+
+__all__ = ["main"]
+
+
+def main(argv=None):
+    from .cli import main as _main
+
+    return _main(argv)

@@ -1,0 +1,173 @@
+"""Command-line flags -> a validated TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from .data import DATASETS, DEFAULT_FMNIST_ROOT
+from .losses import BACKENDS, LOSSES
+from .models import ARCH_DEPTHS
+
+# Fields that must agree between a checkpoint and the run resuming it.
+RESUME_IDENTITY = (
+    "dataset", "imbalance", "data_seed", "limit_train", "arch", "feat_dim", "loss", "alpha", "beta",
+    "temperature", "feature_scale", "tail_margin", "la_tau", "epochs", "batch_size", "lr",
+    "momentum", "weight_decay", "warmup_epochs", "seed",
+)
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fmnist-lt"
+    data_root: str | None = None
+    imbalance: float = 100.0
+    data_seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    arch: str = "auto"
+    feat_dim: int = 128
+    loss: str = "rcl"
+    loss_backend: str = "auto"
+    alpha: float = 2.0
+    beta: float = 0.6
+    temperature: float = 0.1
+    feature_scale: float | None = None
+    tail_margin: float = 0.0
+    la_tau: float = 1.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    eval_every: int = 1
+    out: str = "runs/rcl-train"
+    resume: str | None = None
+    progress: bool = True
+    plots: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _float_at_least(lo: float, strict: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if v != v or (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if strict else '>='} {lo}, got {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="rcl-train",
+        description="Train a long-tailed classifier with LA-CE + BCL/RCL/SupCon (rcl_kernels losses).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--data-root", default=None,
+                   help=f"data directory (fmnist-lt default: {DEFAULT_FMNIST_ROOT}; CIFAR: required)")
+    g.add_argument("--imbalance", type=_float_at_least(1.0), default=d.imbalance,
+                   help="imbalance ratio rho = n_max / n_min of the long-tailed training set")
+    g.add_argument("--data-seed", type=int, default=d.data_seed,
+                   help="seed of the long-tailed subset draw (fixed across training seeds)")
+    g.add_argument("--limit-train", type=_positive_int, default=None,
+                   help="keep about this many training images (stratified, for quick demos/tests)")
+    g.add_argument("--limit-test", type=_positive_int, default=None,
+                   help="evaluate on about this many test images (stratified)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=("auto",) + tuple(ARCH_DEPTHS), default=d.arch,
+                   help="backbone; auto = resnet8 for fmnist-lt (28x28), resnet32 for CIFAR")
+    g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim,
+                   help="contrastive feature dimension")
+    g = p.add_argument_group("loss: alpha * LA-CE + beta * contrastive")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="contrastive term (rcl = BCL + RCL's rebalancing)")
+    g.add_argument("--loss-backend", choices=BACKENDS, default=d.loss_backend)
+    g.add_argument("--alpha", type=_float_at_least(0.0), default=d.alpha, help="LA-CE weight")
+    g.add_argument("--beta", type=_float_at_least(0.0), default=d.beta, help="contrastive weight")
+    g.add_argument("--temperature", type=_float_at_least(0.0, strict=True), default=d.temperature)
+    g.add_argument("--feature-scale", type=_float_at_least(0.0, strict=True), default=None,
+                   help="RCL feature scale (default: the rcl_kernels default)")
+    g.add_argument("--tail-margin", type=_float_at_least(0.0), default=d.tail_margin,
+                   help="RCL tail-class margin m_max")
+    g.add_argument("--la-tau", type=_float_at_least(0.0), default=d.la_tau,
+                   help="logit-adjustment strength of LA-CE")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=d.lr)
+    g.add_argument("--momentum", type=_float_at_least(0.0), default=d.momentum)
+    g.add_argument("--weight-decay", type=_float_at_least(0.0), default=d.weight_decay)
+    g.add_argument("--warmup-epochs", type=_float_at_least(0.0), default=d.warmup_epochs,
+                   help="linear warm-up length (at most a fifth of the run), then cosine decay")
+    g.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many optimizer steps in total (schedule still spans --epochs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
+                   help="evaluate every N epochs (0: only at the end)")
+    g.add_argument("--out", default=d.out, help="output directory")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="checkpoint file or output directory to resume from")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.dataset != "fmnist-lt" and cfg.data_root is None:
+        parser.error(f"--dataset {cfg.dataset} needs --data-root (a local copy of the CIFAR python files)")
+    if cfg.feature_scale is not None and cfg.loss != "rcl":
+        parser.error("--feature-scale applies to --loss rcl only")
+    if cfg.tail_margin and cfg.loss != "rcl":
+        parser.error("--tail-margin applies to --loss rcl only")
+    return cfg
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"
+             for k in RESUME_IDENTITY if saved.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise ValueError("--resume: the checkpoint was made with different settings ("
+                         + "; ".join(diffs) + ")")

@@ -1,0 +1,265 @@
+"""The training loop: data on the device, three augmented views per image, the objective, SGD,
+per-epoch evaluation and metrics (JSON lines), checkpoints that resume exactly, and the final report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from . import report as report_mod
+from .augment import build_augment
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig, check_resume_compatible
+from .data import load_dataset
+from . import distributed as dist_run
+from .losses import Objective
+from .metrics import compute_metrics, predict
+from .models import build_model, default_arch
+from .optim import WarmupCosine, build_optimizer
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu)")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of an epoch: a pure function of (seed, epoch), so resuming needs no state."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a declared dependency of the harness
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled or None,
+                dynamic_ncols=True, leave=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.dist = None
+        if dist_run.world_size() > 1:  # torchrun: data-parallel (python/rcl_train/distributed.py)
+            self.dist = dist_run.DistributedRun(cfg.device)
+            cfg, log = self.dist.rank_config(cfg, log)
+        self.cfg = cfg
+        self.log = log
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.autocast = self.device.type == "cuda"  # bf16 autocast on GPU only
+        self.data = load_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.data_seed,
+                                 cfg.limit_train, cfg.limit_test)
+        seed_everything(cfg.seed)
+        self.arch = default_arch(cfg.dataset) if cfg.arch == "auto" else cfg.arch
+        self.class_counts = self.data.class_counts
+        self.model = build_model(self.arch, self.data.image_shape[0], self.data.num_classes,
+                                 feat_dim=cfg.feat_dim).to(self.device)
+        self.augment = build_augment(cfg.dataset, self.data.image_shape).to(self.device)
+        self.objective = Objective(
+            cfg.loss, self.class_counts, alpha=cfg.alpha, beta=cfg.beta,
+            temperature=cfg.temperature, backend=cfg.loss_backend,
+            feature_scale=cfg.feature_scale, tail_margin=cfg.tail_margin, la_tau=cfg.la_tau,
+        ).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+        n = len(self.data.train_y)
+        self.batch_size = min(cfg.batch_size, n)
+        self.steps_per_epoch = max(1, n // self.batch_size)  # drop the last partial batch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.train_model = self.model  # the DDP wrapper when distributed
+        if self.dist is not None:
+            self.train_model = self.dist.wrap(self.model, self.objective, self.device,
+                                              self.batch_size)
+        self.schedule = WarmupCosine(cfg.lr, self.total_steps,
+                                     round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.train_x = self.data.train_x.to(self.device)
+        self.train_y = self.data.train_y.to(self.device)
+        # position: next (epoch, batch) to run
+        self.epoch, self.batch, self.global_step = 0, 0, 0
+        self.history: list[dict] = []
+        self.previous_wall = 0.0
+        os.makedirs(cfg.out, exist_ok=True)
+        self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        self.metrics_path = os.path.join(cfg.out, METRICS_NAME)
+        self._rng_to_restore = None
+        if cfg.resume:
+            self._load(cfg.resume)
+        else:
+            open(self.metrics_path, "w").close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        save_checkpoint(
+            self.ckpt_path,
+            config=self.cfg.to_dict(), model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), epoch=self.epoch, batch=self.batch,
+            global_step=self.global_step, history=self.history,
+            wall_time=self.previous_wall + (time.perf_counter() - self.t0),
+        )
+
+    def _load(self, path: str) -> None:
+        ck = load_checkpoint(path)
+        check_resume_compatible(ck["config"], self.cfg)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.epoch, self.batch, self.global_step = ck["epoch"], ck["batch"], ck["global_step"]
+        self.history = list(ck["history"])
+        self.previous_wall = float(ck.get("wall_time", 0.0))
+        self._rng_to_restore = ck["rng"]
+        with open(self.metrics_path, "w") as f:  # keep the lines of the epochs already done
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch} "
+                 f"(step {self.global_step}/{self.total_steps})")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, idx: torch.Tensor) -> dict:
+        x = self.train_x[idx]
+        y = self.train_y[idx]
+        cls_view, v1, v2 = self.augment(x)
+        if self.dist is not None:  # this rank's share of the augmented global batch
+            y, cls_view, v1, v2 = self.dist.local_share(y, cls_view, v1, v2)
+        lr = self.schedule.apply(self.optimizer, self.global_step)
+        B = len(y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.objective.needs_contrastive:
+                z, logits, centers = self.train_model(torch.cat([cls_view, v1, v2]))
+                logits = logits[:B]
+                feats = torch.stack([z[B:2 * B], z[2 * B:]], dim=1)  # [B, 2, d]
+            else:
+                logits = self.train_model(cls_view, with_contrastive=False)
+                feats = centers = None
+        loss, parts = self.objective(logits, y, feats, centers)
+        if self.dist is not None:  # log the global-batch values
+            parts = self.dist.mean_over_ranks(parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if not torch.isfinite(parts["loss"]):
+            raise FloatingPointError(f"loss is {parts['loss'].item()} at step {self.global_step}")
+        parts["lr"] = lr
+        return parts
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        preds = predict(self.model, self.augment, self.data.test_x, self.device,
+                        autocast=self.autocast)
+        return compute_metrics(preds, self.data.test_y, self.class_counts.tolist(),
+                               self.data.class_names)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+        n = len(self.train_y)
+        self.log(f"{cfg.dataset} rho={cfg.imbalance:g}: {n} training images, "
+                 f"class counts {self.class_counts.tolist()}, {len(self.data.test_y)} test images; "
+                 f"{self.arch}, loss alpha*LA-CE + beta*{cfg.loss} (backend {cfg.loss_backend}), "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {self.device}")
+        bar = _progress_bar(self.total_steps, self.global_step, cfg.progress, "train")
+        stopped = False
+        last_eval = None
+        try:
+            while self.epoch < cfg.epochs and not stopped:
+                order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
+                sums, count, ep_images, ep_t0 = {}, 0, 0, time.perf_counter()
+                while self.batch < self.steps_per_epoch:
+                    if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                        stopped = True
+                        break
+                    idx = order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+                    t = time.perf_counter()
+                    parts = self.train_step(idx)
+                    dt = time.perf_counter() - t
+                    self.global_step += 1
+                    self.batch += 1
+                    count += 1
+                    ep_images += len(idx)
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(epoch=self.epoch, loss=f"{float(parts['loss']):.3f}",
+                                        lr=f"{parts['lr']:.4f}", img_s=f"{len(idx) / dt:.0f}")
+                if stopped and self.batch < self.steps_per_epoch:
+                    break  # mid-epoch stop: the checkpoint below records the position
+                ep_time = time.perf_counter() - ep_t0
+                row = {"epoch": self.epoch + 1, "step": self.global_step}
+                row.update({k: v / max(1, count) for k, v in sums.items() if k != "lr"})
+                row["lr"] = sums.get("lr", 0.0) / max(1, count)
+                row["epoch_time_s"] = ep_time
+                row["images_per_s"] = ep_images / ep_time if ep_time > 0 else None
+                row["resumed_mid_epoch"] = count < self.steps_per_epoch
+                last_epoch = self.epoch + 1 == cfg.epochs
+                if (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last_epoch:
+                    last_eval = self.evaluate()
+                    row.update({f"test_{k}": last_eval[k] for k in
+                                ("overall_accuracy", "balanced_accuracy", "many", "medium", "few")})
+                self.history.append(row)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                self.epoch += 1
+                self.batch = 0
+                if bar is not None:
+                    bar.write(self._epoch_line(row))
+                else:
+                    self.log(self._epoch_line(row))
+                self._save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped:
+            self._save()
+        final = last_eval if (last_eval is not None and not stopped) else self.evaluate()
+        wall = self.previous_wall + (time.perf_counter() - self.t0)
+        rep = report_mod.build_report(final, self.cfg, self.history, wall, extra={
+            "arch": self.arch, "device": str(self.device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "steps_done": self.global_step,
+            "total_steps": self.total_steps, "stopped_early": stopped,
+            "train_images": n, "class_counts": self.class_counts.tolist(),
+            "test_images": len(self.data.test_y), "loss_backend": cfg.loss_backend,
+        })
+        report_mod.write_report(cfg.out, rep, self.history, self.data.class_names, plots=cfg.plots)
+        return rep
+
+    @staticmethod
+    def _epoch_line(row: dict) -> str:
+        s = f"epoch {row['epoch']}: loss {row.get('loss', float('nan')):.4f} lr {row['lr']:.4f}"
+        if row.get("images_per_s"):
+            s += f" {row['images_per_s']:.0f} img/s ({row['epoch_time_s']:.1f} s)"
+        if "test_balanced_accuracy" in row:
+            s += (f" | test acc {row['test_overall_accuracy']:.4f}"
+                  f" balanced {row['test_balanced_accuracy']:.4f}")
+        return s
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    trainer = Trainer(cfg, log=log)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist is not None:
+            trainer.dist.close()
+

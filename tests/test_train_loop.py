@@ -1,0 +1,137 @@
+"""rcl_train end to end on tiny fake data: a two-step run per loss, exact resume, the report and
+the CLI's errors for missing data and bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from train_fakes import write_fake_cifar, write_fake_fashion
+
+import rcl_kernels as rk
+from rcl_train.cli import main
+from rcl_train.config import parse_config
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    return write_fake_fashion(tmp_path_factory.mktemp("fashion"), per_class_train=24, per_class_test=3)
+
+
+def tiny_args(root, out, *extra):
+    return ["--dataset", "fmnist-lt", "--data-root", root, "--imbalance", "8", "--batch-size", "16",
+            "--epochs", "2", "--warmup-epochs", "0.5", "--feat-dim", "16", "--threads", "1",
+            "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out), *extra]
+
+
+def final_params(out):
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return ck
+
+
+@pytest.mark.parametrize("loss", ["none", "supcon", "bcl", "rcl"])
+def test_two_step_smoke(fashion_root, tmp_path, loss, capsys):
+    extra = ["--feature-scale", "1.5", "--tail-margin", "0.1"] if loss == "rcl" else []
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", loss, "--loss-backend", "reference",
+                          "--max-steps", "2", *extra)) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    for key in ("overall_accuracy", "balanced_accuracy", "many", "medium", "few", "per_class",
+                "config", "wall_time_s"):
+        assert key in rep
+    assert rep["steps_done"] == 2 and rep["config"]["loss"] == loss
+    assert len(rep["per_class"]) == 10 and 0.0 <= rep["balanced_accuracy"] <= 1.0
+    assert "balanced accuracy" in capsys.readouterr().out
+    ck = final_params(tmp_path)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_full_run_writes_metrics_and_plots(fashion_root, tmp_path):
+    args = tiny_args(fashion_root, tmp_path, "--loss", "rcl", "--loss-backend", "auto")
+    args.remove("--no-plots")
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all("test_balanced_accuracy" in r and r["lr"] > 0 and "con" in r for r in rows)
+    for name in ("report.json", "curves.png", "confusion.png", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_size > 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["epochs_done"] == 2 and not rep["stopped_early"]
+    assert rep["class_counts"][0] == 24 and rep["class_counts"][-1] == 3
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])  # mid-epoch (3 steps per epoch) and at the boundary
+def test_resume_matches_uninterrupted(fashion_root, tmp_path, stop_at):
+    common = ["--loss", "rcl", "--loss-backend", "reference", "--eval-every", "0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(tiny_args(fashion_root, full, *common, "--max-steps", "5")) == 0
+    assert main(tiny_args(fashion_root, part, *common, "--max-steps", str(stop_at))) == 0
+    assert final_params(part)["global_step"] == stop_at
+    assert main(tiny_args(fashion_root, part, *common, "--max-steps", "5", "--resume", str(part))) == 0
+    a, b = final_params(full), final_params(part)
+    assert a["global_step"] == b["global_step"] == 5
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_resume_refuses_other_settings(fashion_root, tmp_path, capsys):
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "bcl", "--max-steps", "1",
+                          "--loss-backend", "reference")) == 0
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "rcl", "--resume", str(tmp_path),
+                          "--loss-backend", "reference")) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert main(tiny_args(fashion_root, tmp_path / "x", "--resume", str(tmp_path / "nope"))) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cifar_run(tmp_path):
+    write_fake_cifar(tmp_path / "data", num_classes=10, per_class_train=12, per_class_test=2)
+    assert main(["--dataset", "cifar10-lt", "--data-root", str(tmp_path / "data"), "--arch", "resnet8",
+                 "--imbalance", "4", "--batch-size", "16", "--epochs", "1", "--max-steps", "2",
+                 "--loss", "bcl", "--loss-backend", "reference", "--threads", "1", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["arch"] == "resnet8" and rep["class_counts"][0] == 12
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert main(["--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Fashion-MNIST not found" in err and "apt-get install -y dataset-fashion-mnist" in err
+    assert main(["--dataset", "cifar100-lt", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "cifar-100-python" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--loss", "focal"], "--loss"),
+    (["--dataset", "imagenet-lt"], "--dataset"),
+    (["--loss-backend", "metal"], "--loss-backend"),
+    (["--imbalance", "0.5"], "--imbalance"),
+    (["--epochs", "0"], "--epochs"),
+    (["--temperature", "0"], "--temperature"),
+    (["--batch-size", "many"], "--batch-size"),
+    (["--device", "tpu"], "--device"),
+    (["--dataset", "cifar10-lt"], "--data-root"),
+    (["--loss", "bcl", "--feature-scale", "2"], "--feature-scale"),
+])
+def test_bad_flags(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_reported(fashion_root, tmp_path, capsys):
+    reasons = rk.available_backends()
+    missing = [b for b in ("cuda", "triton", "cpu") if reasons.get(b)]
+    if not missing:
+        pytest.skip("every backend is available here")
+    code = main(tiny_args(fashion_root, tmp_path, "--loss", "bcl", "--loss-backend", missing[0],
+                          "--max-steps", "1"))
+    assert code == 2
+    assert missing[0] in capsys.readouterr().err
