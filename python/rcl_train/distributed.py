@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -130,21 +131,28 @@ class DistributedRun:
         self.world = world_size()
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(self.local_rank)  # "cuda" now means cuda:LOCAL_RANK
+        self.cuda = device_name.startswith("cuda") or (
+            device_name == "auto" and torch.cuda.is_available())
+        if self.cuda:
+            torch.cuda.set_device(self.local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+            dist.init_process_group("nccl" if self.cuda else "gloo", init_method="env://")
         self.group = dist.group.WORLD
         self._scratch = None
         self._positions = None
 
     # ---------------------------------------------------------------- setup
     def rank_config(self, cfg, log):
-        """(cfg, log) for this rank: rank 0 unchanged; the others silent, writing to a scratch dir."""
+        """(cfg, log) for this rank: each rank on cuda:LOCAL_RANK (or the CPU); rank 0 writes and
+        prints as usual, the others print nothing (stdout to /dev/null for the rest of the
+        process, so the final summary too; stderr kept) and write into a scratch directory
+        removed by close()."""
+        if self.cuda:
+            cfg = dataclasses.replace(cfg, device=f"cuda:{self.local_rank}")
         if self.rank == 0:
             return cfg, log
         self._scratch = tempfile.mkdtemp(prefix=f"rcl-train-rank{self.rank}-")
+        sys.stdout = open(os.devnull, "w")
         return dataclasses.replace(cfg, out=self._scratch, progress=False, plots=False), _silent
 
     def wrap(self, model: nn.Module, objective, device: torch.device, batch_size: int) -> nn.Module:
@@ -186,6 +194,7 @@ class DistributedRun:
             dist.destroy_process_group()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def _silent(*args, **kwargs):
