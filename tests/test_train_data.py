@@ -50,6 +50,7 @@ def test_standard_long_tail_profile():
     assert D.long_tail_counts(6000, 10, 100)[-1] == 60
     assert D.long_tail_counts(7, 1, 50) == [7]
     assert D.long_tail_counts(40, 4, 1) == [40, 40, 40, 40]
+    assert D.long_tail_counts(24, 10, 100)[-1] == 1  # never zero
     with pytest.raises(ValueError, match="imbalance"):
         D.long_tail_counts(10, 3, 0.5)
 

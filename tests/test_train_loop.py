@@ -135,3 +135,16 @@ def test_unavailable_backend_is_reported(fashion_root, tmp_path, capsys):
                           "--max-steps", "1"))
     assert code == 2
     assert missing[0] in capsys.readouterr().err
+
+
+def test_demo(tmp_path, capsys):
+    from rcl_train import demo
+
+    assert demo.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 1
+    assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+    root = write_fake_fashion(tmp_path / "fm", per_class_train=40, per_class_test=2)
+    assert demo.main(["--data-root", root, "--epochs", "1", "--out", str(tmp_path / "o"),
+                      "--max-steps", "1", "--batch-size", "16", "--threads", "1", "--no-plots",
+                      "--loss-backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "rho=100" in out and "balanced accuracy" in out and "demo: finished" in out

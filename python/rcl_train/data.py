@@ -194,12 +194,14 @@ def load_cifar(num_classes: int, root: str | None):
 # Long-tailed sampling
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
-    """n_k = int(n_max * (1/rho)^(k/(C-1))) for k = 0..C-1 (class 0 is the head)."""
+    """n_k = max(1, int(n_max * (1/rho)^(k/(C-1)))) for k = 0..C-1 (class 0 is the head)."""
     if imbalance < 1:
         raise ValueError(f"imbalance ratio must be >= 1, got {imbalance}")
     if num_classes == 1:
         return [int(n_max)]
-    return [int(n_max * (1.0 / imbalance) ** (k / (num_classes - 1.0))) for k in range(num_classes)]
+    # int() as in LDAM/BCL; at least one image so that no class vanishes from tiny datasets
+    return [max(1, int(n_max * (1.0 / imbalance) ** (k / (num_classes - 1.0))))
+            for k in range(num_classes)]
 
 
 def long_tail_indices(labels: torch.Tensor, num_classes: int, imbalance: float, seed: int = 0) -> torch.Tensor:
