@@ -59,7 +59,8 @@ COLUMNS = [
     "backend", "mode", "N", "M", "d", "C", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_MB",
     "tflops", "device", "torch", "triton", "commit",
     # extras
-    "preset", "status", "reason", "timer", "repeats", "warmup", "mem_method", "flops",
+    "preset", "status", "reason", "timer", "cpu_time_median_ms", "cpu_time_p20_ms",
+    "cpu_time_p80_ms", "repeats", "warmup", "mem_method", "flops",
     "flops_formula", "threads", "first_call_s", "loadavg_before", "loadavg_after", "host", "code_hash",
 ]
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -327,8 +328,9 @@ def _make_case(spec, torch, device):
     return forward, backward
 
 
-def _time_calls(torch, mode, forward, backward, repeats, cuda):
-    """List of milliseconds, one per call."""
+def _time_calls(torch, mode, forward, backward, repeats, cuda, cpu_times=None):
+    """List of wall-clock milliseconds, one per call; on the CPU, the process CPU time of each
+    call (all threads) is appended to cpu_times."""
     times = []
     if cuda:
         pairs = []
@@ -354,20 +356,22 @@ def _time_calls(torch, mode, forward, backward, repeats, cuda):
         return [s.elapsed_time(e) for s, e in pairs]
     for _ in range(repeats):
         if mode == "fwd":
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = forward()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
         elif mode == "bwd":
             out = forward()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             backward(*out)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
         else:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             backward(*forward())
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
         out = None  # noqa: F841
         times.append((t1 - t0) * 1e3)
+        if cpu_times is not None:
+            cpu_times.append((c1 - c0) * 1e3)
     return times
 
 
@@ -439,9 +443,14 @@ def worker(spec):
             else:
                 res["peak_MB"] = None
                 res["mem_method"] = "unavailable: /proc/self/clear_refs not writable"
-            times = _time_calls(torch, mode, forward, backward, spec["repeats"], cuda)
+            cpu_times = None if cuda else []
+            times = _time_calls(torch, mode, forward, backward, spec["repeats"], cuda, cpu_times)
             res.update(status="ok", median_ms=statistics.median(times),
                        p20_ms=percentile(times, 20), p80_ms=percentile(times, 80))
+            if cpu_times:
+                res.update(cpu_time_median_ms=statistics.median(cpu_times),
+                           cpu_time_p20_ms=percentile(cpu_times, 20),
+                           cpu_time_p80_ms=percentile(cpu_times, 80))
         except torch.OutOfMemoryError as error:  # noqa: PERF203
             res.update(status="oom", reason=str(error).splitlines()[0][:300])
         except Exception as error:  # a failing case must not stop the run
@@ -571,7 +580,7 @@ def run_group(spec, modes, timeout):
 
 def print_table(rows, file=sys.stdout):
     head = f"{'backend':<18} {'mode':<6} {'N':>7} {'M':>7} {'dtype':<8} {'median ms':>10} " \
-           f"{'p20-p80 ms':>19} {'peak MB':>9} {'TFLOP/s':>8}  status"
+           f"{'p20-p80 ms':>19} {'cpu-time ms':>11} {'peak MB':>9} {'TFLOP/s':>8}  status"
     print(head, file=file)
     print("-" * len(head), file=file)
     skipped = {}
@@ -581,12 +590,16 @@ def print_table(rows, file=sys.stdout):
             continue
         if r["status"] != "ok":
             print(f"{r['backend']:<18} {r['mode']:<6} {r['N']:>7} {r['M']:>7} {r['dtype']:<8} "
-                  f"{'-':>10} {'':>19} {'-':>9} {'-':>8}  {r['status']}: {r['reason']}", file=file)
+                  f"{'-':>10} {'':>19} {'':>11} {'-':>9} {'-':>8}  {r['status']}: {r['reason']}",
+                  file=file)
             continue
         spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
         peak = "-" if r["peak_MB"] is None else f"{r['peak_MB']:.1f}"
+        cpu_t = r.get("cpu_time_median_ms")
+        cpu_t = "-" if cpu_t is None else f"{cpu_t:.2f}"
         print(f"{r['backend']:<18} {r['mode']:<6} {r['N']:>7} {r['M']:>7} {r['dtype']:<8} "
-              f"{r['median_ms']:>10.2f} {spread:>19} {peak:>9} {r['tflops']:>8.4f}  ok", file=file)
+              f"{r['median_ms']:>10.2f} {spread:>19} {cpu_t:>11} {peak:>9} {r['tflops']:>8.4f}  ok",
+              file=file)
     for (backend, reason), ns in skipped.items():
         print(f"skipped {backend} at N={sorted(set(ns))}: {reason}", file=file)
 
@@ -712,7 +725,9 @@ def main(argv=None):
                   "Inputs: features [N/2, 2, d] (two views, L2-normalized), labels uniform in "
                   "[0, C), centers [C, d]. loadavg_* are os.getloadavg() before/after each mode: "
                   "the machine may be shared, so CPU timings are noisy when the load exceeds the "
-                  "core count."),
+                  "core count. cpu_time_*_ms: process CPU time per call (all threads; "
+                  "time.process_time), less sensitive than wall clock to other processes when "
+                  "threads=1; with more threads it also counts spin-waiting."),
     }
 
     rows = []
@@ -750,6 +765,9 @@ def main(argv=None):
                         "reason": res.get("reason", ""),
                         "timer": "cuda_events" if device == "cuda" else "perf_counter",
                         "repeats": repeats, "warmup": warmup,
+                        "cpu_time_median_ms": res.get("cpu_time_median_ms"),
+                        "cpu_time_p20_ms": res.get("cpu_time_p20_ms"),
+                        "cpu_time_p80_ms": res.get("cpu_time_p80_ms"),
                         "mem_method": res.get("mem_method", ""), "flops": flops,
                         "flops_formula": formula, "threads": meta["threads"],
                         "first_call_s": res.get("first_call_s"),
