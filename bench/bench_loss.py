@@ -399,13 +399,14 @@ def worker(spec):
     for mode in spec["modes"]:
         res = {"loadavg_before": loadavg()}
         try:
-            # Warm-up (the first call also compiles, for reference_compile).
+            # Warm-up (the first call also compiles, for reference_compile). With --warmup 0
+            # the memory call below is the first call (lazy initialization then counts in it).
             w0 = time.perf_counter()
-            for _ in range(max(1, spec["warmup"])):
+            for _ in range(spec["warmup"]):
                 _run_once(mode, forward, backward)
                 sync()
-            if first is None:
-                first = time.perf_counter() - w0
+                if first is None:
+                    first = time.perf_counter() - w0
             # Peak memory above the inputs, one call.
             if cuda:
                 import gc
@@ -443,6 +444,9 @@ def worker(spec):
             else:
                 res["peak_MB"] = None
                 res["mem_method"] = "unavailable: /proc/self/clear_refs not writable"
+                _run_once(mode, forward, backward)
+            if first is None:
+                first = time.perf_counter() - w0
             cpu_times = None if cuda else []
             times = _time_calls(torch, mode, forward, backward, spec["repeats"], cuda, cpu_times)
             res.update(status="ok", median_ms=statistics.median(times),
