@@ -10,9 +10,12 @@
 //   dz    = scale · (g ⊙ P) · K        dk = scale · (g ⊙ P)ᵀ · Z     (g = grad_lse)
 //
 // Shapes and dtypes: z [N, d] and k [M, d] of one floating dtype (float32, float64, bfloat16,
-// float16); labels int64; row_bias [N], col_bias [M] and lse [N] float32 (float64 when z is
-// float64); dz and dk come back in z's dtype. allow_tf32 asks for TF32 tensor-core products on
-// float32 inputs (PyTorch's float32 matmul precision "high"/"medium"); CPU kernels ignore it.
+// float16); labels int64; row_bias [N], col_bias [M] and lse [N] in the accumulation dtype
+// (float32, or float64 for float64 inputs). dz and dk come back in the accumulation dtype too:
+// the caller adds the positive-term gradients before the one rounding to the input dtype (two
+// half-precision gradients of opposite sign would cancel badly). allow_tf32 asks for TF32
+// tensor-core products on float32 inputs (float32 matmul precision "high"/"medium"); the CPU
+// kernel ignores it.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,18 +1,18 @@
-"""torch.library glue for the fused masked log-sum-exp ops (schema and math: csrc/ops.cpp).
+"""torch.library glue for the masked log-sum-exp kernels (schema and math: csrc/ops.cpp).
 
-Each fused backend provides a forward op and a backward op with the same signatures:
-* `rcl_kernels::masked_lse_forward/_backward` are defined in C++ (rcl_kernels._C) with CPU and,
-  when compiled, CUDA kernels — the "cpu" and "cuda" backends;
-* `rcl_kernels::triton_masked_lse_forward/_backward` are Python custom ops over the Triton kernels.
-All of them get the same fake (meta) kernels, so torch.compile can trace through them, and the
-same autograd formula: the forward saves only its inputs and the LSE, the backward recomputes.
+Each fused backend provides a forward and a backward op with the same signatures:
+* `rcl_kernels::masked_lse_forward/_backward`, defined in C++ (rcl_kernels._C) with a CPU and,
+  when compiled, a CUDA kernel: the "cpu" and "cuda" backends;
+* `rcl_kernels::triton_masked_lse_forward/_backward`, Python custom ops over the Triton kernels.
+All get the same fake (meta) kernels, so that torch.compile can trace the code that calls them.
+Their autograd lives one level up, in rcl_kernels.fused, where the positive terms join in.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fused import accumulation_dtype
+from ._dtypes import accumulation_dtype
 
 
 def _load_extension() -> str | None:
@@ -34,28 +34,8 @@ def _fake_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
 def _fake_backward(
     grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale, allow_tf32
 ):
-    return torch.empty_like(z), torch.empty_like(k)
-
-
-def _register_fake_and_autograd(forward_name: str, backward_name: str, backward_op) -> None:
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-
-    def setup_context(ctx, inputs, output):
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32 = inputs
-        ctx.save_for_backward(z, k, row_labels, col_labels, row_bias, col_bias, output)
-        ctx.self_offset, ctx.scale, ctx.allow_tf32 = self_offset, scale, allow_tf32
-
-    def backward(ctx, grad_lse):
-        z, k, row_labels, col_labels, row_bias, col_bias, lse = ctx.saved_tensors
-        dz, dk = backward_op(
-            grad_lse.contiguous(), z, k, row_labels, col_labels, row_bias, col_bias, lse,
-            ctx.self_offset, ctx.scale, ctx.allow_tf32,
-        )
-        # The bias vectors are constants of the loss (see rcl_kernels.functional).
-        return dz, dk, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    acc = accumulation_dtype(z.dtype)
+    return z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
 @torch.library.custom_op("rcl_kernels::triton_masked_lse_forward", mutates_args=())
@@ -85,18 +65,21 @@ def triton_masked_lse_backward(
     )
 
 
-_register_fake_and_autograd(
-    "rcl_kernels::triton_masked_lse_forward",
-    "rcl_kernels::triton_masked_lse_backward",
-    triton_masked_lse_backward,
-)
-
+_FAKE_REGISTERED = ["rcl_kernels::triton_masked_lse"]
 if EXTENSION_ERROR is None:
-    _register_fake_and_autograd(
-        "rcl_kernels::masked_lse_forward",
-        "rcl_kernels::masked_lse_backward",
-        torch.ops.rcl_kernels.masked_lse_backward,
-    )
+    _FAKE_REGISTERED.append("rcl_kernels::masked_lse")
+for _prefix in _FAKE_REGISTERED:
+    torch.library.register_fake(f"{_prefix}_forward")(_fake_forward)
+    torch.library.register_fake(f"{_prefix}_backward")(_fake_backward)
+
+
+def lse_kernels(backend: str):
+    """(forward op, backward op) of a fused backend."""
+    if backend == "triton":
+        return torch.ops.rcl_kernels.triton_masked_lse_forward, torch.ops.rcl_kernels.triton_masked_lse_backward
+    if backend in ("cpu", "cuda"):  # one C++ op; the tensors' device picks the kernel
+        return torch.ops.rcl_kernels.masked_lse_forward, torch.ops.rcl_kernels.masked_lse_backward
+    raise ValueError(f"backend: {backend!r} has no fused kernels")
 
 
 def compiled_kernel_for(device_type: str) -> bool:

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from . import _ops
-from .fused import LseOp
 
 FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -53,7 +52,7 @@ class Backend:
     name: str
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    lse_op: LseOp | None  # None: the N x M reference, not a fused op
+    fused: bool  # False: the N x M reference
     _unavailable: Callable[[torch.device | None], str | None]
 
     def unavailable_reason(self, device: torch.device | None = None) -> str | None:
@@ -71,25 +70,17 @@ class Backend:
         return None
 
 
-def _cpu_device_types() -> tuple[str, ...]:
+def _triton_device_types() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), FLOATING, None, lambda device: None),
-    "cpu": Backend(
-        "cpu", ("cpu",), FLOATING,
-        lambda *args: torch.ops.rcl_kernels.masked_lse_forward(*args),
-        lambda device: _ops.EXTENSION_ERROR,
-    ),
-    "cuda": Backend(
-        "cuda", ("cuda",), FLOATING,
-        lambda *args: torch.ops.rcl_kernels.masked_lse_forward(*args),
-        lambda device: _cuda_unavailable_reason(),
-    ),
+    "reference": Backend("reference", ("cpu", "cuda"), FLOATING, False, lambda device: None),
+    "cpu": Backend("cpu", ("cpu",), FLOATING, True, lambda device: _ops.EXTENSION_ERROR),
+    "cuda": Backend("cuda", ("cuda",), FLOATING, True, lambda device: _cuda_unavailable_reason()),
     "triton": Backend(
-        "triton", _cpu_device_types(), (torch.float32, torch.bfloat16, torch.float16),
-        _ops.triton_masked_lse_forward, _triton_unavailable_reason,
+        "triton", _triton_device_types(), (torch.float32, torch.bfloat16, torch.float16), True,
+        _triton_unavailable_reason,
     ),
 }
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused, reference
+from ._dtypes import accumulation_dtype
 from ._validation import (
     check_class_table,
     check_label_range,
@@ -118,10 +119,10 @@ def contrastive_loss(
         columns = torch.cat([all_anchors, prototypes])
         prototype_labels = torch.arange(num_classes, device=anchors.device)
         column_labels = torch.cat([all_labels, prototype_labels])
-    zeros = torch.zeros(num_classes, dtype=fused.accumulation_dtype(anchors.dtype), device=anchors.device)
+    zeros = torch.zeros(num_classes, dtype=accumulation_dtype(anchors.dtype), device=anchors.device)
     per_anchor = reference.per_anchor_loss
-    if impl.lse_op is not None:
-        per_anchor = functools.partial(fused.per_anchor_loss, lse_op=impl.lse_op)
+    if impl.fused:
+        per_anchor = functools.partial(fused.per_anchor_loss, backend=impl.name)
     losses, has_positive = per_anchor(
         anchors.contiguous(),
         anchor_labels,
@@ -134,7 +135,7 @@ def contrastive_loss(
         margin=zeros if margins is None else margins,
         class_averaging=class_averaging,
     )
-    loss = _reduce(losses.to(fused.accumulation_dtype(anchors.dtype)), has_positive, reduction)
+    loss = _reduce(losses.to(accumulation_dtype(anchors.dtype)), has_positive, reduction)
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss

@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
       }
     });
   });
-  return {dz.to(z.scalar_type()), dk.to(k.scalar_type())};
+  return {dz, dk};
 }
 
 }  // namespace

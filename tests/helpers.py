@@ -1,0 +1,77 @@
+"""Shared test helpers: random inputs of every awkward kind and the correctness rule of DESIGN §4."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rcl_kernels.backends import BACKENDS
+
+# Absolute floors of the rule: err(backend) <= 2·err(reference in the same dtype) + floor.
+FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    """‖value − truth‖ / ‖truth‖ over all entries (absolute when truth is zero)."""
+    value, truth = value.double().cpu(), truth.double().cpu()
+    scale = truth.norm().item()
+    return (value - truth).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_within_rule(name: str, value, low_precision_reference, truth, dtype) -> None:
+    """The FlashAttention rule: at most 2x the error of the reference run in the same dtype."""
+    err = relative_error(value, truth)
+    allowed = 2 * relative_error(low_precision_reference, truth) + FLOORS[dtype]
+    assert err <= allowed, f"{name}: relative error {err:.3e} > allowed {allowed:.3e} ({dtype})"
+
+
+def draw_labels(kind: str, n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Labels of n samples: uniform; long-tailed (exponential profile, ρ=100); all one class;
+    only a tenth of the classes present (most absent); all distinct (no positive without
+    prototypes or a second view)."""
+    if kind == "uniform":
+        return torch.randint(0, num_classes, (n,), generator=generator)
+    if kind == "longtail":
+        weights = 0.01 ** (torch.arange(num_classes, dtype=torch.float64) / max(num_classes - 1, 1))
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    if kind == "one_class":
+        return torch.full((n,), int(torch.randint(0, num_classes, (1,), generator=generator)))
+    if kind == "few_present":
+        present = torch.randperm(num_classes, generator=generator)[: max(1, num_classes // 10)]
+        return present[torch.randint(0, len(present), (n,), generator=generator)]
+    if kind == "distinct":
+        assert n <= num_classes, "distinct labels need n <= num_classes"
+        return torch.randperm(num_classes, generator=generator)[:n]
+    raise ValueError(f"unknown label draw {kind!r}")
+
+
+def fresh_generator() -> torch.Generator:
+    """Seeded from the OS: fresh inputs every run. The seed is printed; RCL_TEST_SEED=<seed>
+    replays a failure."""
+    seed = int(os.environ.get("RCL_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def random_features(shape, generator, *, normalize=True) -> torch.Tensor:
+    """Float64 features (unit rows by default, as the losses are used), never zeros."""
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def backend_param(name: str, device: str = "cpu"):
+    """pytest.param for a backend on a device, skipped with the reason when it cannot run there."""
+    if device == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA device"
+    else:
+        reason = BACKENDS[name].unavailable_reason(torch.device(device))
+        if reason is None and device not in BACKENDS[name].device_types:
+            reason = f"runs on {'/'.join(BACKENDS[name].device_types)} tensors here"
+    marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+    if name == "triton" and device == "cpu":
+        marks.append(pytest.mark.triton_interpret)
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    return pytest.param(name, marks=marks, id=f"{name}-{device}")
