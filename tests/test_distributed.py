@@ -34,7 +34,8 @@ NUM_CLASSES, DIM, VIEWS, IN_DIM = 5, 8, 2, 6
 CLASS_COUNTS = [50, 20, 10, 5, 2]
 PRESETS = ("supcon", "bcl", "rcl", "rcl_standalone")
 BACKENDS = ("reference", "cpu")
-RTOL, ATOL = 1e-8, 1e-10
+# (rtol, atol) against the float64 oracle, by the dtype the distributed side computes in
+TOLERANCE = {"float64": (1e-8, 1e-10), "float32": (1e-4, 1e-5)}
 SPAWN_TIMEOUT_S = 150
 
 
@@ -72,16 +73,40 @@ def _cases(world):
         # the single-tensor collectives (all_gather_into_tensor / reduce_scatter_tensor) on gloo
         cases.append(dict(kind="loss", preset=preset, backend="cpu", layout="bvd",
                           sizes=unequal, flat=True))
+        if world == 2:  # float32; Triton through its interpreter (reported as skipped if broken)
+            for backend in ("cpu", "triton"):
+                cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
+                                  sizes=unequal, flat=False, dtype="float32"))
         if world == 2:
             cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=equal,
                               reduction="mean"))
             cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=unequal,
                               reduction="sum"))
+    return _named(cases, seed=1000 * world)
+
+
+def _gpu_cases():
+    """NCCL on 2 GPUs: every preset and GPU backend, equal and unequal sizes, and DDP."""
+    cases = []
+    for preset in PRESETS:
+        for backend, dtype in (("reference", "float64"), ("cuda", "float64"), ("triton", "float32")):
+            for sizes in ([3, 3], [2, 5]):
+                cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
+                                  sizes=sizes, flat=True, dtype=dtype))
+        cases.append(dict(kind="ddp", preset=preset, backend="auto", sizes=[3, 3], reduction="mean"))
+        cases.append(dict(kind="ddp", preset=preset, backend="auto", sizes=[2, 5], reduction="sum"))
+    return _named(cases, seed=99000)
+
+
+def _named(cases, seed):
     out = []
     for index, spec in enumerate(cases):
-        spec["seed"] = 1000 * world + index
+        spec["seed"] = seed + index
+        spec.setdefault("dtype", "float64")
         parts = [spec["kind"], spec["preset"], spec["backend"], spec.get("layout", ""),
                  "x".join(map(str, spec["sizes"]))]
+        if spec["dtype"] != "float64":
+            parts.append(spec["dtype"])
         if spec.get("flat"):
             parts.append("flat")
         if "reduction" in spec:
@@ -93,14 +118,16 @@ def _cases(world):
 # --------------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------------
-def _compare(errors, what, got, expected):
+def _compare(errors, what, got, expected, dtype="float64"):
     if got is None or expected is None:
         if (got is None) != (expected is None):
             errors.append(f"{what}: got {got}, expected {expected}")
         return
+    rtol, atol = TOLERANCE[dtype]
+    got, expected = got.double(), expected.double()
     if got.shape != expected.shape:
         errors.append(f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}")
-    elif not torch.allclose(got, expected, rtol=RTOL, atol=ATOL):
+    elif not torch.allclose(got, expected, rtol=rtol, atol=atol):
         diff = (got - expected).abs().max().item()
         errors.append(f"{what}: max abs diff {diff:.3e} (|expected|max {expected.abs().max().item():.3e})")
 
@@ -116,7 +143,8 @@ def _labels_flat(features, labels):
     return labels.repeat(features.shape[1]) if features.dim() == 3 else labels
 
 
-def _make_data(spec, world):
+def _make_data(spec, world, device):
+    """Every rank's features and labels and the prototypes: float64 on `device` (drawn on the CPU)."""
     g = torch.Generator().manual_seed(spec["seed"])
     features, labels = [], []
     for r in range(world):
@@ -125,20 +153,21 @@ def _make_data(spec, world):
         features.append(F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1))
         labels.append(torch.randint(0, NUM_CLASSES, (b,), generator=g))
     prototypes = F.normalize(torch.randn(NUM_CLASSES, DIM, generator=g, dtype=torch.float64), dim=-1)
-    return features, labels, prototypes
+    move = lambda t: t.to(device)  # noqa: E731
+    return list(map(move, features)), list(map(move, labels)), move(prototypes)
 
 
-def _case_loss(spec, rank, world, group):
+def _case_loss(spec, rank, world, group, device):
     import torch.distributed as dist
 
     errors = []
-    preset, backend = spec["preset"], spec["backend"]
-    features, labels, prototypes = _make_data(spec, world)
+    preset, backend, dtype = spec["preset"], spec["backend"], spec["dtype"]
+    features, labels, prototypes = _make_data(spec, world, device)
     with_protos = _uses_prototypes(preset)
 
-    # distributed
-    mine = features[rank].clone().requires_grad_()
-    protos = prototypes.clone().requires_grad_()
+    # distributed, in the case's dtype
+    mine = features[rank].to(getattr(torch, dtype)).requires_grad_()
+    protos = prototypes.to(getattr(torch, dtype)).requires_grad_()
     loss = _loss(preset, mine, labels[rank], protos, backend=backend, process_group=group)
     loss.backward()
 
@@ -149,32 +178,34 @@ def _case_loss(spec, rank, world, group):
     per_anchor = _loss(preset, rows, row_labels, protos_sp, backend="reference", reduction="none")
     column_count = torch.bincount(row_labels, minlength=NUM_CLASSES) + int(with_protos)
     has_positive = column_count[row_labels] > 1
-    bounds = torch.tensor([0] + [_flatten(f).shape[0] for f in features]).cumsum(0).tolist()
+    bounds = [0]
+    for f in features:
+        bounds.append(bounds[-1] + _flatten(f).shape[0])
     per_rank = [per_anchor[a:b].sum() / has_positive[a:b].sum().clamp(min=1)
                 for a, b in zip(bounds[:-1], bounds[1:])]
     (row_grad,) = torch.autograd.grad(sum(per_rank), rows, retain_graph=True)
     mine_grad = row_grad[bounds[rank] : bounds[rank + 1]]
     if mine.dim() == 3:
         mine_grad = mine_grad.reshape(VIEWS, -1, DIM).transpose(0, 1)
-    _compare(errors, "loss", loss.detach(), per_rank[rank].detach())
-    _compare(errors, "feature grad (of the sum of all ranks' losses)", mine.grad, mine_grad)
+    _compare(errors, "loss", loss.detach(), per_rank[rank].detach(), dtype)
+    _compare(errors, "feature grad (of the sum of all ranks' losses)", mine.grad, mine_grad, dtype)
     if with_protos:
         (proto_grad,) = torch.autograd.grad(per_rank[rank], protos_sp)
-        _compare(errors, "prototype grad (of this rank's loss)", protos.grad, proto_grad)
+        _compare(errors, "prototype grad (of this rank's loss)", protos.grad, proto_grad, dtype)
     elif protos.grad is not None:
         errors.append("prototype grad: expected none for a preset without prototypes")
 
     # Σ_r P_r·L_r / P equals the single-process mean; for [B, V, d] that is also the plain mean on
     # the [ΣB, V, d] concatenation (the reduced loss does not depend on the anchors' order).
     p_mine = has_positive[bounds[rank] : bounds[rank + 1]].sum().to(torch.float64)
-    totals = torch.stack([loss.detach() * p_mine, p_mine])
+    totals = torch.stack([loss.detach().double() * p_mine, p_mine])
     dist.all_reduce(totals, group=group)
     if spec["layout"] == "bvd":
         single = _loss(preset, torch.cat(features), torch.cat(labels), prototypes, backend="reference")
     else:
         single = _loss(preset, rows.detach(), row_labels, prototypes, backend="reference")
     _compare(errors, "size-weighted mean of the rank losses vs single-process mean",
-             totals[0] / totals[1], single)
+             totals[0] / totals[1], single, dtype)
     return errors
 
 
@@ -192,21 +223,23 @@ class _TinyModel(torch.nn.Module):
         return F.normalize(self.proj(x), dim=-1), F.normalize(self.head(self.weight), dim=-1)
 
 
-def _case_ddp(spec, rank, world, group):
+def _case_ddp(spec, rank, world, group, device):
     """DDP gradient averaging on top of the distributed loss == the single-process gradient."""
     from torch.nn.parallel import DistributedDataParallel
 
     errors = []
     preset, sizes = spec["preset"], spec["sizes"]
     g = torch.Generator().manual_seed(spec["seed"])
-    inputs = [torch.randn(b, VIEWS, IN_DIM, generator=g, dtype=torch.float64) for b in sizes]
-    labels = [torch.randint(0, NUM_CLASSES, (b,), generator=g) for b in sizes]
+    inputs = [torch.randn(b, VIEWS, IN_DIM, generator=g, dtype=torch.float64).to(device)
+              for b in sizes]
+    labels = [torch.randint(0, NUM_CLASSES, (b,), generator=g).to(device) for b in sizes]
     torch.manual_seed(spec["seed"])
-    reference_model = _TinyModel()
-    model = _TinyModel()
+    reference_model = _TinyModel().to(device)
+    model = _TinyModel().to(device)
     model.load_state_dict(reference_model.state_dict())
     # supcon leaves the center parameters unused: DDP must be told, or it skips the bucket
     ddp = DistributedDataParallel(model, process_group=group,
+                                  device_ids=[device.index] if device.type == "cuda" else None,
                                   find_unused_parameters=not _uses_prototypes(preset))
 
     z, protos = ddp(inputs[rank])
@@ -228,22 +261,46 @@ def _case_ddp(spec, rank, world, group):
     return errors
 
 
-def _worker(rank, world, port, out_dir, cases):
+def _backend_skip_reason(backend, dtype, device, cache):
+    """Why a fused backend cannot run a tiny single-process loss here (None when it can)."""
+    if backend in ("reference", "auto"):
+        return None
+    if (backend, dtype) not in cache:
+        try:
+            f = F.normalize(torch.randn(3, VIEWS, DIM, dtype=getattr(torch, dtype), device=device),
+                            dim=-1).requires_grad_()
+            rk.supcon_loss(f, torch.tensor([0, 1, 0], device=device), backend=backend).backward()
+            cache[backend, dtype] = None
+        except Exception as error:  # noqa: BLE001 - the reason is reported as the skip message
+            cache[backend, dtype] = f"{type(error).__name__}: {str(error)[:300]}"
+    return cache[backend, dtype]
+
+
+def _worker(rank, world, port, out_dir, cases, dist_backend="gloo"):
     import torch.distributed as dist
 
     from rcl_kernels import distributed as rkd
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    torch.set_float32_matmul_precision("highest")
+    device = torch.device("cpu")
+    if dist_backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
-    results = {}
+    results, probes = {}, {}
     try:
         group = dist.group.WORLD
         for case_id, spec in cases:
+            reason = _backend_skip_reason(spec["backend"], spec["dtype"], device, probes)
+            if reason is not None:  # the same on every rank: no collective is left waiting
+                results[case_id] = [f"SKIP: backend {spec['backend']} ({spec['dtype']}): {reason}"]
+                continue
             rkd.FLAT_COLLECTIVES_ON_GLOO = bool(spec.get("flat"))
             try:
                 run = _case_ddp if spec["kind"] == "ddp" else _case_loss
-                results[case_id] = run(spec, rank, world, group)
+                results[case_id] = run(spec, rank, world, group, device)
             except Exception as error:  # recorded; the next collective re-synchronizes or times out
                 results[case_id] = [f"raised {type(error).__name__}: {error}"]
             finally:
@@ -278,24 +335,36 @@ def spawn_and_wait(fn, world, args, timeout_s):
                 process.join(5)
 
 
-_RESULTS: dict[int, dict] = {}
+_RESULTS: dict[tuple, dict] = {}
 
 
-def _results(world, tmp_path_factory):
-    if world not in _RESULTS:
-        out_dir = str(tmp_path_factory.mktemp(f"dist{world}"))
+def _results(world, tmp_path_factory, dist_backend="gloo"):
+    key = (world, dist_backend)
+    if key not in _RESULTS:
+        out_dir = str(tmp_path_factory.mktemp(f"dist{world}{dist_backend}"))
+        cases = _gpu_cases() if dist_backend == "nccl" else _cases(world)
         try:
-            spawn_and_wait(_worker, world, (world, free_port(), out_dir, _cases(world)),
+            spawn_and_wait(_worker, world, (world, free_port(), out_dir, cases, dist_backend),
                            SPAWN_TIMEOUT_S)
             merged = {}
             for rank in range(world):
                 with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
                     for case_id, errors in json.load(f).items():
                         merged.setdefault(case_id, []).extend(f"rank {rank}: {e}" for e in errors)
-            _RESULTS[world] = merged
+            _RESULTS[key] = merged
         except Exception as error:
-            _RESULTS[world] = {"__spawn__": f"{type(error).__name__}: {error}"}
-    return _RESULTS[world]
+            _RESULTS[key] = {"__spawn__": f"{type(error).__name__}: {error}"}
+    return _RESULTS[key]
+
+
+def _check(results, case_id):
+    assert "__spawn__" not in results, results.get("__spawn__")
+    assert case_id in results, f"case {case_id} did not run"
+    errors = results[case_id]
+    skips = [e for e in errors if "SKIP: " in e]
+    if skips:
+        pytest.skip(skips[0].split("SKIP: ", 1)[1])
+    assert errors == [], "\n".join(errors)
 
 
 @pytest.mark.parametrize(
@@ -303,10 +372,14 @@ def _results(world, tmp_path_factory):
     [(w, case_id) for w in (2, 4) for case_id, _ in _cases(w)],
 )
 def test_matches_single_process(world, case_id, tmp_path_factory):
-    results = _results(world, tmp_path_factory)
-    assert "__spawn__" not in results, results.get("__spawn__")
-    assert case_id in results, f"case {case_id} did not run"
-    assert results[case_id] == [], "\n".join(results[case_id])
+    _check(_results(world, tmp_path_factory), case_id)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.parametrize("case_id", [case_id for case_id, _ in _gpu_cases()])
+def test_matches_single_process_nccl(case_id, tmp_path_factory):
+    _check(_results(2, tmp_path_factory, "nccl"), case_id)
 
 
 def test_uninitialized_group_is_a_value_error():
