@@ -1,0 +1,67 @@
+// Plain-C++ interface of the CUDA masked-LSE kernels (no torch headers), used by
+// masked_lse_cuda.cpp. The math is in the header comment of csrc/ops.cpp:
+//
+//   t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
+//   lse_i = log Σ_{j ≠ i + self_offset} exp(t_ij)            (−inf when no column is left)
+//   p_ij  = exp(t_ij − lse_i)                                  (0 for the self column, or lse = −inf)
+//   dz    = scale · (g ⊙ P) · K        dk = scale · (g ⊙ P)ᵀ · Z
+//
+// All pointers are device pointers to contiguous row-major arrays. "Acc" below is float for the
+// float32 / bfloat16 / float16 inputs and double for float64 inputs (biases, lse, grad_lse).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace rcl_cuda {
+
+enum class ElemType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// Largest feature dimension the launchers accept (the kernels loop over d in chunks, so this is a
+// sanity limit, not a shared-memory one).
+constexpr int64_t kMaxFeatureDim = 4096;
+
+struct LseProblem {
+  const void* z = nullptr;              // [n, d] ElemType
+  const void* k = nullptr;              // [m, d] ElemType
+  const int64_t* row_labels = nullptr;  // [n]
+  const int64_t* col_labels = nullptr;  // [m]
+  const void* row_bias = nullptr;       // [n] Acc
+  const void* col_bias = nullptr;       // [m] Acc
+  int64_t n = 0, m = 0, d = 0;
+  int64_t self_offset = 0;
+  double scale = 1.0;
+  ElemType type = ElemType::kFloat32;
+  bool allow_tf32 = false;  // float32 only: TF32 tensor cores instead of fp32 FMA
+};
+
+// How the work is split; the caller allocates the workspaces (bytes, may be 0) before launching.
+struct ForwardPlan {
+  int col_splits = 1;          // column ranges per row block, merged by a partial-LSE kernel
+  size_t workspace_bytes = 0;  // 2 · col_splits · n · sizeof(Acc) when col_splits > 1
+};
+struct BackwardPlan {
+  int row_pass_splits = 1;        // dz: column ranges per row block, summed in a fixed order
+  int col_pass_splits = 1;        // dk: row ranges per column block, summed in a fixed order
+  size_t dz_workspace_bytes = 0;  // row_pass_splits · n · d · sizeof(Acc) unless written in place
+  size_t dk_workspace_bytes = 0;  // col_pass_splits · m · d · sizeof(Acc) unless written in place
+};
+
+// `device` is the CUDA device index the problem lives on (used for the SM count).
+ForwardPlan plan_forward(const LseProblem& p, int device);
+BackwardPlan plan_backward(const LseProblem& p, int device);
+
+// lse: [n] Acc. Returns the first launch error (cudaSuccess otherwise).
+cudaError_t launch_forward(const LseProblem& p, const ForwardPlan& plan, void* lse,
+                           void* workspace, cudaStream_t stream);
+
+// grad_lse, lse: [n] Acc. grad_absmax: device scalar max_i |grad_lse_i| (Acc), or null; used by
+// the bfloat16 / float16 kernels to keep g·p in range before rounding it to the input dtype.
+// dz: [n, d], dk: [m, d], both ElemType. Workspaces per the plan.
+cudaError_t launch_backward(const LseProblem& p, const BackwardPlan& plan, const void* grad_lse,
+                            const void* grad_absmax, const void* lse, void* dz, void* dk, void* dz_workspace,
+                            void* dk_workspace, cudaStream_t stream);
+
+}  // namespace rcl_cuda
