@@ -39,8 +39,8 @@ loss does not depend on the order of the anchors, only reduction="none" does.
 Requirements: every rank of the group calls the loss at the same point and runs its backward
 (forward and backward contain collectives); local sizes may differ, the feature dimension and
 dtype may not; the anchors must be on a device the group's backend handles (gloo: CPU, NCCL:
-CUDA). The only host synchronization is the gather of the local sizes (a tiny collective); this
-path runs eagerly (torch.compile breaks the graph there).
+CUDA). The only host synchronization is the gather of the local sizes (a tiny collective, which
+reads them on the host: this path is meant for eager mode, not for torch.compile's fullgraph).
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ oracle is one float64 reference computation on the concatenation of every rank's
 anchors in rank order (the global column order), reduction="none", split per rank. In addition
 the size-weighted mean of the L_r is compared with the plain single-process mean on the
 [ΣB, V, d] concatenation, and DistributedDataParallel on a small model is compared with
-single-process training of the same model on the global batch.
+the single-process gradients of the same model on the global batch.
+
+Cases: presets supcon, bcl, rcl (on BCL, tail margins), rcl standalone; backends reference and cpu
+in float64 (tolerance 1e-8), cpu and Triton (interpreter; skipped with the reason when it cannot
+run) in float32 (1e-4); equal and unequal local sizes; [B, V, d] and [N, d] inputs; the list and
+the single-tensor collectives. With 2 GPUs the same checks run over NCCL for reference, cuda and
+triton (marked gpu, skipped otherwise).
 """
 
 from __future__ import annotations
