@@ -207,8 +207,8 @@ def run_and_check(prob, mode):
     check_rule("lse", lse, lse_l, lse_t, mode)
 
     dz, dk = cuda_backward(p, lse, tf32)
-    assert dz.dtype == dtype and dz.shape == p["z"].shape
-    assert dk.dtype == dtype and dk.shape == p["k"].shape
+    assert dz.dtype == _acc(dtype) and dz.shape == p["z"].shape
+    assert dk.dtype == _acc(dtype) and dk.shape == p["k"].shape
     check_rule("dz", dz, dz_l, dz_t, mode)
     check_rule("dk", dk, dk_l, dk_t, mode)
     return p, lse, dz, dk

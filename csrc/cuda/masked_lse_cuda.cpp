@@ -142,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cuda(
   // Autograd may hand an expanded (stride-0) or lower-precision gradient: make it dense, in Acc.
   const at::Tensor g = grad_lse.to(acc).contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dz = at::empty_like(in.z);
-  at::Tensor dk = at::empty_like(in.k);
+  // In the accumulation dtype, as the schema says (csrc/ops.cpp).
+  at::Tensor dz = at::empty(in.z.sizes(), in.z.options().dtype(acc));
+  at::Tensor dk = at::empty(in.k.sizes(), in.k.options().dtype(acc));
   if (z.size(1) == 0) return {dz, dk};
   const auto problem = make_problem(in, self_offset, scale, allow_tf32);
   const auto plan = rcl_cuda::plan_backward(problem, z.get_device());

@@ -841,20 +841,21 @@ cudaError_t forward_impl(const LseProblem& p, const ForwardPlan& plan, void* lse
   return cudaSuccess;
 }
 
+// dz and dk are returned in Acc (the caller adds further Acc gradients before rounding), so a
+// single split writes its result in place and several are summed into the output.
 template <class P>
 bool writes_in_place(int splits) {
-  return splits == 1 && std::is_same<typename P::In, typename P::Acc>::value;
+  return splits == 1;
 }
 
 template <class P>
 cudaError_t finish(const void* ws, int splits, int64_t count, void* out, cudaStream_t stream) {
   using Acc = typename P::Acc;
-  using In = typename P::In;
   if (writes_in_place<P>(splits) || count == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), 8192);
-  auto* kernel = &sum_splits_kernel<Acc, In>;
+  auto* kernel = &sum_splits_kernel<Acc, Acc>;
   RCL_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, 0, stream, static_cast<const Acc*>(ws),
-             splits, count, static_cast<In*>(out));
+             splits, count, static_cast<Acc*>(out));
   return cudaGetLastError();
 }
 

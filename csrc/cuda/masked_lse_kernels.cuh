@@ -59,7 +59,7 @@ cudaError_t launch_forward(const LseProblem& p, const ForwardPlan& plan, void* l
 
 // grad_lse, lse: [n] Acc. grad_absmax: device scalar max_i |grad_lse_i| (Acc), or null; used by
 // the bfloat16 / float16 kernels to keep g·p in range before rounding it to the input dtype.
-// dz: [n, d], dk: [m, d], both ElemType. Workspaces per the plan.
+// dz: [n, d], dk: [m, d], both in the accumulation type (float, double for kFloat64). Workspaces per the plan.
 cudaError_t launch_backward(const LseProblem& p, const BackwardPlan& plan, const void* grad_lse,
                             const void* grad_absmax, const void* lse, void* dz, void* dk, void* dz_workspace,
                             void* dk_workspace, cudaStream_t stream);

@@ -137,7 +137,7 @@ bool run(const Case& c, rcl_cuda::ElemType type, bool tf32, double tol_lse, doub
   p.allow_tf32 = tf32;
 
   std::vector<Acc> lse(c.n, Acc(std::nanf("")));
-  std::vector<T> dz(c.n * c.d, T(std::nanf(""))), dk(c.m * c.d, T(std::nanf("")));
+  std::vector<Acc> dz(c.n * c.d, Acc(std::nanf(""))), dk(c.m * c.d, Acc(std::nanf("")));
   const auto fplan = rcl_cuda::plan_forward(p, 0);
   std::vector<char> fws(fplan.workspace_bytes, char(0x7f));
   if (rcl_cuda::launch_forward(p, fplan, lse.data(), fws.data(), nullptr) != cudaSuccess) {
