@@ -184,7 +184,7 @@ class DistributedRun:
     def mean_over_ranks(self, parts: dict) -> dict:
         """The logged losses averaged over the ranks (= the global-batch values)."""
         keys = list(parts)
-        values = torch.stack([parts[k].detach().float() for k in keys])
+        values = torch.stack([parts[k].detach().double() for k in keys])
         dist.all_reduce(values, group=self.group)
         values /= self.world
         return {k: values[i] for i, k in enumerate(keys)}
