@@ -29,6 +29,13 @@ for the tiny g of a mean over many anchors) and max|g| is multiplied back in fp3
 NaN propagation does not rely on tl.max/tl.maximum (which may drop NaN on the GPU): a NaN logit
 makes its exp NaN, so the running sumexp and hence lse become NaN whatever the running max does.
 
+Tiling and tuning: rows are read with any stride but d with unit stride (a view with another
+feature stride is copied once); tile offsets are 32-bit from a 64-bit per-tile base pointer. On the
+GPU each kernel autotunes over a few configs (chosen from ptxas register/spill reports for sm_90)
+keyed on d, the dtypes, the dot precision and power-of-two buckets of N and M;
+RCL_KERNELS_TRITON_AUTOTUNE=0 (read at import) keeps the first config only. Under the interpreter
+one small fixed config is used so that tests exercise several tiles, d chunks and splits.
+
 The module imports without Triton; `unavailable_reason` says why the kernels cannot run.
 """
 
@@ -46,7 +53,8 @@ try:  # Triton is optional: the package must import on machines without it.
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
-    _TRITON_IMPORT_ERROR = f"triton is not installed or failed to import ({type(exc).__name__}: {exc})"
+    _TRITON_IMPORT_ERROR = (
+        f"triton is not installed or failed to import ({type(exc).__name__}: {exc})")
 
 # triton.jit decides at decoration time whether a kernel is interpreted, so remember the mode the
 # kernels below were built in (setting TRITON_INTERPRET later does not change them).
@@ -71,8 +79,9 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         if not torch.cuda.is_available():
             return "torch reports no usable CUDA device"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if torch.version.hip is None and torch.cuda.get_device_capability(index) < (7, 0):
-            return "the Triton kernels need a CUDA device of compute capability 7.0 or newer"
+        if torch.version.hip is None and torch.cuda.get_device_capability(index) < (8, 0):
+            # bf16 tensor-core dots and the tuned tile sizes assume Ampere or newer.
+            return "the Triton kernels need a CUDA device of compute capability 8.0 or newer"
         return None
     if device.type == "cpu":
         if _INTERPRETED:
@@ -82,7 +91,8 @@ def unavailable_reason(device: torch.device | str) -> str | None:
                 "TRITON_INTERPRET=1 was set after rcl_kernels.triton_lse was imported; set it "
                 "before the import to run the kernels on the CPU"
             )
-        return "no CUDA device and TRITON_INTERPRET is not set (Triton runs on the CPU only interpreted)"
+        return ("no CUDA device and TRITON_INTERPRET is not set (Triton runs on the CPU only "
+                "interpreted)")
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
@@ -114,22 +124,23 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
-    def _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
-                     stride_zm, stride_zd, stride_km, stride_kd,
+    def _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
-        """<z_i, k_j> for a [BLOCK_M, BLOCK_N] tile, fp32 accumulation over d in BLOCK_K chunks."""
-        offs_k = tl.arange(0, BLOCK_K)
-        # int64 row offsets: N·d can exceed 2^31 for the large-batch shapes.
-        z_rows = z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm
-        k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
+        """<z_i, k_j> for a [BLOCK_M, BLOCK_N] tile, fp32 accumulation over d in BLOCK_K chunks.
+
+        z_blk / k_blk point at the tile's first row / column (64-bit scalar offsets: N·d can pass
+        2^31); offsets inside the tile stay 32-bit and d is unit-stride, which keeps the address
+        arithmetic small and the loads vectorized."""
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < D
-            a = tl.load(z_rows + kk[None, :] * stride_zd,
+            mask_k = (k0 + rk) < D
+            a = tl.load(z_blk + rm[:, None] * stride_zm + (k0 + rk)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(k_rows + kk[None, :] * stride_kd,
+            b = tl.load(k_blk + rn[:, None] * stride_km + (k0 + rk)[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc = _mma(a, tl.trans(b), acc, INPUT_PRECISION)
         return acc
@@ -142,7 +153,8 @@ if triton is not None:
         col_b = tl.load(col_bias_ptr + offs_n, mask=mask_n, other=0.0)
         same = row_lab[:, None] == col_lab[None, :]
         t = dots * scale + tl.where(same, row_b[:, None], col_b[None, :])
-        valid = mask_m[:, None] & mask_n[None, :] & (offs_n[None, :] != offs_m[:, None] + self_offset)
+        not_self = offs_n[None, :] != offs_m[:, None] + self_offset
+        valid = mask_m[:, None] & mask_n[None, :] & not_self
         # where (not an additive mask): a +inf bias on the masked self column must not leak.
         return tl.where(valid, t, float("-inf"))
 
@@ -158,17 +170,18 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
                     lse_ptr, mpart_ptr, spart_ptr,
-                    N, M, D, cols_per_split, self_offset, scale,
-                    stride_zm, stride_zd, stride_km, stride_kd,
+                    N, M, D, cols_per_split, self_offset, scale, stride_zm, stride_km,
                     N_KEY, M_KEY,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = pid_m * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
         row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
         row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
+        z_blk = z_ptr + row0.to(tl.int64) * stride_zm
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -177,9 +190,8 @@ if triton is not None:
         for n0 in range(col_start, col_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
-            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
-                                stride_zm, stride_zd, stride_km, stride_kd,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            dots = _scores_tile(z_blk, k_ptr + tl.cast(n0, tl.int64) * stride_km, mask_m, mask_n, D,
+                                stride_zm, stride_km, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab_ptr, col_bias_ptr, self_offset)
             m_new = tl.maximum(m_i, tl.max(t, axis=1))
@@ -217,8 +229,7 @@ if triton is not None:
     @triton.jit
     def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
                    lse_ptr, g_ptr, out_ptr,
-                   N, M, D, cols_per_split, self_offset, scale,
-                   stride_zm, stride_zd, stride_km, stride_kd,
+                   N, M, D, cols_per_split, self_offset, scale, stride_zm, stride_km,
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -226,7 +237,8 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_s = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = pid_m * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
         row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
         row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
@@ -236,34 +248,35 @@ if triton is not None:
         g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
+        rn = tl.arange(0, BLOCK_N)
+        z_blk = z_ptr + row0.to(tl.int64) * stride_zm
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         col_start = pid_s * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, M)
         for n0 in range(col_start, col_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_n = n0 + rn
             mask_n = offs_n < col_end
-            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
-                                stride_zm, stride_zd, stride_km, stride_kd,
+            k_blk = k_ptr + tl.cast(n0, tl.int64) * stride_km
+            dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab_ptr, col_bias_ptr, self_offset)
             p = tl.exp(t - lse[:, None])  # in [0, 1]: safe to cast to bf16/fp16
-            kv = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_km
-                         + offs_d[None, :] * stride_kd,
+            kv = tl.load(k_blk + rn[:, None] * stride_km + offs_d[None, :],
                          mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             acc = _mma(_cast(p, kv.dtype), kv, acc, INPUT_PRECISION)
 
         # g is constant along the row, so it is applied once here in fp32.
         acc = acc * (g * scale)[:, None]
-        out = out_ptr + (pid_s.to(tl.int64) * N + offs_m.to(tl.int64))[:, None] * D + offs_d[None, :]
-        tl.store(out, acc, mask=mask_m[:, None] & mask_d[None, :])
+        out_blk = out_ptr + (pid_s.to(tl.int64) * N + row0) * D
+        tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + offs_d[None, :], acc,
+                 mask=mask_m[:, None] & mask_d[None, :])
 
     @triton.jit
     def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
                    lse_ptr, g_ptr, gmax_ptr, out_ptr,
-                   N, M, D, rows_per_split, self_offset, scale,
-                   stride_zm, stride_zd, stride_km, stride_kd,
+                   N, M, D, rows_per_split, self_offset, scale, stride_zm, stride_km,
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -271,10 +284,13 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_s = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col0 = pid_n * BLOCK_N
+        offs_n = col0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
+        rm = tl.arange(0, BLOCK_M)
+        k_blk = k_ptr + col0.to(tl.int64) * stride_km
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
         ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)  # all-zero g (or NaN): no scaling
@@ -283,27 +299,27 @@ if triton is not None:
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, N)
         for m0 in range(row_start, row_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = m0 + rm
             mask_m = offs_m < row_end
             row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
             row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
             lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
-            dots = _scores_tile(z_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, D,
-                                stride_zm, stride_zd, stride_km, stride_kd,
+            z_blk = z_ptr + tl.cast(m0, tl.int64) * stride_zm
+            dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab_ptr, col_bias_ptr, self_offset)
             w = tl.exp(t - lse[:, None]) * g[:, None]
-            zv = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * stride_zm
-                         + offs_d[None, :] * stride_zd,
+            zv = tl.load(z_blk + rm[:, None] * stride_zm + offs_d[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
 
         acc = acc * (scale / ginv)
-        out = out_ptr + (pid_s.to(tl.int64) * M + offs_n.to(tl.int64))[:, None] * D + offs_d[None, :]
-        tl.store(out, acc, mask=mask_n[:, None] & mask_d[None, :])
+        out_blk = out_ptr + (pid_s.to(tl.int64) * M + col0) * D
+        tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], acc,
+                 mask=mask_n[:, None] & mask_d[None, :])
 
     # ---------------------------------------------------------------------------------------------
     # Configurations. Under the interpreter: one small fixed config (several tiles, several d chunks
@@ -313,9 +329,10 @@ if triton is not None:
     _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BLOCK_D_MAX = 64
-    # d <= 256 is one d chunk (no recompute); larger d is split into 256-wide chunks, each of
-    # which recomputes the logits (d=1024: 4x the Z·Kᵀ work, but no N×M buffer and no atomics).
-    _GPU_BLOCK_D_MAX = 256
+    # Up to this d there is one d chunk (no recompute); larger d is split into chunks, each of
+    # which recomputes the logits (bf16 d=1024: 4x the Z·Kᵀ work, but no N×M buffer and no
+    # atomics). fp32 tiles take twice the registers/shared memory, so their chunks are narrower.
+    _GPU_BLOCK_D_MAX = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
     # Split lengths are multiples of the largest BLOCK_M/BLOCK_N of any config, so only the last
     # tile of a split is partial (interpreter: 16, so that small tests exercise the splits too).
     _SPLIT_ALIGN = 16 if _INTERPRETED else 128
@@ -330,35 +347,39 @@ if triton is not None:
             return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                                  num_warps=warps, num_stages=stages)
 
+        # Chosen with ptxas resource reports for sm_90 (no GPU timing yet): every config below
+        # compiles without large register spills for bf16/fp16/tf32.
         _FWD_CONFIGS = [
+            _cfg(64, 64, 32, 8, 3),  # first: the one used when autotuning is off
             _cfg(64, 64, 64, 4, 3),
-            _cfg(64, 128, 64, 4, 3),
+            _cfg(64, 128, 64, 8, 3),
             _cfg(128, 64, 64, 8, 3),
             _cfg(128, 128, 32, 8, 3),
         ]
         # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
-        # parallel block (BLOCK_M for dz, BLOCK_N for dk) stays at 32-64 in most configs.
+        # parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it.
         _DZ_CONFIGS = [
-            _cfg(64, 64, 64, 4, 2),
             _cfg(64, 64, 32, 8, 2),
-            _cfg(32, 64, 64, 4, 3),
-            _cfg(128, 64, 32, 8, 2),
+            _cfg(64, 64, 64, 8, 2),
+            _cfg(64, 32, 64, 8, 3),
+            _cfg(64, 64, 32, 8, 1),
         ]
         _DK_CONFIGS = [
-            _cfg(64, 64, 64, 4, 2),
             _cfg(64, 64, 32, 8, 2),
-            _cfg(64, 32, 64, 4, 3),
-            _cfg(64, 128, 32, 8, 2),
+            _cfg(64, 64, 64, 8, 2),
+            _cfg(32, 64, 64, 8, 3),
+            _cfg(64, 64, 32, 8, 1),
         ]
         _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
-        if _tune in ("0", "false", "off", "no"):
-            # Escape hatch (quick CI runs): the first config only, no tuning.
-            _FWD_CONFIGS, _DZ_CONFIGS, _DK_CONFIGS = _FWD_CONFIGS[:1], _DZ_CONFIGS[:1], _DK_CONFIGS[:1]
+        _n_tuned = 1 if _tune in ("0", "false", "off", "no") else None
+        # RCL_KERNELS_TRITON_AUTOTUNE=0 (quick CI runs): the first config only, no tuning. The
+        # tests run every config of these lists explicitly (the `config=` hooks below).
         # The autotuner adds the tensor dtypes to the key itself.
         _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION"]
-        _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["WRITE_LSE"])(_fwd_kernel)
-        _dz = triton.autotune(configs=_DZ_CONFIGS, key=_KEY + ["BLOCK_D"])(_dz_kernel)
-        _dk = triton.autotune(configs=_DK_CONFIGS, key=_KEY + ["BLOCK_D"])(_dk_kernel)
+        _fwd = triton.autotune(configs=_FWD_CONFIGS[:_n_tuned], key=_KEY + ["WRITE_LSE"])(
+            _fwd_kernel)
+        _dz = triton.autotune(configs=_DZ_CONFIGS[:_n_tuned], key=_KEY + ["BLOCK_D"])(_dz_kernel)
+        _dk = triton.autotune(configs=_DK_CONFIGS[:_n_tuned], key=_KEY + ["BLOCK_D"])(_dk_kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,7 +430,8 @@ def _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias):
     if z.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
             f"the Triton kernels support z/k of dtype float32, bfloat16 or float16, got {z.dtype}"
-            + (" (use the cpu or reference backend for float64)" if z.dtype == torch.float64 else "")
+            + (" (use the cpu or reference backend for float64)"
+               if z.dtype == torch.float64 else "")
         )
     if k.dtype != z.dtype:
         raise TypeError(f"z and k must have the same dtype, got {z.dtype} and {k.dtype}")
@@ -440,22 +462,36 @@ def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
+def _unit_feature_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels assume unit stride along d (vectorized loads); rows may have any stride."""
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
 def _common_args(z, k):
     n, d = z.shape
     m = k.shape[0]
-    return dict(
-        stride_zm=z.stride(0), stride_zd=z.stride(1), stride_km=k.stride(0), stride_kd=k.stride(1),
-        N_KEY=_bucket(n), M_KEY=_bucket(m),
-    )
+    return dict(stride_zm=z.stride(0), stride_km=k.stride(0), N_KEY=_bucket(n), M_KEY=_bucket(m))
 
 
-def _block_d(d: int) -> int:
-    cap = _INTERP_BLOCK_D_MAX if _INTERPRETED else _GPU_BLOCK_D_MAX
+def _block_d(d: int, dtype: torch.dtype) -> int:
+    cap = _INTERP_BLOCK_D_MAX if _INTERPRETED else _GPU_BLOCK_D_MAX[dtype]
     return min(max(16, triton.next_power_of_2(max(d, 1))), cap)
 
 
+def _launch(tuned, raw, interp_meta, grid, args, kwargs, config):
+    """Run a kernel: fixed small blocks when interpreted, one given triton.Config (tests), or the
+    autotuned kernel."""
+    if _INTERPRETED:
+        raw[grid](*args, **kwargs, **interp_meta)
+    elif config is not None:
+        raw[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
 def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
-             num_splits=None):
+             num_splits=None, config=None):
     _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
     n, d = z.shape
     m = k.shape[0]
@@ -466,6 +502,7 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
     if m == 0:
         return lse.fill_(float("-inf"))
     row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
+    z, k = _unit_feature_stride(z), _unit_feature_stride(k)
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
     if num_splits is None:
         num_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK), m, device, cap=64)
@@ -475,14 +512,14 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
         spart = _alloc((num_splits, n), device, torch.float32)
     else:
         mpart = spart = lse  # unused (WRITE_LSE)
-    extra = _INTERP_FWD if _INTERPRETED else {}
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), num_splits)  # noqa: E731
-    _fwd[grid](
-        z, k, row_labels, col_labels, row_bias, col_bias, lse, mpart, spart,
-        n, m, d, cols_per_split, int(self_offset), float(scale),
-        **_common_args(z, k),
-        INPUT_PRECISION=_input_precision(z.dtype, allow_tf32), WRITE_LSE=num_splits == 1,
-        **extra,
+    _launch(
+        _fwd, _fwd_kernel, _INTERP_FWD, grid,
+        (z, k, row_labels, col_labels, row_bias, col_bias, lse, mpart, spart,
+         n, m, d, cols_per_split, int(self_offset), float(scale)),
+        dict(**_common_args(z, k), INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
+             WRITE_LSE=num_splits == 1),
+        config,
     )
     if num_splits > 1:
         block = 128
@@ -491,7 +528,7 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
 
 
 def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-              allow_tf32, dz_splits=None, dk_splits=None):
+              allow_tf32, dz_splits=None, dk_splits=None, dz_config=None, dk_config=None):
     _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
     n, d = z.shape
     m = k.shape[0]
@@ -506,15 +543,15 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     g = grad_lse.to(torch.float32).contiguous()
     lse = lse.contiguous()
     row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
+    z, k = _unit_feature_stride(z), _unit_feature_stride(k)
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
     if n == 0 or m == 0 or d == 0:
         return (torch.zeros((n, d), device=device, dtype=torch.float32),
                 torch.zeros((m, d), device=device, dtype=torch.float32))
 
-    block_d = _block_d(d)
+    block_d = _block_d(d, z.dtype)
     d_chunks = _cdiv(d, block_d)
     precision = _input_precision(z.dtype, allow_tf32)
-    extra = _INTERP_BWD if _INTERPRETED else {}
     common = _common_args(z, k)
 
     # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
@@ -523,10 +560,12 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     cols_per_split, dz_splits = _split_len(m, dz_splits)
     dz_out = _alloc((dz_splits, n, d), device, torch.float32)
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
-    _dz[grid](
-        z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
-        n, m, d, cols_per_split, int(self_offset), float(scale),
-        **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
+    _launch(
+        _dz, _dz_kernel, _INTERP_BWD, grid,
+        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
+         n, m, d, cols_per_split, int(self_offset), float(scale)),
+        dict(**common, BLOCK_D=block_d, INPUT_PRECISION=precision),
+        dz_config,
     )
     # Fixed-order sum of the partials: deterministic.
     dz = dz_out[0] if dz_splits == 1 else dz_out.sum(0)
@@ -538,10 +577,12 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     dk_out = _alloc((dk_splits, m, d), device, torch.float32)
     gmax = g.abs().amax().reshape(1)
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
-    _dk[grid](
-        z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dk_out,
-        n, m, d, rows_per_split, int(self_offset), float(scale),
-        **common, BLOCK_D=block_d, INPUT_PRECISION=precision, **extra,
+    _launch(
+        _dk, _dk_kernel, _INTERP_BWD, grid,
+        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dk_out,
+         n, m, d, rows_per_split, int(self_offset), float(scale)),
+        dict(**common, BLOCK_D=block_d, INPUT_PRECISION=precision),
+        dk_config,
     )
     dk = dk_out[0] if dk_splits == 1 else dk_out.sum(0)
     return dz, dk
