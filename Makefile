@@ -34,11 +34,17 @@ ifneq ($(NVCC),)
 endif
 	$(BIN)/python -m pytest -q
 
+# The main job: a short BCL+RCL training on Fashion-MNIST-LT (rho=100) on the CPU, then its report.
+# The real data comes from Debian's package; install it when missing (needs root, as on CI).
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 demo: install
-	$(BIN)/python -m rcl_kernels.demo
+	@test -d $(FMNIST_DIR) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	$(BIN)/python -m rcl_train.demo --data-root $(FMNIST_DIR)
 
+# CPU benchmark of the foundation's sizes (results under bench/results/); on a GPU machine run
+# bench/gpu_check.sh instead.
 bench: install
-	$(BIN)/python bench/bench_loss.py
+	$(BIN)/python bench/bench_loss.py --device cpu
 
 # Compile-only check of every CUDA source for each architecture (no GPU needed), with the
 # defines PyTorch's CUDAExtension passes to nvcc. The torch bindings (csrc/cuda/*.cpp) are
