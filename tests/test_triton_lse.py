@@ -371,9 +371,11 @@ def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,allow_tf32", [(torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize("dtype,allow_tf32", [(torch.bfloat16, False)])
 def test_gpu_every_autotune_config(dtype, allow_tf32):
-    """Each config the autotuner may pick, run on its own (odd d spanning two d chunks)."""
+    """Each config the autotuner may pick, run on its own (odd d spanning two d chunks).
+
+    bf16 only, to bound compile time; the other dtypes run the first config in test_gpu_large."""
     fwd, dz, dk = T._FWD_CONFIGS, T._DZ_CONFIGS, T._DK_CONFIGS
     inp, g = make_inputs(300, 1100, 300, dtype, num_classes=20, self_offset=7)
     for i in range(max(len(fwd), len(dz), len(dk))):
