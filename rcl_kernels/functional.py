@@ -136,6 +136,9 @@ def contrastive_loss(
         class_averaging=class_averaging,
     )
     loss = _reduce(losses.to(accumulation_dtype(anchors.dtype)), has_positive, reduction)
+    # A NaN or ±Inf anywhere in the columns makes the loss NaN (an Inf could otherwise just drop
+    # a column, or survive as ±Inf): on the device, without a sync.
+    loss = torch.where(torch.isfinite(columns).all(), loss, torch.full_like(loss, float("nan")))
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from helpers import draw_labels, fresh_generator, random_features
@@ -93,13 +91,17 @@ def test_bf16_input_gives_float32_loss_and_bf16_gradients(batch):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_gives_nan_not_a_crash(batch, backend, bad):
-    features, labels, centers = batch
-    features = features.clone()
-    features[3, 1, 5] = bad
-    loss = rk.bcl_loss(features, labels, centers, backend=backend)
-    assert math.isnan(loss.item())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["features", "centers"])
+def test_non_finite_input_gives_nan_not_a_crash(batch, backend, bad, where):
+    features, labels, centers = (t.clone() for t in batch)
+    if where == "features":
+        features[3, 1, 5] = bad
+    else:
+        centers[1, 2] = bad
+    for reduction in ("mean", "sum", "none"):
+        loss = rk.bcl_loss(features, labels, centers, backend=backend, reduction=reduction)
+        assert torch.isnan(loss).all(), reduction
 
 
 def bad_calls(features, labels, centers):
