@@ -393,6 +393,7 @@ def worker(spec):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = {}
     t0 = time.perf_counter()
+    code_hash = code_state().get("code_hash")  # what this process imports (the tree may change)
     forward, backward = _make_case(spec, torch, device)
     first = None
     cpu_mem = None if cuda else CpuPeakMemory()
@@ -461,6 +462,7 @@ def worker(spec):
             res.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
         res["loadavg_after"] = loadavg()
         res["first_call_s"] = first
+        res["code_hash"] = code_hash
         results[mode] = res
         if cuda:
             torch.cuda.empty_cache()
@@ -501,6 +503,9 @@ def parse_args(argv=None):
                    help="seconds per (backend, N, dtype) subprocess")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plot-time", choices=("median_ms", "cpu_time_median_ms"), default="median_ms",
+                   help="time column the PNG shows (cpu_time_median_ms: process CPU time, for "
+                        "threads=1 runs on a shared machine)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -608,13 +613,13 @@ def print_table(rows, file=sys.stdout):
         print(f"skipped {backend} at N={sorted(set(ns))}: {reason}", file=file)
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, time_key="median_ms"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r.get(time_key) is not None]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"fwd": ":", "bwd": "--", "fwdbwd": "-"}
     series = sorted({(r["backend"], r["dtype"]) for r in ok})
@@ -623,7 +628,7 @@ def plot(rows, path, title):
     for i, (backend, dtype) in enumerate(series):
         color = colors[i % len(colors)]
         for mode in MODES:
-            pts = sorted((r["N"], r["median_ms"], r["peak_MB"]) for r in ok
+            pts = sorted((r["N"], r[time_key], r["peak_MB"]) for r in ok
                          if r["backend"] == backend and r["dtype"] == dtype and r["mode"] == mode)
             if not pts:
                 continue
@@ -634,7 +639,9 @@ def plot(rows, path, title):
             if mem:
                 ax_m.plot([p[0] for p in mem], [max(p[1], 0.01) for p in mem], styles[mode],
                           marker="o", color=color, label=label)
-    for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MB)")):
+    time_label = ("median wall time (ms)" if time_key == "median_ms" else
+                  "median process CPU time per call (ms)")
+    for ax, ylabel in ((ax_t, time_label), (ax_m, "peak memory above inputs (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("N anchors")
@@ -645,6 +652,21 @@ def plot(rows, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_rows(stem, meta, rows):
+    """<stem>.json ({"meta", "rows"}) and <stem>.csv (the rows), each replaced atomically."""
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    with open(stem + ".csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r[k] is None else
+                                 " ".join(map(str, r[k])) if isinstance(r[k], list) else r[k])
+                             for k in COLUMNS})
+    os.replace(stem + ".csv.tmp", stem + ".csv")
 
 
 def main(argv=None):
@@ -723,6 +745,8 @@ def main(argv=None):
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "loadavg_start": loadavg(),
         "code": code_state(),
+        "env": {k: v for k, v in os.environ.items()
+                if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "ATEN_"))},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "notes": ("Each (backend, N, dtype) group runs in a fresh subprocess; modes run in order. "
@@ -734,6 +758,8 @@ def main(argv=None):
                   "threads=1; with more threads it also counts spin-waiting."),
     }
 
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{slug}-{tag}")
     rows = []
     for n in sizes:
         for dtype in dtypes:
@@ -777,26 +803,17 @@ def main(argv=None):
                         "first_call_s": res.get("first_call_s"),
                         "loadavg_before": res.get("loadavg_before"),
                         "loadavg_after": res.get("loadavg_after"), "host": meta["host"],
-                        "code_hash": meta["code"]["code_hash"],
+                        "code_hash": res.get("code_hash", meta["code"]["code_hash"]),
                     })
+                write_rows(stem, meta, rows)  # after every group: a killed run keeps its rows
     meta["loadavg_end"] = loadavg()
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{slug}-{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r[k] is None else
-                                 " ".join(map(str, r[k])) if isinstance(r[k], list) else r[k])
-                             for k in COLUMNS})
+    write_rows(stem, meta, rows)
     if not args.no_plot:
         plot(rows, stem + ".png",
              f"{args.preset} d={args.d} C={args.C} on {meta['device_name']} "
-             f"({meta['threads']} threads), torch {torch.__version__}, commit {commit}")
+             f"({meta['threads']} threads), torch {torch.__version__}, commit {commit}, "
+             f"load {meta['loadavg_start']}", time_key=args.plot_time)
     print()
     print_table(rows)
     print(f"\nwrote {stem}.json, {stem}.csv" + ("" if args.no_plot else f", {stem}.png"))
