@@ -41,10 +41,13 @@ def relative_sources(pattern: str) -> list[str]:
 
 def make_extension():
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is header code; without it the CPU kernel runs on one thread.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not cuda_build_requested():
         return cpp_extension.CppExtension(
-            "rcl_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}
+            "rcl_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
@@ -54,6 +57,7 @@ def make_extension():
         sources,
         define_macros=[("RCL_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

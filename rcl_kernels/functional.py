@@ -137,8 +137,10 @@ def contrastive_loss(
     )
     loss = _reduce(losses.to(accumulation_dtype(anchors.dtype)), has_positive, reduction)
     # A NaN or ±Inf anywhere in the columns makes the loss NaN (an Inf could otherwise just drop
-    # a column, or survive as ±Inf): on the device, without a sync.
-    loss = torch.where(torch.isfinite(columns).all(), loss, torch.full_like(loss, float("nan")))
+    # a column, or survive as ±Inf): on the device, without a sync. Added rather than selected,
+    # so that the gradient still flows through the kernels and comes out NaN, as for built-ins.
+    poison = torch.where(torch.isfinite(columns).all(), 0.0, float("nan")).to(loss.dtype)
+    loss = loss + poison
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss

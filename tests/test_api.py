@@ -100,8 +100,11 @@ def test_non_finite_input_gives_nan_not_a_crash(batch, backend, bad, where):
     else:
         centers[1, 2] = bad
     for reduction in ("mean", "sum", "none"):
-        loss = rk.bcl_loss(features, labels, centers, backend=backend, reduction=reduction)
+        leaf = features.clone().requires_grad_()
+        loss = rk.bcl_loss(leaf, labels, centers, backend=backend, reduction=reduction)
         assert torch.isnan(loss).all(), reduction
+        loss.sum().backward()
+        assert not torch.isfinite(leaf.grad).all(), reduction
 
 
 def bad_calls(features, labels, centers):

@@ -23,6 +23,11 @@ constexpr int64_t kColTile = 512;
 
 int64_t num_tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
+// OpenMP worker threads start with fresh dispatcher state; without this guard the ATen calls on
+// tiles inside at::parallel_for would go through autograd again (the calling thread is already
+// below it, since this kernel is registered for the CPU key).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // The op's inputs, converted once to the accumulation dtype (float, or double for float64).
 struct Problem {
   at::Tensor z, k, row_labels, col_labels, row_bias, col_bias;
@@ -45,8 +50,12 @@ Problem make_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(row_labels.scalar_type() == at::kLong && col_labels.scalar_type() == at::kLong,
               "masked_lse: labels must be int64");
   const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto prep = [](const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); };
-  return {prep(z, acc), prep(k, acc), prep(row_labels, at::kLong), prep(col_labels, at::kLong),
+  // Detached: the kernel is below autograd. Labels as int32 (class indices), so that the
+  // same-class select below vectorizes with 32-bit compares.
+  auto prep = [](const at::Tensor& t, at::ScalarType dtype) {
+    return t.detach().to(dtype).contiguous();
+  };
+  return {prep(z, acc), prep(k, acc), prep(row_labels, at::kInt), prep(col_labels, at::kInt),
           prep(row_bias, acc), prep(col_bias, acc), self_offset, scale};
 }
 
@@ -57,14 +66,14 @@ void tile_logits(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c
   at::mm_out(logits, p.z.slice(0, r0, r1), p.k.slice(0, c0, c1).t());
   const int64_t cols = c1 - c0;
   acc_t* t = logits.data_ptr<acc_t>();
-  const int64_t* rl = p.row_labels.data_ptr<int64_t>();
-  const int64_t* cl = p.col_labels.data_ptr<int64_t>() + c0;
+  const int32_t* rl = p.row_labels.data_ptr<int32_t>();
+  const int32_t* cl = p.col_labels.data_ptr<int32_t>() + c0;
   const acc_t* rb = p.row_bias.data_ptr<acc_t>();
   const acc_t* cb = p.col_bias.data_ptr<acc_t>() + c0;
   const acc_t scale = static_cast<acc_t>(p.scale);
   for (int64_t r = 0; r < r1 - r0; ++r) {
     acc_t* row = t + r * cols;
-    const int64_t label = rl[r0 + r];
+    const int32_t label = rl[r0 + r];
     const acc_t same_bias = rb[r0 + r];
     for (int64_t c = 0; c < cols; ++c) {
       row[c] = scale * row[c] + (cl[c] == label ? same_bias : cb[c]);
@@ -86,62 +95,35 @@ constexpr acc_t exp_floor() {
 }
 
 template <typename acc_t>
-void shifted_exp(at::Tensor& tile, const acc_t* shift) {
-  const int64_t rows = tile.size(0), cols = tile.size(1);
-  acc_t* t = tile.data_ptr<acc_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* row = t + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const acc_t x = row[c] - shift[r];
-      row[c] = x < exp_floor<acc_t>() ? exp_floor<acc_t>() : x;
-    }
-  }
-  tile.exp_();
+void shifted_exp(at::Tensor& tile, const at::Tensor& shift) {
+  tile.sub_(shift.unsqueeze(1)).clamp_min_(exp_floor<acc_t>()).exp_();
 }
 
-// Row maximum that propagates NaN (std::max would silently drop it).
+// Online log-sum-exp over column tiles for the rows of tiles [tile_begin, tile_end). The row
+// reductions run through ATen's vectorized kernels; amax and maximum propagate NaN, so a NaN
+// logit makes its row's LSE NaN.
 template <typename acc_t>
-acc_t nan_max(acc_t a, acc_t b) {
-  if (std::isnan(a)) return a;
-  if (std::isnan(b)) return b;
-  return b > a ? b : a;
-}
-
-template <typename acc_t>
-void forward_row_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end, acc_t* lse) {
+void forward_row_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end, at::Tensor& lse) {
   const int64_t n = p.z.size(0), m = p.k.size(0);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const double neg_inf = -std::numeric_limits<double>::infinity();
   auto logits_storage = at::empty({kRowTile * kColTile}, p.z.options());
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t r0 = tile * kRowTile, r1 = std::min(n, r0 + kRowTile), rows = r1 - r0;
-    acc_t run_max[kRowTile], run_sum[kRowTile];
-    std::fill(run_max, run_max + rows, neg_inf);
-    std::fill(run_sum, run_sum + rows, acc_t(0));
+    auto run_max = at::full({rows}, neg_inf, p.z.options());
+    auto run_sum = at::zeros({rows}, p.z.options());
     for (int64_t c0 = 0; c0 < m; c0 += kColTile) {
       const int64_t c1 = std::min(m, c0 + kColTile), cols = c1 - c0;
       auto logits = logits_storage.narrow(0, 0, rows * cols).view({rows, cols});
       tile_logits<acc_t>(p, r0, r1, c0, c1, logits);
-      acc_t* t = logits.data_ptr<acc_t>();
-      acc_t shift[kRowTile];
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t tile_max = neg_inf;
-        for (int64_t c = 0; c < cols; ++c) tile_max = nan_max(tile_max, t[r * cols + c]);
-        const acc_t new_max = nan_max(run_max[r], tile_max);
-        // A row with every column masked so far keeps max −inf; shifting by 0 keeps exp(−inf)=0.
-        shift[r] = new_max == neg_inf ? acc_t(0) : new_max;
-        run_sum[r] *= std::exp(run_max[r] - shift[r]);
-        run_max[r] = new_max;
-      }
+      auto new_max = at::maximum(run_max, logits.amax(1));
+      // A row with every column masked so far keeps max −inf; shifting it by 0 keeps exp(−inf)=0.
+      auto shift = at::where(new_max.eq(neg_inf), at::zeros_like(new_max), new_max);
+      run_sum.mul_((run_max - shift).exp_());
       shifted_exp<acc_t>(logits, shift);
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t s = 0;
-        for (int64_t c = 0; c < cols; ++c) s += t[r * cols + c];
-        run_sum[r] += s;
-      }
+      run_sum.add_(logits.sum(1));
+      run_max = new_max;
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      lse[r0 + r] = run_max[r] == neg_inf ? neg_inf : run_max[r] + std::log(run_sum[r]);
-    }
+    lse.slice(0, r0, r1).copy_(at::where(run_max.eq(neg_inf), run_max, run_max + run_sum.log()));
   }
 }
 
@@ -152,9 +134,9 @@ at::Tensor masked_lse_forward_cpu(const at::Tensor& z, const at::Tensor& k,
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
   auto lse = at::empty({z.size(0)}, p.z.options());
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_forward_cpu", [&] {
-    scalar_t* out = lse.data_ptr<scalar_t>();
     at::parallel_for(0, num_tiles(z.size(0), kRowTile), 1, [&](int64_t begin, int64_t end) {
-      forward_row_tiles<scalar_t>(p, begin, end, out);
+      const BelowAutograd below_autograd;
+      forward_row_tiles<scalar_t>(p, begin, end, lse);
     });
   });
   return lse;
@@ -165,24 +147,15 @@ at::Tensor masked_lse_forward_cpu(const at::Tensor& z, const at::Tensor& k,
 // are applied outside the tile (to the dz rows, to the z rows for dk), never to p itself: tiny
 // g·p products would be denormal, and denormal GEMM operands are slower by orders of magnitude.
 template <typename acc_t>
-void tile_probabilities(const Problem& p, const acc_t* lse, int64_t r0, int64_t r1, int64_t c0,
-                        int64_t c1, at::Tensor& probabilities) {
+void tile_probabilities(const Problem& p, const at::Tensor& lse_shift, int64_t r0, int64_t r1,
+                        int64_t c0, int64_t c1, at::Tensor& probabilities) {
   tile_logits<acc_t>(p, r0, r1, c0, c1, probabilities);
-  const int64_t rows = r1 - r0, cols = c1 - c0;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t shift[kRowTile];
-  for (int64_t r = 0; r < rows; ++r) shift[r] = lse[r0 + r] == neg_inf ? acc_t(0) : lse[r0 + r];
-  shifted_exp<acc_t>(probabilities, shift);
+  // Rows with lse = −inf have every logit −inf: they floor, and so zero, like any underflow.
+  shifted_exp<acc_t>(probabilities, lse_shift.slice(0, r0, r1));
   const acc_t underflow = std::exp(exp_floor<acc_t>());
   acc_t* t = probabilities.data_ptr<acc_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* row = t + r * cols;
-    if (lse[r0 + r] == neg_inf) {
-      std::fill(row, row + cols, acc_t(0));
-      continue;
-    }
-    for (int64_t c = 0; c < cols; ++c) row[c] = row[c] <= underflow ? acc_t(0) : row[c];
-  }
+  const int64_t count = probabilities.numel();
+  for (int64_t i = 0; i < count; ++i) t[i] = t[i] <= underflow ? acc_t(0) : t[i];
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
@@ -194,16 +167,19 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
   const int64_t n = z.size(0), m = k.size(0);
   TORCH_CHECK(grad_lse.numel() == n && lse.numel() == n,
               "masked_lse_backward: grad_lse and lse must have N = ", n, " entries");
-  const auto lse_acc = lse.to(p.z.scalar_type()).contiguous();
+  const auto lse_acc = lse.detach().to(p.z.scalar_type());
+  const auto lse_shift =
+      at::where(lse_acc.isneginf(), at::zeros_like(lse_acc), lse_acc).contiguous();
   // Row weights g_i·scale: applied to the finished dz rows and, for dk, to the z rows.
-  const auto row_weights = (grad_lse.to(p.z.scalar_type()) * scale).unsqueeze(1).contiguous();
+  const auto row_weights =
+      (grad_lse.detach().to(p.z.scalar_type()) * scale).unsqueeze(1).contiguous();
   const auto weighted_z = p.z * row_weights;
   auto dz = at::zeros_like(p.z);
   auto dk = at::zeros_like(p.k);
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_backward_cpu", [&] {
-    const scalar_t* l = lse_acc.data_ptr<scalar_t>();
     // dz rows: (g·scale) ⊙ Σ over column tiles of P_tile · K_tile.
     at::parallel_for(0, num_tiles(n, kRowTile), 1, [&](int64_t begin, int64_t end) {
+      const BelowAutograd below_autograd;
       auto storage = at::empty({kRowTile * kColTile}, p.z.options());
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t r0 = tile * kRowTile, r1 = std::min(n, r0 + kRowTile);
@@ -211,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
         for (int64_t c0 = 0; c0 < m; c0 += kColTile) {
           const int64_t c1 = std::min(m, c0 + kColTile);
           auto probabilities = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
-          tile_probabilities<scalar_t>(p, l, r0, r1, c0, c1, probabilities);
+          tile_probabilities<scalar_t>(p, lse_shift, r0, r1, c0, c1, probabilities);
           dz_rows.addmm_(probabilities, p.k.slice(0, c0, c1));
         }
         dz_rows.mul_(row_weights.slice(0, r0, r1));
@@ -219,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
     });
     // dk columns: Σ over row tiles of P_tileᵀ · ((g·scale) ⊙ Z_tile).
     at::parallel_for(0, num_tiles(m, kColTile), 1, [&](int64_t begin, int64_t end) {
+      const BelowAutograd below_autograd;
       auto storage = at::empty({kRowTile * kColTile}, p.z.options());
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t c0 = tile * kColTile, c1 = std::min(m, c0 + kColTile);
@@ -226,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
         for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
           const int64_t r1 = std::min(n, r0 + kRowTile);
           auto probabilities = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
-          tile_probabilities<scalar_t>(p, l, r0, r1, c0, c1, probabilities);
+          tile_probabilities<scalar_t>(p, lse_shift, r0, r1, c0, c1, probabilities);
           dk_cols.addmm_(probabilities.t(), weighted_z.slice(0, r0, r1));
         }
       }
