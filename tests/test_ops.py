@@ -68,7 +68,8 @@ def test_gradcheck_cpu_float64(prototypes):
     assert torch.autograd.gradcheck(loss, (features, centers))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compiler):
     gen = fresh_generator()
     features = random_features((32, 2, 16), gen).float()
     centers = random_features((10, 16), gen).float()
@@ -78,7 +79,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def step(f, c):
         return rk.rcl_loss(f, labels, c, counts, tail_margin=0.2, feature_scale=1.1, backend="cpu")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     results = []
     for fn in (step, compiled):
         f = features.clone().requires_grad_()
