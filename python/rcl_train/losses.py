@@ -36,6 +36,7 @@ class Objective:
         self.feature_scale = feature_scale
         self.tail_margin = tail_margin
         self.la_tau = la_tau
+        self.process_group = None  # set by distributed.py under torchrun
 
     @property
     def needs_contrastive(self) -> bool:
@@ -48,7 +49,7 @@ class Objective:
     def contrastive(self, features: torch.Tensor, labels: torch.Tensor,
                     centers: torch.Tensor | None) -> torch.Tensor:
         rk, kw = self.rk, {"backend": self.backend}
-        if getattr(self, "process_group", None) is not None:  # set by distributed.py under torchrun
+        if self.process_group is not None:
             kw["process_group"] = self.process_group
         if self.kind == "supcon":
             return rk.supcon_loss(features, labels, temperature=self.temperature,
