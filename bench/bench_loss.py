@@ -388,6 +388,7 @@ def worker(spec):
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    torch.set_float32_matmul_precision(spec["matmul_precision"])
     cuda = spec["device"] == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -506,6 +507,9 @@ def parse_args(argv=None):
     p.add_argument("--plot-time", choices=("median_ms", "cpu_time_median_ms"), default="median_ms",
                    help="time column the PNG shows (cpu_time_median_ms: process CPU time, for "
                         "threads=1 runs on a shared machine)")
+    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                   help="torch.set_float32_matmul_precision in every case: float32 inputs of the "
+                        "fused backends and of the reference use TF32 with high/medium on a GPU")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -742,7 +746,7 @@ def main(argv=None):
         "seed": args.seed, "temperature": TEMPERATURE,
         "mem_budget_gb": round(budget_gb, 2), "compile_max_n": compile_max_n,
         "available_backends": rk_available, "backends": backends,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_matmul_precision": args.matmul_precision,
         "loadavg_start": loadavg(),
         "code": code_state(),
         "env": {k: v for k, v in os.environ.items()
@@ -771,7 +775,8 @@ def main(argv=None):
                     continue  # one bf16 proxy row set per size
                 spec = {"backend": backend, "preset": preset, "N": n, "M": m, "d": args.d,
                         "C": args.C, "dtype": run_dtype, "device": device, "seed": args.seed,
-                        "repeats": repeats, "warmup": warmup, "threads": args.threads}
+                        "repeats": repeats, "warmup": warmup, "threads": args.threads,
+                        "matmul_precision": args.matmul_precision}
                 reason = _skip_reason(backend, spec, args, torch, rk_available, compile_max_n,
                                       budget_gb)
                 if reason is not None:
@@ -786,7 +791,8 @@ def main(argv=None):
                     median = res.get("median_ms")
                     rows.append({
                         "backend": backend, "mode": mode, "N": n, "M": m, "d": args.d,
-                        "C": args.C, "dtype": run_dtype, "median_ms": median,
+                        "C": args.C, "dtype": run_dtype, "matmul_precision": args.matmul_precision,
+                        "median_ms": median,
                         "p20_ms": res.get("p20_ms"), "p80_ms": res.get("p80_ms"),
                         "peak_MB": res.get("peak_MB"),
                         "tflops": flops / (median * 1e-3) / 1e12 if median else None,
