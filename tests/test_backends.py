@@ -112,9 +112,8 @@ def cancellation_magnitudes(kwargs, reduction: str, anchors: int) -> tuple[float
     weights = upstream_weights(reduction, anchors)
     loss = s * {"mean": 1.0, "sum": anchors, "none": anchors**0.5}[reduction]
     # ‖g‖ of the per-anchor upstream gradients (the mean divides by at most `anchors`).
-    g_norm = {"mean": weights.abs().item() / anchors**0.5,
-              "sum": weights.abs().item() * anchors**0.5,
-              "none": weights.norm().item()}[reduction]
+    per_anchor = {"mean": 1 / anchors, "sum": 1.0, "none": 1.0}[reduction]
+    g_norm = weights.expand(anchors).norm().item() * per_anchor
     return loss, s * g_norm, s * g_norm
 
 
