@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from rcl_kernels.backends import BACKENDS
 
@@ -80,3 +83,32 @@ def backend_param(name: str, device: str = "cpu"):
     if device == "cuda":
         marks.append(pytest.mark.gpu)
     return pytest.param(name, marks=marks, id=f"{name}-{device}")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def spawn_and_wait(fn, world, args, timeout_s):
+    """mp.spawn `fn(rank, *args)` on `world` processes; terminate them all after `timeout_s`."""
+    context = mp.spawn(fn, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)

@@ -75,7 +75,7 @@ def test_available_backends_explains_each_refusal():
         assert reason is None or (isinstance(reason, str) and reason), name
 
 
-def test_auto_picks_the_fused_cpu_backend(batch, monkeypatch):
+def test_auto_picks_the_fused_cpu_backend(batch):
     features, labels, centers = batch
     from rcl_kernels import backends
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import free_ports, spawn_and_wait
 import torch.nn.functional as F
 
 import rcl_kernels as rk
@@ -320,27 +318,6 @@ def _worker(rank, world, port, out_dir, cases, dist_backend="gloo"):
 # --------------------------------------------------------------------------------------------------
 # Launcher side
 # --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_and_wait(fn, world, args, timeout_s):
-    """mp.spawn `fn(rank, *args)` on `world` processes; terminate them all after `timeout_s`."""
-    context = mp.spawn(fn, args=args, nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-
-
 _RESULTS: dict[tuple, dict] = {}
 
 
@@ -350,7 +327,7 @@ def _results(world, tmp_path_factory, dist_backend="gloo"):
         out_dir = str(tmp_path_factory.mktemp(f"dist{world}{dist_backend}"))
         cases = _gpu_cases() if dist_backend == "nccl" else _cases(world)
         try:
-            spawn_and_wait(_worker, world, (world, free_port(), out_dir, cases, dist_backend),
+            spawn_and_wait(_worker, world, (world, free_ports(1)[0], out_dir, cases, dist_backend),
                            SPAWN_TIMEOUT_S)
             merged = {}
             for rank in range(world):

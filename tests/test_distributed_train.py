@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import free_ports, spawn_and_wait
 
 pytest.importorskip("rcl_train")
 pytest.importorskip("kornia")
@@ -31,33 +29,6 @@ COMMON = ["--limit-train", "128", "--limit-test", "60", "--batch-size", "32", "-
           "--no-progress", "--no-plots", "--device", "cpu", "--threads", "1"]
 CONFIGS = {"rcl": ["--loss", "rcl", "--tail-margin", "0.2"], "supcon": ["--loss", "supcon"]}
 TIMEOUT_S = 240
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _spawn(fn, nprocs, args, timeout_s):
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{nprocs} processes did not finish within {timeout_s} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
 
 
 def _train_float64(rank, world, ports, out_dir):
@@ -90,7 +61,7 @@ def _train_float64(rank, world, ports, out_dir):
 
 def test_two_processes_equal_one_process_float64(tmp_path):
     out = str(tmp_path)
-    _spawn(_train_float64, 2, (2, _free_ports(len(CONFIGS)), out), TIMEOUT_S)
+    spawn_and_wait(_train_float64, 2, (2, free_ports(len(CONFIGS)), out), TIMEOUT_S)
     for name in CONFIGS:
         one = torch.load(os.path.join(out, f"{name}-w1.pt"), weights_only=False)
         two = torch.load(os.path.join(out, f"{name}-w2.pt"), weights_only=False)
@@ -124,7 +95,7 @@ def test_torchrun_cli_two_processes(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(port),

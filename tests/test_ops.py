@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backend_param, draw_labels, fresh_generator, random_features
+from helpers import draw_labels, fresh_generator, random_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
