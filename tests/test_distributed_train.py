@@ -21,17 +21,21 @@ import sys
 import pytest
 import torch
 from helpers import free_ports, spawn_and_wait
+from train_fakes import write_fake_fashion
 
 pytest.importorskip("rcl_train")
 pytest.importorskip("kornia")
 
+# Fake Fashion-MNIST files in the real format (tests never read data outside the repo); at the
+# default rho = 100, 100 images of the head class give 242 long-tailed images, 128 kept.
+FAKE = {"per_class_train": 100, "per_class_test": 6}
 COMMON = ["--limit-train", "128", "--limit-test", "60", "--batch-size", "32", "--epochs", "1",
           "--no-progress", "--no-plots", "--device", "cpu", "--threads", "1"]
 CONFIGS = {"rcl": ["--loss", "rcl", "--tail-margin", "0.2"], "supcon": ["--loss", "supcon"]}
 TIMEOUT_S = 240
 
 
-def _train_float64(rank, world, ports, out_dir):
+def _train_float64(rank, world, ports, out_dir, data_root):
     """Run every CONFIGS entry in float64, first on one process (rank 0 alone, without the
     torchrun environment; the other ranks wait in the rendezvous), then as rank `rank` of `world`."""
     torch.set_default_dtype(torch.float64)
@@ -47,7 +51,8 @@ def _train_float64(rank, world, ports, out_dir):
         if size > 1:  # what torchrun sets; one port per run (each run inits and destroys a group)
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cfg = parse_config(COMMON + extra + ["--out", os.path.join(out_dir, f"{name}-w{size}")])
+        cfg = parse_config(COMMON + extra + ["--data-root", data_root,
+                                             "--out", os.path.join(out_dir, f"{name}-w{size}")])
         trainer = Trainer(cfg, log=lambda *args, **kwargs: None)
         try:
             trainer.run()
@@ -61,7 +66,8 @@ def _train_float64(rank, world, ports, out_dir):
 
 def test_two_processes_equal_one_process_float64(tmp_path):
     out = str(tmp_path)
-    spawn_and_wait(_train_float64, 2, (2, free_ports(len(CONFIGS)), out), TIMEOUT_S)
+    root = write_fake_fashion(tmp_path / "fashion", **FAKE)
+    spawn_and_wait(_train_float64, 2, (2, free_ports(len(CONFIGS)), out, root), TIMEOUT_S)
     for name in CONFIGS:
         one = torch.load(os.path.join(out, f"{name}-w1.pt"), weights_only=False)
         two = torch.load(os.path.join(out, f"{name}-w2.pt"), weights_only=False)
@@ -88,7 +94,9 @@ def _checkpoint_params(directory):
 
 
 def test_torchrun_cli_two_processes(tmp_path):
-    args = ["-m", "rcl_train", *COMMON, "--loss", "rcl", "--tail-margin", "0.2", "--max-steps", "2"]
+    root = write_fake_fashion(tmp_path / "fashion", **FAKE)
+    args = ["-m", "rcl_train", *COMMON, "--data-root", root, "--loss", "rcl", "--tail-margin", "0.2",
+            "--max-steps", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
