@@ -100,15 +100,39 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 # Kernels
 # --------------------------------------------------------------------------------------------------
 if triton is not None:
-    # The interpreter multiplies bf16 tiles as their raw uint16 storage; upcast them there (exact).
-    _UPCAST_DOT = tl.constexpr(_INTERPRETED)
+    # Kernels take the interpreter's paths where it differs from the GPU: it multiplies bf16 tiles
+    # as their raw uint16 storage (upcast them, exactly), truncates fp32 -> bf16 casts and cannot
+    # run inline PTX.
+    _INTERP = tl.constexpr(_INTERPRETED)
+
+    @triton.jit
+    def _round_tf32(x):
+        """fp32 -> TF32 (10 mantissa bits, kept in fp32): round to nearest, ties away from zero.
+
+        Tensor cores read only the top 19 bits of an fp32 operand, i.e. they truncate, which
+        biases every product towards zero (issue 9: a 4e-5 loss error where cuBLAS, which rounds,
+        gives 2e-7). cvt.rna.tf32.f32 is the rounding of wmma::__float_to_tf32 (the cuda backend)
+        and the only f32->tf32 conversion sm_80 has. The interpreter cannot run PTX, so it does
+        the same on the bits: inf and NaN pass unchanged, a finite value past the largest TF32
+        rounds to inf."""
+        if _INTERP:
+            bits = x.to(tl.uint32, bitcast=True)
+            special = (bits & 0x7F800000) == 0x7F800000
+            rounded = (bits + 0x1000) & 0xFFFFE000
+            return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+        else:
+            return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
     def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
         """acc + a @ b with an fp32 accumulator."""
-        if _UPCAST_DOT:
+        if _INTERP:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if INPUT_PRECISION == "tf32":
+            a = _round_tf32(a)
+            b = _round_tf32(b)
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     @triton.jit
@@ -116,7 +140,7 @@ if triton is not None:
         """x.to(dtype) with round-to-nearest-even. The interpreter truncates fp32 -> bf16 (a
         systematic bias of ~2^-9), so there the rounding is done on the bits first; the GPU cast
         already rounds to nearest even."""
-        if _UPCAST_DOT:
+        if _INTERP:
             if dtype == tl.bfloat16:
                 bits = x.to(tl.uint32, bitcast=True)
                 bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000

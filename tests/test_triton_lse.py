@@ -18,6 +18,8 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from rcl_kernels import triton_lse as T  # noqa: E402
 
@@ -68,12 +70,17 @@ def _dense_op(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, sca
 
 
 def round_tf32(x):
-    """fp32 -> tf32 (10-bit mantissa) by truncation, kept in fp32: the TF32 baseline.
-
-    Truncation is the less accurate of the conversions tensor cores may apply to fp32 operands,
-    so hardware that rounds to nearest passes this baseline with room to spare."""
-    bits = x.float().contiguous().view(torch.int32)
-    return (bits & ~0x1FFF).view(torch.float32)
+    """fp32 -> TF32 kept in fp32, rounded to nearest with ties away from zero (cvt.rna.tf32.f32,
+    what the kernels apply to fp32 operands of TF32 products), computed in float64 arithmetic
+    on the value rather than on the bits: q is the spacing of TF32 numbers at |x| (10 fraction
+    bits; subnormal spacing below 2^-126); |x| rounds to the nearer multiple of q, halves away
+    from zero; past the largest TF32 it becomes inf. inf and NaN stay as they are."""
+    x64 = x.double()
+    _, exponent = torch.frexp(x64)  # |x| = m·2^e, m in [0.5, 1)
+    q = torch.ldexp(torch.ones_like(x64), (exponent - 1).clamp_min(-126) - 10)
+    rounded = torch.floor(x64.abs() / q + 0.5) * q
+    out = torch.copysign(rounded, x64).float()  # 2^128 -> inf in the cast
+    return torch.where(torch.isfinite(x), out, x.float())
 
 
 def rel_err(x, ref):
@@ -168,8 +175,9 @@ def check_against_oracle(inp, g, dtype, allow_tf32, **split):
     # The oracle runs where the inputs are (float64 on the GPU is fast; the dtype-X baseline is
     # then PyTorch's own GPU math in that dtype).
     ref64 = dense_op(**inp, g=g, dtype=torch.float64)
-    if dtype == torch.float32 and allow_tf32 and HAS_CUDA:
-        # TF32 baseline: the dense formula on tf32-rounded inputs.
+    if dtype == torch.float32 and allow_tf32:
+        # TF32 baseline: the dense formula on tf32-rounded inputs (the interpreter rounds the
+        # operands of its products too).
         low = dict(inp, z=round_tf32(inp["z"]), k=round_tf32(inp["k"]))
         ref_low = dense_op(**low, g=g, dtype=torch.float32)
     else:
@@ -298,6 +306,82 @@ def test_tiny_grad_fp16_does_not_underflow():
     inp, g = make_inputs(17, 40, 20, torch.float16)
     g = g * 1e-6
     check_against_oracle(inp, g, torch.float16, False)
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, T._round_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def tf32_rounding_cases():
+    """fp32 bit patterns: random ones over the whole range, every kind of tie, the neighbours of
+    ties, subnormals (one rounds up into the normals), the largest finite values (they round to
+    inf), zeros, infinities and NaNs (quiet, signalling, payload only in the dropped bits)."""
+    gen = torch.Generator().manual_seed(11)
+    rand = torch.randint(-(2**31), 2**31, (1 << 16,), generator=gen, dtype=torch.int64)
+    high = rand & ~0x1FFF  # every exponent, sign and kept mantissa, with chosen dropped bits
+    dropped = torch.tensor([0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x1FFF])
+    specials = torch.tensor([
+        0x00000000, 0x80000000, 0x00000001, 0x00001000, 0x00002000, 0x00003000, 0x007FFFFF,
+        0x007FF000, 0x807FF000, 0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7FF000, 0x7F7FEFFF,
+        0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x7F801000, 0x7FBFFFFF,
+        0x3F800000, 0x3F801000, 0x3F803000, 0xBF801000, 0xBF803000,
+    ])
+    bits = torch.cat([rand, (high[:, None] | dropped[None, :]).flatten(), specials])
+    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy meets NaN and inf under the interpreter
+def test_round_tf32_bit_exact():
+    """The kernels' fp32 -> TF32 rounding against round_tf32, bit for bit (NaN: any NaN)."""
+    x = tf32_rounding_cases()
+    ref = round_tf32(x)
+    xd = x.to(DEVICE)
+    out = torch.empty_like(xd)
+    _round_tf32_kernel[(triton.cdiv(x.numel(), 1024),)](xd, out, x.numel(), BLOCK=1024)
+    out = out.cpu()
+    nan = torch.isnan(x)
+    assert torch.equal(torch.isnan(out), nan)
+    got, want = out[~nan].view(torch.int32), ref[~nan].view(torch.int32)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [(hex(x[~nan].view(torch.int32)[i].item() & 0xFFFFFFFF),
+                               hex(got[i].item() & 0xFFFFFFFF), hex(want[i].item() & 0xFFFFFFFF))
+                              for i in bad[:5]]
+
+
+def test_round_tf32_reference():
+    """The reference rounding itself, on hand-worked values."""
+    cases = {
+        1.0 + 2.0**-11: 1.0 + 2.0**-10,  # a tie rounds away from zero, to odd as well as even
+        1.0 + 3 * 2.0**-11: 1.0 + 2 * 2.0**-10,
+        -(1.0 + 2.0**-11): -(1.0 + 2.0**-10),
+        1.0 + 2.0**-11 - 2.0**-23: 1.0,
+        2.0**-149: 0.0,  # smallest subnormal: far below half a TF32 subnormal step (2^-136)
+        2.0**-137: 2.0**-136,  # half a subnormal step: a tie
+        float(torch.finfo(torch.float32).max): float("inf"),
+        -float(torch.finfo(torch.float32).max): float("-inf"),
+        float("inf"): float("inf"),
+    }
+    x = torch.tensor(list(cases), dtype=torch.float32)
+    assert torch.equal(round_tf32(x), torch.tensor(list(cases.values()), dtype=torch.float32))
+    assert torch.isnan(round_tf32(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.triton_interpret
+def test_tf32_products_round_to_nearest():
+    """With allow_tf32 the products see z and k rounded to nearest TF32 (issue 9: truncation
+    biased the loss by 4e-5 on the H100). The kernels' lse must match the float64 formula on
+    the rounded inputs to fp32 accuracy: unrounded or truncated operands miss it by ~1e-4."""
+    inp, g = make_inputs(40, 70, 96, torch.float32, self_offset=1)
+    lse = T._forward(**inp, allow_tf32=True).cpu().double()
+    rounded = dict(inp, z=round_tf32(inp["z"]), k=round_tf32(inp["k"]))
+    ref = dense_op(**{key: v.cpu() if isinstance(v, torch.Tensor) else v
+                      for key, v in rounded.items()}, g=g.cpu(), dtype=torch.float64)[0]
+    err = (lse - ref).abs().max().item()
+    assert err < 2e-5, f"lse differs from the rounded-input formula by {err:.2e}"
 
 
 def test_oracle_gradient_matches_autograd():
