@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from train_fakes import write_fake_cifar, write_fake_fashion
+from train_fakes import tiny_args, write_fake_cifar, write_fake_fashion
 
 import rcl_kernels as rk
 from rcl_train.cli import main
@@ -18,12 +18,6 @@ from rcl_train.config import parse_config
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory):
     return write_fake_fashion(tmp_path_factory.mktemp("fashion"), per_class_train=24, per_class_test=3)
-
-
-def tiny_args(root, out, *extra):
-    return ["--dataset", "fmnist-lt", "--data-root", root, "--imbalance", "8", "--batch-size", "16",
-            "--epochs", "2", "--warmup-epochs", "0.5", "--feat-dim", "16", "--threads", "1",
-            "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out), *extra]
 
 
 def final_params(out):
@@ -61,16 +55,16 @@ def test_full_run_writes_metrics_and_plots(fashion_root, tmp_path):
     assert rep["class_counts"][0] == 24 and rep["class_counts"][-1] == 3
 
 
-@pytest.mark.parametrize("stop_at", [2, 3])  # mid-epoch (3 steps per epoch) and at the boundary
+@pytest.mark.parametrize("stop_at", [3, 6])  # mid-epoch (6 steps per epoch) and at the boundary
 def test_resume_matches_uninterrupted(fashion_root, tmp_path, stop_at):
     common = ["--loss", "rcl", "--loss-backend", "reference", "--eval-every", "0"]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(tiny_args(fashion_root, full, *common, "--max-steps", "5")) == 0
+    assert main(tiny_args(fashion_root, full, *common, "--max-steps", "8")) == 0
     assert main(tiny_args(fashion_root, part, *common, "--max-steps", str(stop_at))) == 0
     assert final_params(part)["global_step"] == stop_at
-    assert main(tiny_args(fashion_root, part, *common, "--max-steps", "5", "--resume", str(part))) == 0
+    assert main(tiny_args(fashion_root, part, *common, "--max-steps", "8", "--resume", str(part))) == 0
     a, b = final_params(full), final_params(part)
-    assert a["global_step"] == b["global_step"] == 5
+    assert a["global_step"] == b["global_step"] == 8
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):

@@ -38,6 +38,15 @@ def write_fake_fashion(root, per_class_train=30, per_class_test=6, num_classes=1
     return str(root)
 
 
+def tiny_args(root, out, *extra):
+    """rcl-train flags of a tiny CPU run on write_fake_fashion(root, per_class_train=24): rho 8
+    (102 images), batch 16, 6 steps per epoch, 2 epochs, quiet."""
+    return ["--dataset", "fmnist-lt", "--data-root", str(root), "--imbalance", "8",
+            "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "0.5", "--feat-dim", "16",
+            "--threads", "1", "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out),
+            *extra]
+
+
 def _dump(path, obj):
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
