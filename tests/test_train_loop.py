@@ -108,6 +108,8 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     (["--imbalance", "0.5"], "--imbalance"),
     (["--epochs", "0"], "--epochs"),
     (["--temperature", "0"], "--temperature"),
+    (["--lr", "inf"], "--lr"),  # used to train "successfully" to a NaN model
+    (["--weight-decay", "nan"], "--weight-decay"),
     (["--batch-size", "many"], "--batch-size"),
     (["--device", "tpu"], "--device"),
     (["--dataset", "cifar10-lt"], "--data-root"),

@@ -12,13 +12,16 @@ from .data import DataNotFoundError
 def main(argv=None) -> int:
     cfg = parse_config(argv)  # bad flags: argparse prints the usage and exits with status 2
     from .report import summary_text
-    from .train import train
+    from .train import NonFiniteError, train
 
     try:
         rep = train(cfg)
     except (DataNotFoundError, FileNotFoundError, ValueError) as e:
         print(f"rcl-train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"rcl-train: error: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
         print(summary_text(rep))
         print(f"report: {cfg.out}/report.json (curves.png, confusion.png, metrics.jsonl, checkpoint.pt)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .data import DATASETS, DEFAULT_FMNIST_ROOT
@@ -78,9 +79,9 @@ def _float_at_least(lo: float, strict: bool = False):
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if v != v or (v <= lo if strict else v < lo):
+        if not math.isfinite(v) or (v <= lo if strict else v < lo):
             raise argparse.ArgumentTypeError(
-                f"expected a number {'>' if strict else '>='} {lo}, got {text}")
+                f"expected a finite number {'>' if strict else '>='} {lo}, got {text}")
         return v
     return parse
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rcl-train",
         description="Train a long-tailed classifier with LA-CE + BCL/RCL/SupCon (rcl_kernels losses).",
+        epilog="Exit status: 0 done; 2 bad flags or unreadable input (data files, --resume); "
+               "3 training diverged (non-finite loss, gradient or parameter: stopped before the "
+               "optimizer step, the last good checkpoint kept).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")

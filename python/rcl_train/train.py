@@ -5,6 +5,7 @@ per-epoch evaluation and metrics (JSON lines), checkpoints that resume exactly, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -24,6 +25,10 @@ from .models import build_model, default_arch
 from .optim import WarmupCosine, build_optimizer
 
 METRICS_NAME = "metrics.jsonl"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged (a non-finite loss, gradient or parameter); the last checkpoint is kept."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,7 +113,18 @@ class Trainer:
             open(self.metrics_path, "w").close()
 
     # ------------------------------------------------------------------ checkpoints
+    def _kept_checkpoint(self) -> str:
+        if os.path.isfile(self.ckpt_path):
+            return f"The last good checkpoint, {self.ckpt_path}, is kept."
+        return "No checkpoint was written."
+
     def _save(self) -> None:
+        # A finite step can still overflow the parameters (a huge --lr): never save such a model.
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not math.isfinite(torch.nn.utils.get_total_norm(state, norm_type=float("inf")).item()):
+            raise NonFiniteError(
+                f"the model has non-finite parameters after step {self.global_step}: not saved. "
+                f"{self._kept_checkpoint()} Try a lower --lr.")
         save_checkpoint(
             self.ckpt_path,
             config=self.cfg.to_dict(), model=self.model.state_dict(),
@@ -154,11 +170,23 @@ class Trainer:
             parts = self.dist.mean_over_ranks(parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # One fused max|g| over every gradient (NaN and inf propagate) read back with the logged
+        # values in a single transfer: the step's only host sync of its own. Under DDP the
+        # gradients and logged values are the same on every rank, so every rank stops alike.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_max = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))
+        names = list(parts)
+        values = torch.stack([parts[k].double() for k in names] + [grad_max.double()]).tolist()
+        out = dict(zip(names, values[:-1]))
+        if not (math.isfinite(out["loss"]) and math.isfinite(values[-1])):
+            what = "loss" if not math.isfinite(out["loss"]) else "gradient"
+            raise NonFiniteError(
+                f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
+                f"lr {lr:.4g}; loss {out['loss']}, max |gradient| {values[-1]}): stopped before "
+                f"the optimizer step. {self._kept_checkpoint()} Try a lower --lr.")
         self.optimizer.step()
-        if not torch.isfinite(parts["loss"]):
-            raise FloatingPointError(f"loss is {parts['loss'].item()} at step {self.global_step}")
-        parts["lr"] = lr
-        return parts
+        out["lr"] = lr
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -198,10 +226,10 @@ class Trainer:
                     count += 1
                     ep_images += len(idx)
                     for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                        sums[k] = sums.get(k, 0.0) + v
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(epoch=self.epoch, loss=f"{float(parts['loss']):.3f}",
+                        bar.set_postfix(epoch=self.epoch, loss=f"{parts['loss']:.3f}",
                                         lr=f"{parts['lr']:.4f}", img_s=f"{len(idx) / dt:.0f}")
                 if stopped and self.batch < self.steps_per_epoch:
                     break  # mid-epoch stop: the checkpoint below records the position
