@@ -19,6 +19,8 @@ Kernels
 - dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
   Both are deterministic: every program owns its output tile, split partials are summed by torch
   in a fixed order.
+Split counts come from rcl_kernels.planner (shared with the cuda backend), which keeps the
+partial buffers under its workspace budget.
 
 Numerics: products accumulate in fp32 (tl.dot with an fp32 accumulator; fp32 inputs use TF32 only
 when allow_tf32); LSE and softmax in fp32; exp is only ever taken of t − (running max) or t − lse.
@@ -30,7 +32,8 @@ NaN propagation does not rely on tl.max/tl.maximum (which may drop NaN on the GP
 makes its exp NaN, so the running sumexp and hence lse become NaN whatever the running max does.
 
 Tiling and tuning: rows are read with any stride but d with unit stride (a view with another
-feature stride is copied once); tile offsets are 32-bit from a 64-bit per-tile base pointer. On the
+feature stride is copied once); offsets of a row or split (row · stride, which passes 2^31 at
+N = 2^21 anchors) are 64-bit, offsets inside a tile 32-bit. On the
 GPU each kernel autotunes over a few configs (chosen from ptxas register/spill reports for sm_90)
 keyed on d, the dtypes, the dot precision and power-of-two buckets of N and M;
 RCL_KERNELS_TRITON_AUTOTUNE=0 (read at import) keeps the first config only. Under the interpreter
@@ -56,13 +59,14 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _TRITON_IMPORT_ERROR = (
         f"triton is not installed or failed to import ({type(exc).__name__}: {exc})")
 
-# triton.jit decides at decoration time whether a kernel is interpreted, so remember the mode the
-# kernels below were built in (setting TRITON_INTERPRET later does not change them).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import planner
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The package's one reading of TRITON_INTERPRET. triton.jit decides at decoration time whether a
+# kernel is interpreted, so this is the mode the kernels below were built in (setting
+# TRITON_INTERPRET later does not change them; unavailable_reason says so).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["masked_lse_forward", "masked_lse_backward", "unavailable_reason"]
+__all__ = ["INTERPRETED", "lse_backward", "lse_forward", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -71,7 +75,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         return _TRITON_IMPORT_ERROR
     device = torch.device(device)
     if device.type == "cuda":
-        if _INTERPRETED:
+        if INTERPRETED:
             return (
                 "rcl_kernels.triton_lse was imported with TRITON_INTERPRET=1, so its kernels run "
                 "only on CPU tensors"
@@ -84,7 +88,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             return "the Triton kernels need a CUDA device of compute capability 8.0 or newer"
         return None
     if device.type == "cpu":
-        if _INTERPRETED:
+        if INTERPRETED:
             return None
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return (
@@ -103,7 +107,7 @@ if triton is not None:
     # Kernels take the interpreter's paths where it differs from the GPU: it multiplies bf16 tiles
     # as their raw uint16 storage (upcast them, exactly), truncates fp32 -> bf16 casts and cannot
     # run inline PTX.
-    _INTERP = tl.constexpr(_INTERPRETED)
+    _INTERP = tl.constexpr(INTERPRETED)
 
     @triton.jit
     def _round_tf32(x):
@@ -123,6 +127,20 @@ if triton is not None:
         else:
             return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x],
                                              dtype=tl.float32, is_pure=True, pack=1)
+
+    # Offsets that multiply a row index by a row length can pass 2^31 (N up to 2^21 anchors times
+    # d, and split partials [splits, N, d]): they are formed in 64 bits, once per tile; offsets
+    # inside a tile stay 32-bit (the host keeps a row stride times a tile height below 2^31).
+    @triton.jit
+    def _row_offset(row, stride):
+        """row · stride in 64 bits."""
+        return tl.cast(row, tl.int64) * stride
+
+    @triton.jit
+    def _split_offset(split, rows, row, width):
+        """(split · rows + row) · width in 64 bits: element offset of `row` in split partial
+        `split` of a [splits, rows, width] buffer."""
+        return (tl.cast(split, tl.int64) * rows + row) * width
 
     @triton.jit
     def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
@@ -205,7 +223,7 @@ if triton is not None:
         mask_m = offs_m < N
         row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
         row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
-        z_blk = z_ptr + row0.to(tl.int64) * stride_zm
+        z_blk = z_ptr + _row_offset(row0, stride_zm)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -214,7 +232,7 @@ if triton is not None:
         for n0 in range(col_start, col_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
-            dots = _scores_tile(z_blk, k_ptr + tl.cast(n0, tl.int64) * stride_km, mask_m, mask_n, D,
+            dots = _scores_tile(z_blk, k_ptr + _row_offset(n0, stride_km), mask_m, mask_n, D,
                                 stride_zm, stride_km, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab_ptr, col_bias_ptr, self_offset)
@@ -228,23 +246,26 @@ if triton is not None:
             lse = _finish_lse(m_i, s_i)
             tl.store(lse_ptr + offs_m, lse, mask=mask_m)
         else:
-            part = pid_s.to(tl.int64) * N + offs_m
+            part = _split_offset(pid_s, N, row0, 1) + tl.arange(0, BLOCK_M)
             tl.store(mpart_ptr + part, m_i, mask=mask_m)
             tl.store(spart_ptr + part, s_i, mask=mask_m)
 
     @triton.jit
     def _merge_kernel(mpart_ptr, spart_ptr, lse_ptr, N, NUM_SPLITS, BLOCK: tl.constexpr):
         """lse = log Σ_s sumexp_s · exp(max_s − max) + max over the column splits."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row0 = tl.program_id(0) * BLOCK
+        offs = row0 + tl.arange(0, BLOCK)
         mask = offs < N
         m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            m = tl.maximum(m, tl.load(mpart_ptr + sp * N + offs, mask=mask, other=float("-inf")))
+            part = _split_offset(sp, N, row0, 1) + tl.arange(0, BLOCK)
+            m = tl.maximum(m, tl.load(mpart_ptr + part, mask=mask, other=float("-inf")))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         s = tl.zeros([BLOCK], dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            mp = tl.load(mpart_ptr + sp * N + offs, mask=mask, other=float("-inf"))
-            sp_ = tl.load(spart_ptr + sp * N + offs, mask=mask, other=0.0)
+            part = _split_offset(sp, N, row0, 1) + tl.arange(0, BLOCK)
+            mp = tl.load(mpart_ptr + part, mask=mask, other=float("-inf"))
+            sp_ = tl.load(spart_ptr + part, mask=mask, other=0.0)
             # A NaN partial has a NaN sumexp (see the module docstring), so NaN survives here.
             s += sp_ * tl.exp(mp - m_safe)
         lse = _finish_lse(m, s)
@@ -273,7 +294,7 @@ if triton is not None:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         rn = tl.arange(0, BLOCK_N)
-        z_blk = z_ptr + row0.to(tl.int64) * stride_zm
+        z_blk = z_ptr + _row_offset(row0, stride_zm)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         col_start = pid_s * cols_per_split
@@ -281,7 +302,7 @@ if triton is not None:
         for n0 in range(col_start, col_end, BLOCK_N):
             offs_n = n0 + rn
             mask_n = offs_n < col_end
-            k_blk = k_ptr + tl.cast(n0, tl.int64) * stride_km
+            k_blk = k_ptr + _row_offset(n0, stride_km)
             dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
@@ -293,7 +314,7 @@ if triton is not None:
 
         # g is constant along the row, so it is applied once here in fp32.
         acc = acc * (g * scale)[:, None]
-        out_blk = out_ptr + (pid_s.to(tl.int64) * N + row0) * D
+        out_blk = out_ptr + _split_offset(pid_s, N, row0, D)
         tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + offs_d[None, :], acc,
                  mask=mask_m[:, None] & mask_d[None, :])
 
@@ -314,7 +335,7 @@ if triton is not None:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         rm = tl.arange(0, BLOCK_M)
-        k_blk = k_ptr + col0.to(tl.int64) * stride_km
+        k_blk = k_ptr + _row_offset(col0, stride_km)
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
         ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)  # all-zero g (or NaN): no scaling
@@ -330,7 +351,7 @@ if triton is not None:
             lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
-            z_blk = z_ptr + tl.cast(m0, tl.int64) * stride_zm
+            z_blk = z_ptr + _row_offset(m0, stride_zm)
             dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
@@ -341,7 +362,7 @@ if triton is not None:
             acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
 
         acc = acc * (scale / ginv)
-        out_blk = out_ptr + (pid_s.to(tl.int64) * M + col0) * D
+        out_blk = out_ptr + _split_offset(pid_s, M, col0, D)
         tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], acc,
                  mask=mask_n[:, None] & mask_d[None, :])
 
@@ -357,43 +378,39 @@ if triton is not None:
     # which recomputes the logits (bf16 d=1024: 4x the Z·Kᵀ work, but no N×M buffer and no
     # atomics). fp32 tiles take twice the registers/shared memory, so their chunks are narrower.
     _GPU_BLOCK_D_MAX = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
-    # Split lengths are multiples of the largest BLOCK_M/BLOCK_N of any config, so only the last
-    # tile of a split is partial (interpreter: 16, so that small tests exercise the splits too).
-    _SPLIT_ALIGN = 16 if _INTERPRETED else 128
-    _NOMINAL_BLOCK = 64  # block size assumed when deciding how many programs a grid has
 
-    if _INTERPRETED:
+    def _cfg(bm, bn, bk, warps, stages):
+        return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                             num_warps=warps, num_stages=stages)
+
+    # Chosen with ptxas resource reports for sm_90 (no GPU timing yet): every config below
+    # compiles without large register spills for bf16/fp16/tf32.
+    _FWD_CONFIGS = [
+        _cfg(64, 64, 32, 8, 3),  # first: the one used when autotuning is off
+        _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 8, 3),
+        _cfg(128, 128, 32, 8, 3),
+    ]
+    # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
+    # parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it.
+    _DZ_CONFIGS = [
+        _cfg(64, 64, 32, 8, 2),
+        _cfg(64, 64, 64, 8, 2),
+        _cfg(64, 32, 64, 8, 3),
+        _cfg(64, 64, 32, 8, 1),
+    ]
+    _DK_CONFIGS = [
+        _cfg(64, 64, 32, 8, 2),
+        _cfg(64, 64, 64, 8, 2),
+        _cfg(32, 64, 64, 8, 3),
+        _cfg(64, 64, 32, 8, 1),
+    ]
+    if INTERPRETED:
         _fwd = _fwd_kernel
         _dz = _dz_kernel
         _dk = _dk_kernel
     else:
-        def _cfg(bm, bn, bk, warps, stages):
-            return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                                 num_warps=warps, num_stages=stages)
-
-        # Chosen with ptxas resource reports for sm_90 (no GPU timing yet): every config below
-        # compiles without large register spills for bf16/fp16/tf32.
-        _FWD_CONFIGS = [
-            _cfg(64, 64, 32, 8, 3),  # first: the one used when autotuning is off
-            _cfg(64, 64, 64, 4, 3),
-            _cfg(64, 128, 64, 8, 3),
-            _cfg(128, 64, 64, 8, 3),
-            _cfg(128, 128, 32, 8, 3),
-        ]
-        # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
-        # parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it.
-        _DZ_CONFIGS = [
-            _cfg(64, 64, 32, 8, 2),
-            _cfg(64, 64, 64, 8, 2),
-            _cfg(64, 32, 64, 8, 3),
-            _cfg(64, 64, 32, 8, 1),
-        ]
-        _DK_CONFIGS = [
-            _cfg(64, 64, 32, 8, 2),
-            _cfg(64, 64, 64, 8, 2),
-            _cfg(32, 64, 64, 8, 3),
-            _cfg(64, 64, 32, 8, 1),
-        ]
         _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
         _n_tuned = 1 if _tune in ("0", "false", "off", "no") else None
         # RCL_KERNELS_TRITON_AUTOTUNE=0 (quick CI runs): the first config only, no tuning. The
@@ -409,6 +426,17 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
+# Split lengths are multiples of the largest BLOCK_M/BLOCK_N of any config, so only the last tile of
+# a split is partial (interpreter: 16, so that small tests exercise the splits too). The planner
+# counts a reduction in tiles of this length.
+_SPLIT_ALIGN = 16 if INTERPRETED else 128
+_NOMINAL_BLOCK = 64  # block size assumed when counting the programs of a grid
+# Largest tile height of any config: a row stride times this must stay below 2^31 (in-tile offsets
+# are 32-bit, see _row_offset).
+_MAX_TILE_ROWS = 128
+_MAX_SPLITS = {"forward": 64, "dz": 16, "dk": 16}
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -418,77 +446,35 @@ def _bucket(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _target_programs(device: torch.device) -> int:
-    """Roughly two waves of programs; fixed under the interpreter."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _num_splits(parallel_programs: int, reduce_len: int, device: torch.device, cap: int) -> int:
-    """How many programs share one reduction (columns for forward/dz, rows for dk).
-
-    Only split when the parallel grid is smaller than the target, and keep each split at least a
-    few tiles long so the partials stay cheap."""
-    target = _target_programs(device)
-    if parallel_programs >= target:
-        return 1
-    return max(1, min(_cdiv(target, parallel_programs), _cdiv(reduce_len, 4 * _SPLIT_ALIGN), cap))
-
-
 def _alloc(shape, device, dtype) -> torch.Tensor:
     """Every output/partial buffer comes from here (tests replace it to poison buffers with NaN)."""
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _split_len(total: int, splits: int) -> tuple[int, int]:
-    """Length of each split (a multiple of the largest tile) and the resulting split count."""
-    per = _cdiv(_cdiv(total, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    return per, max(1, _cdiv(total, per))
+def _splits(kernel: str, parallel_programs: int, reduce_len: int, partial_bytes_per_split: int,
+            device: torch.device, forced: int | None = None) -> tuple[int, int]:
+    """(length of each split, number of splits) of a reduction of `reduce_len` rows or columns.
 
-
-def _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias):
-    for name, x in (("z", z), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor [rows, d]")
-    if z.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the Triton kernels support z/k of dtype float32, bfloat16 or float16, got {z.dtype}"
-            + (" (use the cpu or reference backend for float64)"
-               if z.dtype == torch.float64 else "")
-        )
-    if k.dtype != z.dtype:
-        raise TypeError(f"z and k must have the same dtype, got {z.dtype} and {k.dtype}")
-    n, d = z.shape
-    m = k.shape[0]
-    if k.shape[1] != d:
-        raise ValueError(f"z and k must have the same feature size d, got {d} and {k.shape[1]}")
-    for name, x, length, dtype in (
-        ("row_labels", row_labels, n, torch.int64),
-        ("col_labels", col_labels, m, torch.int64),
-        ("row_bias", row_bias, n, torch.float32),
-        ("col_bias", col_bias, m, torch.float32),
-    ):
-        if x.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
-        if tuple(x.shape) != (length,):
-            raise ValueError(f"{name} must have shape [{length}], got {list(x.shape)}")
-    for name, x in (("k", k), ("row_labels", row_labels), ("col_labels", col_labels),
-                    ("row_bias", row_bias), ("col_bias", col_bias)):
-        if x.device != z.device:
-            raise ValueError(f"{name} is on {x.device} but z is on {z.device}")
-    reason = unavailable_reason(z.device)
-    if reason is not None:
-        raise RuntimeError(f"the Triton backend cannot run on {z.device}: {reason}")
+    The count comes from the planner (or `forced`, tests only); the length is a multiple of
+    _SPLIT_ALIGN, which can leave fewer splits than asked for."""
+    if forced is None:
+        forced = planner.reduction_splits(
+            parallel_programs, _cdiv(reduce_len, _SPLIT_ALIGN), device=device,
+            max_splits=_MAX_SPLITS[kernel], partial_bytes_per_split=partial_bytes_per_split)
+    per = _cdiv(_cdiv(reduce_len, max(1, forced)), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return per, max(1, _cdiv(reduce_len, per))
 
 
 def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
-def _unit_feature_stride(x: torch.Tensor) -> torch.Tensor:
-    """The kernels assume unit stride along d (vectorized loads); rows may have any stride."""
-    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along d (vectorized loads) and a row stride that keeps in-tile offsets
+    32-bit; rows may otherwise have any stride (a view is copied only when it breaks one)."""
+    if (x.shape[1] > 1 and x.stride(1) != 1) or x.stride(0) * _MAX_TILE_ROWS >= 2**31:
+        return x.contiguous()
+    return x
 
 
 def _common_args(z, k):
@@ -498,25 +484,24 @@ def _common_args(z, k):
 
 
 def _block_d(d: int, dtype: torch.dtype) -> int:
-    cap = _INTERP_BLOCK_D_MAX if _INTERPRETED else _GPU_BLOCK_D_MAX[dtype]
+    cap = _INTERP_BLOCK_D_MAX if INTERPRETED else _GPU_BLOCK_D_MAX[dtype]
     return min(max(16, triton.next_power_of_2(max(d, 1))), cap)
 
 
 def _launch(tuned, raw, interp_meta, grid, args, kwargs, config):
-    """Run a kernel: fixed small blocks when interpreted, one given triton.Config (tests), or the
-    autotuned kernel."""
-    if _INTERPRETED:
-        raw[grid](*args, **kwargs, **interp_meta)
-    elif config is not None:
+    """Run a kernel: one given triton.Config (tests, benchmarks), fixed small blocks when
+    interpreted, or the autotuned kernel."""
+    if config is not None:
         raw[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                   num_stages=config.num_stages)
+    elif INTERPRETED:
+        raw[grid](*args, **kwargs, **interp_meta)
     else:
         tuned[grid](*args, **kwargs)
 
 
 def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
              num_splits=None, config=None):
-    _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
     n, d = z.shape
     m = k.shape[0]
     device = z.device
@@ -526,11 +511,11 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
     if m == 0:
         return lse.fill_(float("-inf"))
     row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
-    z, k = _unit_feature_stride(z), _unit_feature_stride(k)
+    z, k = _kernel_layout(z), _kernel_layout(k)
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
-    if num_splits is None:
-        num_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK), m, device, cap=64)
-    cols_per_split, num_splits = _split_len(m, num_splits)
+    # Partials: a running max and a sum of exponentials per row and split.
+    cols_per_split, num_splits = _splits("forward", _cdiv(n, _NOMINAL_BLOCK), m, 8 * n, device,
+                                         num_splits)
     if num_splits > 1:
         mpart = _alloc((num_splits, n), device, torch.float32)
         spart = _alloc((num_splits, n), device, torch.float32)
@@ -553,25 +538,17 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
 
 def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
               allow_tf32, dz_splits=None, dk_splits=None, dz_config=None, dk_config=None):
-    _check_inputs(z, k, row_labels, col_labels, row_bias, col_bias)
     n, d = z.shape
     m = k.shape[0]
     device = z.device
-    for name, x in (("grad_lse", grad_lse), ("lse", lse)):
-        if tuple(x.shape) != (n,):
-            raise ValueError(f"{name} must have shape [{n}], got {list(x.shape)}")
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but z is on {device}")
-    if lse.dtype != torch.float32:
-        raise TypeError(f"lse must be float32, got {lse.dtype}")
-    g = grad_lse.to(torch.float32).contiguous()
-    lse = lse.contiguous()
-    row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
-    z, k = _unit_feature_stride(z), _unit_feature_stride(k)
-    row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
     if n == 0 or m == 0 or d == 0:
         return (torch.zeros((n, d), device=device, dtype=torch.float32),
                 torch.zeros((m, d), device=device, dtype=torch.float32))
+    g = grad_lse.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
+    z, k = _kernel_layout(z), _kernel_layout(k)
+    row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
 
     block_d = _block_d(d, z.dtype)
     d_chunks = _cdiv(d, block_d)
@@ -579,9 +556,8 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     common = _common_args(z, k)
 
     # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
-    if dz_splits is None:
-        dz_splits = _num_splits(_cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, device, cap=16)
-    cols_per_split, dz_splits = _split_len(m, dz_splits)
+    cols_per_split, dz_splits = _splits("dz", _cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, 4 * n * d,
+                                        device, dz_splits)
     dz_out = _alloc((dz_splits, n, d), device, torch.float32)
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
     _launch(
@@ -595,9 +571,8 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     dz = dz_out[0] if dz_splits == 1 else dz_out.sum(0)
 
     # dk: column-parallel; split the rows when needed (M ≫ N is the usual case, so rarely).
-    if dk_splits is None:
-        dk_splits = _num_splits(_cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, device, cap=16)
-    rows_per_split, dk_splits = _split_len(n, dk_splits)
+    rows_per_split, dk_splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, 4 * m * d,
+                                        device, dk_splits)
     dk_out = _alloc((dk_splits, m, d), device, torch.float32)
     gmax = g.abs().amax().reshape(1)
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
@@ -612,20 +587,21 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     return dz, dk
 
 
-def masked_lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
-                       col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor,
-                       self_offset: int, scale: float, allow_tf32: bool) -> torch.Tensor:
-    """lse [N] float32 of the masked, biased logits (see the module docstring)."""
+def lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
+                col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor,
+                self_offset: int, scale: float, allow_tf32: bool) -> torch.Tensor:
+    """lse [N] float32 of the masked, biased logits (see the module docstring).
+
+    The caller validates shapes, dtypes (float32, bfloat16, float16) and devices (rcl_kernels._ops)."""
     return _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
                     allow_tf32)
 
 
-def masked_lse_backward(grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
-                        row_labels: torch.Tensor, col_labels: torch.Tensor,
-                        row_bias: torch.Tensor, col_bias: torch.Tensor, lse: torch.Tensor,
-                        self_offset: int, scale: float,
-                        allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dz [N, d], dk [M, d]) in float32 for grad_lse [N] and the lse of masked_lse_forward.
+def lse_backward(grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
+                 row_labels: torch.Tensor, col_labels: torch.Tensor, row_bias: torch.Tensor,
+                 col_bias: torch.Tensor, lse: torch.Tensor, self_offset: int, scale: float,
+                 allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz [N, d], dk [M, d]) in float32 for grad_lse [N] and the lse of lse_forward.
 
     The gradients stay in the accumulation dtype (csrc/ops.cpp): the caller adds the positive-term
     gradients before the single rounding to the input dtype."""

@@ -396,17 +396,60 @@ def test_oracle_gradient_matches_autograd():
     torch.testing.assert_close(dk, gk)
 
 
-def test_rejects_bad_inputs():
-    inp, g = make_inputs(3, 5, 8, torch.float32)
-    with pytest.raises(TypeError, match="float64"):
-        T.masked_lse_forward(**dict(inp, z=inp["z"].double(), k=inp["k"].double()),
-                             allow_tf32=False)
-    with pytest.raises(TypeError, match="same dtype"):
-        T.masked_lse_forward(**dict(inp, k=inp["k"].half()), allow_tf32=False)
-    with pytest.raises(ValueError, match="feature size"):
-        T.masked_lse_forward(**dict(inp, k=inp["k"][:, :4]), allow_tf32=False)
-    with pytest.raises(TypeError, match="row_bias"):
-        T.masked_lse_forward(**dict(inp, row_bias=inp["row_bias"].double()), allow_tf32=False)
+@triton.jit
+def _offsets_kernel(out_ptr, row, stride, split, rows, width):
+    tl.store(out_ptr, T._row_offset(row, stride))
+    tl.store(out_ptr + 1, T._split_offset(split, rows, row, width))
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # int32 overflow warnings, if any
+def test_offsets_are_64_bit():
+    """Offsets at N = 2^21 anchors with d = 1024 pass 2^31: the last row of the second split of a
+    [2, N, d] partial starts at (2^21 + 2^21 − 1)·1024 ≈ 2^32, which 32-bit arithmetic wraps."""
+    n, d, row = 2**21, 1024, 2**21 - 1
+    out = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, row, d, 1, n, d)
+    assert out.tolist() == [row * d, (n + row) * d]
+    assert (n + row) * d >= 2**31 and row * d < 2**31  # only the split offset needs 64 bits
+
+
+def test_split_workspace_stays_in_budget(monkeypatch):
+    """Every split count comes from the planner, and the partials of a split reduction fit its
+    workspace budget, also where their byte count overflows 32 bits (N = 2^21, d = 1024)."""
+    monkeypatch.setattr(T.planner, "INTERPRETER_SM_COUNT", 132)  # an H100's worth of programs
+    budget = T.planner.WORKSPACE_BUDGET_BYTES
+    cpu = torch.device("cpu")
+    # BCL on iNaturalist (N = 512, M = 8654, d = 1024): few row blocks, so dz splits the columns.
+    per, count = T._splits("dz", 8, 8654, 4 * 512 * 1024, cpu)
+    assert count > 1 and count * 4 * 512 * 1024 <= budget and per * count >= 8654
+    # N = 2^21 rows and few columns: dk would split the rows, but one [M, d] partial per split
+    # of M = 2^20 columns is 4 GiB (2^32 bytes): the budget allows a single split.
+    assert T._splits("dk", 1, 2**21, 4 * 2**20 * 1024, cpu)[1] == 1
+    # The forward's partials (max and sum per row) are small: the planner's own cap applies.
+    assert T._splits("forward", 8, 8654, 8 * 512, cpu)[1] > 1
+
+
+@pytest.mark.triton_interpret
+def test_kernel_partials_stay_in_budget(monkeypatch):
+    """The buffers the kernels allocate for split partials never exceed the workspace budget."""
+    monkeypatch.setattr(T.planner, "INTERPRETER_SM_COUNT", 64)
+    budget = 40 * 48 * 4 * 3  # three [40, 48] fp32 dz partials
+    monkeypatch.setattr(T.planner, "WORKSPACE_BUDGET_BYTES", budget)
+    shapes = []
+    alloc = T._alloc
+
+    def spy(shape, device, dtype):
+        shapes.append(tuple(shape))
+        return alloc(shape, device, dtype)
+
+    monkeypatch.setattr(T, "_alloc", spy)
+    inp, g = make_inputs(40, 300, 48, torch.float32)
+    check_against_oracle(inp, g, torch.float32, False)
+    # [splits, rows, d] buffers with more than one split hold partials (one split: the output).
+    partials = [shape for shape in shapes if len(shape) == 3 and shape[0] > 1]
+    assert partials, "the test should make the kernels split"
+    assert all(shape[0] * shape[1] * shape[2] * 4 <= budget for shape in partials), partials
 
 
 def test_unavailable_reason():
@@ -419,7 +462,7 @@ def test_unavailable_reason():
 @pytest.mark.triton_interpret
 def test_empty_inputs():
     inp, g = make_inputs(4, 6, 8, torch.float32)
-    lse = T.masked_lse_forward(**dict(inp, k=inp["k"][:0], col_labels=inp["col_labels"][:0],
+    lse = T.lse_forward(**dict(inp, k=inp["k"][:0], col_labels=inp["col_labels"][:0],
                                       col_bias=inp["col_bias"][:0]), allow_tf32=False)
     assert torch.all(lse.cpu() == NEG_INF)
 
@@ -477,7 +520,7 @@ def test_gpu_nan_and_determinism():
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     inp["k"][10, 0] = float("nan")
-    lse = T.masked_lse_forward(**inp, allow_tf32=False)
+    lse = T.lse_forward(**inp, allow_tf32=False)
     expect = torch.ones(2048, dtype=torch.bool)
     expect[10] = False  # column 10 is row 10's self column
     assert torch.equal(torch.isnan(lse).cpu(), expect)
