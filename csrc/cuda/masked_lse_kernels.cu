@@ -704,15 +704,15 @@ __global__ void __launch_bounds__(kThreads)
              min64(P::DV, kp.d - dv0), kp.d);
 }
 
-// out[i] = Σ_s ws[s · count + i] (fixed order), converted to the output dtype.
-template <typename Acc, typename Out>
+// out[i] = Σ_s ws[s · count + i], summed in split order (deterministic).
+template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    sum_splits_kernel(const Acc* ws, int splits, int64_t count, Out* out) {
+    sum_splits_kernel(const Acc* ws, int splits, int64_t count, Acc* out) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < count; i += stride) {
     Acc s = ws[i];
     for (int sp = 1; sp < splits; ++sp) s += ws[int64_t(sp) * count + i];
-    put(out[i], s);
+    out[i] = s;
   }
 }
 
@@ -842,20 +842,13 @@ cudaError_t forward_impl(const LseProblem& p, const ForwardPlan& plan, void* lse
 }
 
 // dz and dk are returned in Acc (the caller adds further Acc gradients before rounding), so a
-// single split writes its result in place and several are summed into the output.
-template <class P>
-bool writes_in_place(int splits) {
-  return splits == 1;
-}
-
-template <class P>
-cudaError_t finish(const void* ws, int splits, int64_t count, void* out, cudaStream_t stream) {
-  using Acc = typename P::Acc;
-  if (writes_in_place<P>(splits) || count == 0) return cudaSuccess;
+// single split writes its result in place and several are summed from the workspace into out.
+template <typename Acc>
+cudaError_t sum_splits(const Acc* ws, int splits, int64_t count, Acc* out, cudaStream_t stream) {
+  if (splits == 1 || count == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), 8192);
-  auto* kernel = &sum_splits_kernel<Acc, Acc>;
-  RCL_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, 0, stream, static_cast<const Acc*>(ws),
-             splits, count, static_cast<Acc*>(out));
+  auto* kernel = &sum_splits_kernel<Acc>;
+  RCL_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, 0, stream, ws, splits, count, out);
   return cudaGetLastError();
 }
 
@@ -876,24 +869,24 @@ cudaError_t backward_impl(const LseProblem& p, const BackwardPlan& plan, const v
     const int splits = std::max(1, plan.row_pass_splits);
     const int tps = int(std::max<int64_t>(1, ceil_div(col_tiles, splits)));
     auto kp = make_params<P>(p, tps);
-    Acc* out = writes_in_place<P>(splits) ? static_cast<Acc*>(dz) : static_cast<Acc*>(dz_ws);
+    Acc* out = splits == 1 ? static_cast<Acc*>(dz) : static_cast<Acc*>(dz_ws);
     RCL_RETURN_IF_ERROR(set_smem(lse_backward_rows_kernel<P>, smem));
     const dim3 grid{unsigned(row_tiles), unsigned(d_chunks), unsigned(splits)};
     RCL_LAUNCH(lse_backward_rows_kernel<P>, grid, kThreads, smem, stream, kp, g, lse, out);
     RCL_RETURN_IF_ERROR(cudaGetLastError());
-    RCL_RETURN_IF_ERROR(finish<P>(out, splits, p.n * p.d, dz, stream));
+    RCL_RETURN_IF_ERROR(sum_splits<Acc>(out, splits, p.n * p.d, static_cast<Acc*>(dz), stream));
   }
   if (p.m > 0) {  // dk (with n == 0 the kernel writes zeros)
     const int splits = std::max(1, plan.col_pass_splits);
     const int tps = int(std::max<int64_t>(1, ceil_div(row_tiles, splits)));
     auto kp = make_params<P>(p, tps);
-    Acc* out = writes_in_place<P>(splits) ? static_cast<Acc*>(dk) : static_cast<Acc*>(dk_ws);
+    Acc* out = splits == 1 ? static_cast<Acc*>(dk) : static_cast<Acc*>(dk_ws);
     RCL_RETURN_IF_ERROR(set_smem(lse_backward_cols_kernel<P>, smem));
     const dim3 grid{unsigned(col_tiles), unsigned(d_chunks), unsigned(splits)};
     RCL_LAUNCH(lse_backward_cols_kernel<P>, grid, kThreads, smem, stream, kp, g, lse,
                static_cast<const Acc*>(grad_absmax), out);
     RCL_RETURN_IF_ERROR(cudaGetLastError());
-    RCL_RETURN_IF_ERROR(finish<P>(out, splits, p.m * p.d, dk, stream));
+    RCL_RETURN_IF_ERROR(sum_splits<Acc>(out, splits, p.m * p.d, static_cast<Acc*>(dk), stream));
   }
   return cudaSuccess;
 }
@@ -926,9 +919,9 @@ BackwardPlan plan_backward(const LseProblem& p, int device) {
     const int64_t target = 2 * int64_t(sm_count(device));
     plan.row_pass_splits = choose_splits(row_tiles * d_chunks, col_tiles, target, 4, 16);
     plan.col_pass_splits = choose_splits(col_tiles * d_chunks, row_tiles, target, 4, 16);
-    if (!writes_in_place<P>(plan.row_pass_splits))
+    if (plan.row_pass_splits > 1)
       plan.dz_workspace_bytes = size_t(plan.row_pass_splits) * size_t(p.n * p.d) * sizeof(Acc);
-    if (!writes_in_place<P>(plan.col_pass_splits))
+    if (plan.col_pass_splits > 1)
       plan.dk_workspace_bytes = size_t(plan.col_pass_splits) * size_t(p.m * p.d) * sizeof(Acc);
     return plan;
   });
