@@ -3,17 +3,21 @@ corrupt input files and flags give an `rcl-train: error:` line naming the file, 
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import pickle
 
 import pytest
 import torch
-from train_fakes import tiny_args, write_fake_fashion
+from train_fakes import tiny_args, write_fake_cifar, write_fake_fashion
 
+from rcl_train import data as D
 from rcl_train.cli import main
 from rcl_train.config import parse_config
 from rcl_train.losses import Objective
-from rcl_train.train import NonFiniteError, Trainer
+from rcl_train.errors import NonFiniteError
+from rcl_train.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,120 @@ def test_overflowing_parameters_are_never_saved(fashion_root, tmp_path, monkeypa
     assert "rcl-train: error: the model has non-finite parameters after step 6: not saved" in err
     assert ckpt.read_bytes() == before
 
+
+# ------------------------------------------------------------------ corrupt inputs
+def _rewrite_gz(path, payload: bytes):
+    with gzip.open(path, "wb") as f:
+        f.write(payload)
+
+
+def _truncate(path, keep: float = 0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def _rewrite_pickle(path, edit):
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    edit(d)
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def _fashion_label_10(root):
+    path = os.path.join(root, "train-labels-idx1-ubyte.gz")
+    labels = D.read_idx(path).copy()
+    labels[5] = 10
+    D.write_idx(path, labels)
+
+
+FASHION_CASES = {
+    # case: (file, corrupt(root, path), what the message says)
+    "garbage_gz": ("train-images-idx3-ubyte.gz",
+                   lambda root, p: open(p, "wb").write(b"this is not gzip data at all"),
+                   "corrupt or truncated gzip"),
+    "truncated_gz": ("t10k-images-idx3-ubyte.gz", lambda root, p: _truncate(p),
+                     "corrupt or truncated gzip"),
+    "truncated_idx_header": ("train-labels-idx1-ubyte.gz",
+                             lambda root, p: _rewrite_gz(p, b"\x00\x00\x08\x03\x00\x00\x01"),
+                             "truncated IDX header: 3 dimensions need 12 bytes, the file has 3"),
+    "train_label_out_of_range": ("train-labels-idx1-ubyte.gz", lambda root, p: _fashion_label_10(root),
+                                 "label 10 at position 5 is out of range 0..9"),
+}
+
+
+@pytest.mark.parametrize("case", FASHION_CASES)
+def test_corrupt_fashion_file_is_a_clear_error(tmp_path, capsys, case):
+    name, corrupt, needle = FASHION_CASES[case]
+    root = write_fake_fashion(tmp_path / "fm", per_class_train=24, per_class_test=3)
+    path = os.path.join(root, name)
+    corrupt(root, path)
+    assert main(tiny_args(root, tmp_path / "out", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rcl-train: error: {path}: ") and needle in err, err
+
+
+CIFAR_CASES = {
+    "truncated_pickle": ("train", lambda p: _truncate(p), "not a readable CIFAR python pickle"),
+    "missing_key": ("train", lambda p: _rewrite_pickle(p, lambda d: d.pop(b"fine_labels")),
+                    "no 'fine_labels' entry"),
+    "train_label_out_of_range": ("train",
+                                 lambda p: _rewrite_pickle(p, lambda d: d[b"fine_labels"].__setitem__(3, 100)),
+                                 "label 100 at position 3 is out of range 0..99"),
+    "wrong_image_size": ("test", lambda p: _rewrite_pickle(p, lambda d: d.__setitem__(b"data", d[b"data"][:, :3000])),
+                         "expected data [n, 3072]"),
+}
+
+
+@pytest.mark.parametrize("case", CIFAR_CASES)
+def test_corrupt_cifar_file_is_a_clear_error(tmp_path, capsys, case):
+    name, corrupt, needle = CIFAR_CASES[case]
+    folder = write_fake_cifar(tmp_path / "data", num_classes=100, per_class_train=4, per_class_test=1)
+    path = os.path.join(folder, name)
+    corrupt(path)
+    assert main(["--dataset", "cifar100-lt", "--data-root", str(tmp_path / "data"), "--arch", "resnet8",
+                 "--max-steps", "1", "--device", "cpu", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rcl-train: error: {path}: ") and needle in err, err
+
+
+def _drop_a_weight(path):
+    ck = torch.load(path, weights_only=True)
+    ck["model"].pop("fc.weight")
+    torch.save(ck, path)
+
+
+RESUME_CASES = {  # case: (corrupt(path), what the message says after the path)
+    "empty": (lambda p: open(p, "wb").close(), " is not a readable rcl-train checkpoint (EOFError)"),
+    "truncated": (_truncate, " is not a readable rcl-train checkpoint"),
+    "foreign_state_dict": (lambda p: torch.save({"weight": torch.ones(3)}, p),
+                           " is not an rcl-train checkpoint (no config, model,"),
+    # a pickled class is code: weights_only refuses to load it rather than run it
+    "foreign_pickle": (lambda p: pickle.dump(Objective, open(p, "wb")),
+                       " is not a readable rcl-train checkpoint (UnpicklingError"),
+    "model_does_not_fit": (_drop_a_weight, ": the saved model or optimizer does not fit this run"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_bad_checkpoint_to_resume_is_a_clear_error(fashion_root, tmp_path, capsys, case):
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "bcl", "--loss-backend", "reference",
+                          "--max-steps", "3", "--eval-every", "0")) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    corrupt, needle = RESUME_CASES[case]
+    corrupt(ckpt)
+    capsys.readouterr()
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "bcl", "--loss-backend", "reference",
+                          "--resume", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rcl-train: error: --resume: {ckpt}{needle}"), err
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "cpu:0x", "cudax"])
+def test_malformed_device_is_a_flag_error(capsys, device):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--device", device])
+    assert e.value.code == 2
+    assert f"argument --device: expected auto, cpu, cuda or cuda:N, got {device!r}" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Modules: data (datasets and long-tailed sampling), augment (kornia three-view augmentation),
 models (ResNets, cosine classifier, BCL heads), losses (the objective over rcl_kernels),
-optim (SGD, warm-up + cosine), checkpoint (exact resume), metrics (evaluation),
-report (report.json, plots, summary), train (the loop), config/cli (flags), demo (make demo).
+optim (SGD, warm-up + cosine), checkpoint (exact resume), errors (what the CLI reports),
+metrics (evaluation), report (report.json, plots, summary), train (the loop), config/cli (flags),
+demo (make demo).
 """
 
 __all__ = ["main"]

@@ -12,13 +12,22 @@ import random
 import numpy as np
 import torch
 
+from .errors import error_reason
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+# What every checkpoint of ours holds (a "foreign" file lacks some).
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "epoch", "batch", "global_step", "history", "rng")
+
+
 def rng_state() -> dict:
+    # numpy's state as plain numbers (key array as a list) so that the checkpoint loads with
+    # weights_only=True: a foreign file given to --resume cannot run code.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -28,7 +37,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -51,5 +61,13 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    # Our own files: they hold numpy RNG state and python objects, so no weights_only.
-    return torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False)
+    path = resolve_checkpoint(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways on an empty, truncated or foreign file
+        raise ValueError(f"--resume: {path} is not a readable rcl-train checkpoint "
+                         f"({error_reason(e)})") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"--resume: {path} is not an rcl-train checkpoint (no {', '.join(missing)})")
+    return ck

@@ -7,12 +7,13 @@ import sys
 
 from .config import parse_config
 from .data import DataNotFoundError
+from .errors import NonFiniteError
 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)  # bad flags: argparse prints the usage and exits with status 2
     from .report import summary_text
-    from .train import NonFiniteError, train
+    from .train import train
 
     try:
         rep = train(cfg)

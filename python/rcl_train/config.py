@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from .data import DATASETS, DEFAULT_FMNIST_ROOT
@@ -154,7 +155,7 @@ def parse_config(argv=None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.dataset != "fmnist-lt" and cfg.data_root is None:
         parser.error(f"--dataset {cfg.dataset} needs --data-root (a local copy of the CIFAR python files)")

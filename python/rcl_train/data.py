@@ -12,10 +12,13 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .errors import error_reason
 
 DEFAULT_FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fmnist-lt", "cifar10-lt", "cifar100-lt")
@@ -79,15 +82,23 @@ def _open_maybe_gzip(path: str):
 
 def read_idx(path: str) -> np.ndarray:
     """Read an IDX file (gzip or plain) of unsigned bytes: magic 0x0000 0x08 ndim, dims (big-endian)."""
-    with _open_maybe_gzip(path) as f:
-        head = f.read(4)
-        if len(head) != 4 or head[0] != 0 or head[1] != 0:
-            raise ValueError(f"{path}: not an IDX file (bad magic {head!r})")
-        if head[2] != 0x08:
-            raise ValueError(f"{path}: IDX data type 0x{head[2]:02x} unsupported (expected 0x08 = ubyte)")
-        ndim = head[3]
-        dims = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        data = f.read()
+    try:
+        with _open_maybe_gzip(path) as f:
+            head = f.read(4)
+            if len(head) != 4 or head[0] != 0 or head[1] != 0:
+                raise ValueError(f"{path}: not an IDX file (bad magic {head!r})")
+            if head[2] != 0x08:
+                raise ValueError(f"{path}: IDX data type 0x{head[2]:02x} unsupported (expected 0x08 = ubyte)")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) != 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {4 * ndim} "
+                                 f"bytes, the file has {len(raw_dims)}")
+            dims = struct.unpack(">" + "I" * ndim, raw_dims)
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: unreadable ({'corrupt or truncated gzip: ' if path.endswith('.gz') else ''}"
+                         f"{error_reason(e)})") from e
     expected = int(np.prod(dims)) if dims else 1
     if len(data) != expected:
         raise ValueError(f"{path}: expected {expected} bytes of data for shape {dims}, got {len(data)}")
@@ -127,6 +138,7 @@ def load_fashion_mnist(root: str | None = None):
             raise ValueError(
                 f"Fashion-MNIST {split} files in {root} disagree: images {x.shape}, labels {y.shape}"
             )
+        check_labels(y, len(FMNIST_CLASSES), paths[f"{split}_labels"])
     def images(a):
         return torch.from_numpy(a.copy()).unsqueeze(1)  # [N, 1, 28, 28]
     def labels(a):
@@ -135,21 +147,48 @@ def load_fashion_mnist(root: str | None = None):
             images(arrays["test_images"]), labels(arrays["test_labels"]), list(FMNIST_CLASSES))
 
 
+def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
+    """Every label must name a class: one out of range would silently vanish from the data."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{path}: label {int(labels[i])} at position {i} is out of range "
+                         f"0..{num_classes - 1} ({int(bad.sum())} such labels)")
+
+
 def _unpickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    # A CIFAR batch is a pickled dict; any failure to read one (truncated, not a pickle) is
+    # reported with the file's name.
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable CIFAR python pickle ({error_reason(e)})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
+    return d
 
 
-def _key(d: dict, name: str):
+def _key(d: dict, name: str, path: str):
     for k in (name.encode(), name):
         if k in d:
             return d[k]
-    raise KeyError(name)
+    raise ValueError(f"{path}: no {name!r} entry (keys: {', '.join(map(repr, d))})")
 
 
-def _cifar_arrays(batches: list[dict], label_key: str):
-    x = np.concatenate([np.asarray(_key(b, "data"), dtype=np.uint8) for b in batches])
-    y = np.concatenate([np.asarray(_key(b, label_key), dtype=np.int64) for b in batches])
+def _cifar_arrays(paths: list[str], label_key: str, num_classes: int):
+    xs, ys = [], []
+    for path in paths:
+        b = _unpickle(path)
+        x = np.asarray(_key(b, "data", path), dtype=np.uint8)
+        y = np.asarray(_key(b, label_key, path), dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
+            raise ValueError(f"{path}: expected data [n, 3072] and {label_key} [n], got "
+                             f"{list(x.shape)} and {list(y.shape)}")
+        check_labels(y, num_classes, path)
+        xs.append(x)
+        ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
     return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
 
 
@@ -176,17 +215,18 @@ def load_cifar(num_classes: int, root: str | None):
         raise DataNotFoundError(
             f"CIFAR-{num_classes} not found: looked for {', '.join(train_files + test_files)} in "
             f"{' and '.join(candidates)}. {help_text}")
-    train_x, train_y = _cifar_arrays([_unpickle(os.path.join(base, f)) for f in train_files], label_key)
-    test_x, test_y = _cifar_arrays([_unpickle(os.path.join(base, f)) for f in test_files], label_key)
+    train_x, train_y = _cifar_arrays([os.path.join(base, f) for f in train_files], label_key,
+                                     num_classes)
+    test_x, test_y = _cifar_arrays([os.path.join(base, f) for f in test_files], label_key,
+                                   num_classes)
     names = [f"class_{i}" for i in range(num_classes)]
     meta_path = os.path.join(base, meta_file)
-    if os.path.isfile(meta_path):
-        meta = _unpickle(meta_path)
-        try:
-            raw = _key(meta, names_key)
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw][:num_classes]
-        except KeyError:
-            pass
+    if os.path.isfile(meta_path):  # optional: class names only
+        raw = _key(_unpickle(meta_path), names_key, meta_path)
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+        if len(names) != num_classes:
+            raise ValueError(f"{meta_path}: {len(names)} class names in {names_key!r}, "
+                             f"expected {num_classes}")
     return train_x, train_y, test_x, test_y, names
 
 

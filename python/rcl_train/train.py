@@ -15,9 +15,11 @@ import torch
 
 from . import report as report_mod
 from .augment import build_augment
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig, check_resume_compatible
 from .data import load_dataset
+from .errors import NonFiniteError, error_reason
 from . import distributed as dist_run
 from .losses import Objective
 from .metrics import compute_metrics, predict
@@ -27,16 +29,14 @@ from .optim import WarmupCosine, build_optimizer
 METRICS_NAME = "metrics.jsonl"
 
 
-class NonFiniteError(FloatingPointError):
-    """Training diverged (a non-finite loss, gradient or parameter); the last checkpoint is kept."""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -134,10 +134,15 @@ class Trainer:
         )
 
     def _load(self, path: str) -> None:
+        path = resolve_checkpoint(path)
         ck = load_checkpoint(path)
         check_resume_compatible(ck["config"], self.cfg)
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"--resume: {path}: the saved model or optimizer does not fit this "
+                             f"run ({error_reason(e)})") from e
         self.epoch, self.batch, self.global_step = ck["epoch"], ck["batch"], ck["global_step"]
         self.history = list(ck["history"])
         self.previous_wall = float(ck.get("wall_time", 0.0))

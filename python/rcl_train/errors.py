@@ -1,0 +1,13 @@
+"""The harness's errors: what the CLI turns into an `rcl-train: error:` line and an exit status."""
+
+from __future__ import annotations
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged (a non-finite loss, gradient or parameter); the last checkpoint is kept."""
+
+
+def error_reason(e: BaseException, limit: int = 200) -> str:
+    """'Type: message' on one line, cut to `limit` characters (torch's messages run long)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return type(e).__name__ + (": " + text[:limit] if text else "")
