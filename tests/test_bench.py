@@ -1,84 +1,235 @@
-"""Smoke test of bench/bench_loss.py: a tiny run end to end, rows and file names checked."""
+"""The bench (bench/runner.py, bench/cases.py, bench/bench_loss.py): the runner end to end at a
+tiny CPU size, its handling of crashing and hanging workers, the timer, and the case syntax."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
+import tomllib
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "bench", "bench_loss.py")
-REQUIRED = ["backend", "mode", "N", "M", "d", "C", "dtype", "median_ms", "p20_ms", "p80_ms",
-            "peak_MB", "tflops", "device", "torch", "triton", "commit", "preset", "status",
-            "mem_method"]
+BENCH = os.path.join(REPO, "bench")
+sys.path.insert(0, BENCH)
+
+import cases  # noqa: E402
+import runner  # noqa: E402
+
+DESIGN_COLUMNS = ["backend", "mode", "N", "M", "d", "C", "dtype", "median_ms", "p20_ms", "p80_ms",
+                  "peak_MB", "tflops", "device", "torch", "triton", "commit"]
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_loss", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_implementation_syntax():
+    impl = cases.parse_impl("triton{RCL_KERNELS_TRITON_BACKWARD=one_pass}")
+    assert impl == cases.Impl("triton", None, (("RCL_KERNELS_TRITON_BACKWARD", "one_pass"),))
+    impl = cases.parse_impl("cuda:tiled{A=1,B_2=x=y}")
+    assert (impl.backend, impl.algorithm) == ("cuda", "tiled")
+    assert impl.env == (("A", "1"), ("B_2", "x=y"))
+    assert impl.label == "cuda:tiled{A=1,B_2=x=y}"
+    assert cases.parse_impl(impl.label) == impl
+    assert cases.parse_impl("reference_compile") == cases.Impl("reference_compile")
+    # Commas and spaces separate cases, except inside braces.
+    assert cases.split_list(["cpu,cuda:tiled{A=1,B=2} reference", "flash_sdpa"]) == [
+        "cpu", "cuda:tiled{A=1,B=2}", "reference", "flash_sdpa"]
+    assert cases.parse_env(["X=1", "Y="]) == (("X", "1"), ("Y", ""))
 
 
-def test_helpers():
-    bench = _load_module()
-    assert bench.device_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench.device_slug("NVIDIA H200") == "h200"
-    assert bench.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
-    assert bench.device_slug("NVIDIA GeForce RTX 4090") == "rtx-4090"
-    assert bench.split_list(["fwd,bwd", "fwdbwd"]) == ["fwd", "bwd", "fwdbwd"]
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 20) == pytest.approx(1.8)
-    assert bench.flop_count("cpu", "fwdbwd", 10, 20, 4)[0] == 8 * 10 * 20 * 4
-    assert bench.columns_for("bcl", "cpu", 64, 5) == 69
-    assert bench.columns_for("supcon", "cpu", 64, 5) == 64
+@pytest.mark.parametrize("text, message", [
+    ("nope", "unknown backend 'nope'"),
+    ("flash_sdpa:tiled", "an algorithm applies to the rk backends"),
+    ("triton{1X=2}", "NAME=value"),
+    ("triton{X}", "NAME=value"),
+    ("triton{X=1", "expected backend[:algorithm]"),
+])
+def test_implementation_syntax_errors(text, message):
+    with pytest.raises(ValueError, match="--backends") as info:
+        cases.parse_impl(text)
+    assert message in str(info.value)
 
 
-def test_bench_smoke(tmp_path):
-    import torch
+def test_env_errors_name_the_option():
+    with pytest.raises(ValueError, match="--env: expected NAME=value"):
+        cases.parse_env(["NOVALUE"])
 
+
+def test_flop_formulas():
+    n, m, d = 3, 5, 7
+    assert [cases.flop_count("cuda", mode, n, m, d)[0] for mode in cases.MODES] == [
+        2 * n * m * d, 6 * n * m * d, 8 * n * m * d]
+    assert [cases.flop_count("flash_sdpa", mode, n, m, d)[0] for mode in cases.MODES] == [
+        4 * n * m * d, 10 * n * m * d, 14 * n * m * d]
+    assert cases.flop_count("cpu", "fwdbwd", n, m, d)[1] == "8*N*M*d"
+    # The issue's figure: 8·N·M·d at N = 32,768, M = N + 1000, d = 128 in 12.6 ms is 90 TFLOP/s.
+    flops, _ = cases.flop_count("triton", "fwdbwd", 32768, 33768, 128)
+    assert flops / 12.6e-3 / 1e12 == pytest.approx(89.9, abs=0.1)
+    assert cases.columns_for("bcl", "cpu", 64, 5) == 69
+    assert cases.columns_for("rcl", "flash_sdpa", 64, 5) == 69
+    assert cases.columns_for("supcon", "cpu", 64, 5) == 64
+    assert cases.columns_for("bcl", "pml_supcon", 64, 5) == 64
+
+
+def test_device_slug():
+    assert runner.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert runner.device_slug("NVIDIA H200") == "h200"
+    assert runner.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert runner.device_slug("NVIDIA GeForce RTX 4090") == "rtx-4090"
+
+
+class _Sleepy(torch.autograd.Function):
+    """10 ms forward, 20 ms backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        time.sleep(0.010)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.020)
+        return grad
+
+
+def test_timer_measures_what_each_mode_runs():
+    """The CPU timer times the call of each mode: a forward that sleeps 10 ms and a backward that
+    sleeps 20 ms read as 10, 20 and 30 ms (more on a busy machine, never less)."""
+    x = torch.ones(3, requires_grad=True)
+    case = cases.Case(lambda: _Sleepy.apply(x).sum(), (x,))
+    results = dict(runner.measure_modes(case, cases.MODES, cuda=False, warmup=1, rep_ms=200,
+                                        warmup_ms=0))
+    for mode, expected in (("fwd", 10), ("bwd", 20), ("fwdbwd", 30)):
+        res = results[mode]
+        assert res["status"] == "ok", res
+        assert expected <= res["p20_ms"] <= res["median_ms"] <= res["p80_ms"] < 3 * expected, res
+        assert res["samples"] >= 2 and res["calls_per_sample"] >= 1
+        assert res["timer"] == runner.TIMER_CPU
+        assert res["peak_MB"] is None or res["peak_MB"] >= 0
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    job, lines = sys.argv[2], sys.argv[3]
+    with open(job) as f:
+        specs = json.load(f)["cases"]
+    with open(lines, "a") as out:
+        for spec in specs:
+            out.write(json.dumps({"case": spec["id"], "started": True}) + "\\n")
+            out.flush()
+            for mode in spec["modes"]:
+                if spec["impl"] == "crash" and mode == "bwd":
+                    os.kill(os.getpid(), signal.SIGSEGV)
+                if spec["impl"] == "hang":
+                    time.sleep(60)
+                out.write(json.dumps({"case": spec["id"], "mode": mode, "status": "ok",
+                                      "median_ms": 1.0, "pid": os.getpid()}) + "\\n")
+                out.flush()
+""")
+
+
+def test_crash_and_hang_become_rows(tmp_path, monkeypatch):
+    """One worker per environment: a case that kills its worker, or hangs, becomes that case's
+    rows (the modes it finished are kept), and a new worker runs the cases after it."""
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    monkeypatch.setattr(runner, "RUNNER", str(fake))
+    names = ["ok", "crash", "ok", "hang", "ok"]
+    specs = [{"id": i, "impl": name, "env": [], "modes": ["fwd", "bwd"]}
+             for i, name in enumerate(names)]
+    seen = []
+    start = time.monotonic()
+    results = runner.run_cases(specs, "env", timeout_s=3, base_env=dict(os.environ),
+                               on_progress=lambda r: seen.append(len(r)))
+    assert time.monotonic() - start < 30
+    assert [results[i]["fwd"]["status"] for i in range(5)] == ["ok", "ok", "ok", "timeout", "ok"]
+    assert [results[i]["bwd"]["status"] for i in range(5)] == [
+        "ok", "error", "ok", "timeout", "ok"]
+    assert "SIGSEGV" in results[1]["bwd"]["reason"]
+    assert "--case-timeout 3" in results[3]["bwd"]["reason"]
+    pids = [results[i]["fwd"].get("pid") for i in (0, 1, 2, 4)]
+    assert pids[0] == pids[1] != pids[2] != pids[3]  # a new worker after the crash and the hang
+    assert seen and seen[-1] == 5
+
+
+def test_runner_end_to_end(tmp_path):
+    """The CLI at a tiny CPU size: rows for every case and mode with every column, the commit and
+    the CPU model in each; a case the API refuses and one that cannot run here are rows too."""
     import rcl_kernels as rk
 
-    backends = ["reference"] + (["cpu"] if rk.available_backends()["cpu"] is None else [])
-    cmd = [sys.executable, SCRIPT, "--device", "cpu", "--backends", ",".join(backends),
-           "pml_supcon", "--sizes", "64", "--d", "16", "--C", "5", "--dtypes", "float32",
-           "--modes", "fwd,bwd,fwdbwd", "--repeats", "1", "--warmup", "1", "--threads", "1",
+    fused = "cpu" if rk.available_backends()["cpu"] is None else None
+    backends = ["reference", "reference:bogus", "triton"] + ([fused] if fused else [])
+    cmd = [sys.executable, os.path.join(BENCH, "bench_loss.py"), "--device", "cpu",
+           "--backends", ",".join(backends), "--sizes", "64", "--d", "16", "--C", "5",
+           "--modes", "fwd,bwd,fwdbwd", "--rep-ms", "20", "--warmup", "1", "--threads", "1",
            "--out", str(tmp_path), "--tag", "smoke"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    elapsed = time.monotonic() - start
-
-    stem = tmp_path / "cpu-smoke"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "cpu-smoke.csv", "cpu-smoke.json", "cpu-smoke.png"]
-    data = json.loads((stem.with_suffix(".json")).read_text())
-    assert data["meta"]["device"] == "cpu"
-    assert data["meta"]["torch"] == torch.__version__
-    rows = data["rows"]
-    with open(stem.with_suffix(".csv"), newline="") as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == len(rows)
-    assert set(REQUIRED) <= set(csv_rows[0])
 
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert {(r["backend"], r["mode"]) for r in ok} == {
-        (b, m) for b in backends for m in ("fwd", "bwd", "fwdbwd")}
+    data = json.loads((tmp_path / "cpu-smoke.json").read_text())
+    rows = data["rows"]
+    with open(tmp_path / "cpu-smoke.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == runner.COLUMNS
+        csv_rows = list(reader)
+    assert set(DESIGN_COLUMNS) <= set(runner.COLUMNS)
+    assert len(csv_rows) == len(rows) == 3 * len(backends)
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        (b, m) for b in backends for m in cases.MODES}
+    model = runner.cpu_model()
     for r in rows:
-        assert set(REQUIRED) <= set(r)
-    for r in ok:
-        assert (r["N"], r["M"], r["d"], r["C"], r["dtype"]) == (64, 69, 16, 5, "float32")
-        assert r["device"] == "cpu" and r["preset"] == "bcl" and r["commit"]
-        for key in ("median_ms", "p20_ms", "p80_ms", "tflops"):
-            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-        assert r["peak_MB"] is None or r["peak_MB"] >= 0
-    # A peer that is not installed gives rows with a reason instead of a crash.
-    peer = [r for r in rows if r["backend"] == "pml_supcon"]
-    assert peer and all(r["status"] in ("ok", "skipped") for r in peer)
-    assert all(r["reason"] for r in peer if r["status"] == "skipped")
-    # Generous bound: the machine may be shared; the run itself is a few seconds when idle.
-    assert elapsed < 90
+        assert set(runner.COLUMNS) <= set(r)
+        assert r["commit"] and r["commit"] != "unknown"
+        assert r["cpu_model"] == model and model
+        assert (r["N"], r["M"], r["d"], r["C"], r["dtype"], r["device"]) == (
+            64, 69, 16, 5, "float32", "cpu")
+        assert r["torch"] == torch.__version__ and r["preset"] == "bcl"
+    by_impl = {b: [r for r in rows if r["impl"] == b] for b in backends}
+    for impl in ["reference"] + ([fused] if fused else []):
+        for r in by_impl[impl]:
+            assert r["status"] == "ok", r
+            assert r["threads"] == 1 and r["samples"] >= 1
+            for key in ("median_ms", "p20_ms", "p80_ms", "tflops"):
+                assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["peak_MB"] is None or r["peak_MB"] >= 0
+    # The API refuses the algorithm (TypeError before algorithm= exists, ValueError after).
+    for r in by_impl["reference:bogus"]:
+        assert r["status"] == "error" and r["algorithm"] == "bogus"
+        assert "algorithm" in r["reason"] and r["median_ms"] is None
+    for r in by_impl["triton"]:
+        assert r["status"] == "skipped" and "cuda" in r["reason"]
+
+
+def test_isolation_env_shares_a_worker_and_sets_the_case_env(tmp_path):
+    """--isolation env with a case environment: the variable reaches that case's worker (a bad
+    PYTHONHOME stops the interpreter, which becomes an error row), the others still run."""
+    cmd = [sys.executable, os.path.join(BENCH, "bench_loss.py"), "--device", "cpu",
+           "--backends", "reference,reference{PYTHONHOME=/nonexistent}", "--sizes", "32", "48",
+           "--d", "8", "--C", "3", "--modes", "fwd", "--rep-ms", "10", "--warmup", "0",
+           "--threads", "1", "--isolation", "env", "--plot", "none", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "cpu-bcl.json").read_text())["rows"]
+    status = {(r["impl"], r["N"]): r["status"] for r in rows}
+    assert status == {("reference", 32): "ok", ("reference", 48): "ok",
+                      ("reference{PYTHONHOME=/nonexistent}", 32): "error",
+                      ("reference{PYTHONHOME=/nonexistent}", 48): "error"}
+    assert all(r["env"] == "PYTHONHOME=/nonexistent" for r in rows if r["status"] == "error")
+
+
+def test_benchmark_suite_is_not_in_make_test():
+    """`make test` runs `pytest -q`, which collects testpaths only: the pytest-benchmark suite in
+    bench/ runs through `make bench`."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        config = tomllib.load(f)
+    assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_check.sh")], check=True)
