@@ -41,10 +41,15 @@ demo: install
 	@test -d $(FMNIST_DIR) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(BIN)/python -m rcl_train.demo --data-root $(FMNIST_DIR)
 
-# CPU benchmark of the foundation's sizes (results under bench/results/); on a GPU machine run
-# bench/gpu_check.sh instead.
+# The pytest-benchmark suite of the timing cases (bench/test_speed.py; GPU cases only where a GPU
+# is), compared with the latest run saved in bench/results/pytest-benchmark. Save a run with
+# BENCH_ARGS=--benchmark-save=NAME; fail on a slowdown with
+# BENCH_ARGS=--benchmark-compare-fail=median:10%. Memory, baselines and plots come from the
+# standalone runner, bench/bench_loss.py; on a GPU machine run bench/gpu_check.sh.
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python bench/bench_loss.py --device cpu
+	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-storage=bench/results/pytest-benchmark \
+	  --benchmark-compare $(BENCH_ARGS)
 
 # Compile-only check of every CUDA source for each architecture (no GPU needed), with the
 # defines PyTorch's CUDAExtension passes to nvcc. The torch bindings (csrc/cuda/*.cpp) are
