@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import rcl_kernels as rk  # noqa: E402
+import cases
+import runner
 
 
 def categorize(name):
@@ -72,43 +69,33 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     n, c, d = args.N, args.C, args.d
-    m = n + c
-    g = torch.Generator().manual_seed(0)
-    feats = F.normalize(torch.randn(n // 2, 2, d, generator=g), dim=-1).requires_grad_()
-    labels = torch.randint(0, c, (n // 2,), generator=g)
-    centers = F.normalize(torch.randn(c, d, generator=g), dim=-1).requires_grad_()
-
-    def fwd():
-        return rk.bcl_loss(feats, labels, centers, backend="cpu")
-
+    m = cases.columns_for("bcl", "cpu", n, c)
+    case = cases.build(cases.Impl("cpu"), "bcl", n, d, c, "float32", "cpu")
     for _ in range(2):  # warm-up
-        torch.autograd.grad(fwd(), (feats, centers))
+        case.backward(case.forward())
     result = {"N": n, "M": m, "d": d, "C": c, "threads": args.threads,
-              "torch": torch.__version__, "loadavg_before": os.getloadavg()}
-    result["forward"] = profile_phase(fwd, args.threads)
-    loss = fwd()
-    result["backward"] = profile_phase(lambda: torch.autograd.grad(loss, (feats, centers)),
-                                       args.threads)
+              "cpu_model": runner.cpu_model(), "torch": torch.__version__,
+              "commit": runner.git_commit(), "loadavg_before": os.getloadavg()}
+    result["forward"] = profile_phase(case.forward, args.threads)
+    loss = case.forward()
+    result["backward"] = profile_phase(lambda: case.backward(loss), args.threads)
 
     # The pieces alone, same thread count.
-    z = feats.detach().reshape(n, d)
+    feats, centers = case.leaves
+    z = feats.detach().transpose(0, 1).reshape(n, d)
     k = torch.cat([z, centers.detach()])
     out = torch.empty(n, m)
 
-    def best_ms(fn, reps=3):
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return min(ts)
+    def median_ms(fn):
+        return Timer(stmt="fn()", globals={"fn": fn}, num_threads=args.threads
+                     ).blocked_autorange(min_run_time=0.5).median * 1e3
 
-    gemm = best_ms(lambda: torch.mm(z, k.t(), out=out))
+    gemm = median_ms(lambda: torch.mm(z, k.t(), out=out))
     result["alone"] = {
         "gemm_NxM_ms": gemm, "gemm_GFLOPs": 2 * n * m * d / gemm / 1e6,
-        "exp_NxM_ms": best_ms(lambda: out.exp_().clamp_(max=1.0)),
-        "note": "one N x M GEMM (2NMd flops) and one exp over N*M floats; the forward does 1 "
-                "GEMM + 1 exp, the backward 4 GEMM-sized products (2 recomputes + 2) + 2 exp",
+        "exp_NxM_ms": median_ms(lambda: out.exp_().clamp_(max=1.0)),
+        "timer": "torch.utils.benchmark.Timer.blocked_autorange, median",
+        "note": "one N x M GEMM (2NMd flops) and one exp over N*M floats",
     }
     result["loadavg_after"] = os.getloadavg()
     text = json.dumps(result, indent=1)
