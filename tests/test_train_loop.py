@@ -41,10 +41,12 @@ def test_two_step_smoke(fashion_root, tmp_path, loss, capsys):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def test_full_run_writes_metrics_and_plots(fashion_root, tmp_path):
+def test_full_run_writes_metrics_and_plots(fashion_root, tmp_path, capsys):
     args = tiny_args(fashion_root, tmp_path, "--loss", "rcl", "--loss-backend", "auto")
     args.remove("--no-plots")
     assert main(args) == 0
+    assert (f"report: {tmp_path}/report.json (curves.png, confusion.png, metrics.jsonl, "
+            "checkpoint.pt)") in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all("test_balanced_accuracy" in r and r["lr"] > 0 and "con" in r for r in rows)
@@ -69,6 +71,13 @@ def test_resume_matches_uninterrupted(fashion_root, tmp_path, stop_at):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_no_plots_names_only_the_files_written(fashion_root, tmp_path, capsys):
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "none", "--max-steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path}/report.json (metrics.jsonl, checkpoint.pt)" in out
+    assert ".png" not in out and not list(tmp_path.glob("*.png"))
 
 
 def test_resume_refuses_other_settings(fashion_root, tmp_path, capsys):

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         return 3
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
         print(summary_text(rep))
-        print(f"report: {cfg.out}/report.json (curves.png, confusion.png, metrics.jsonl, checkpoint.pt)")
+        print(f"report: {cfg.out}/report.json ({', '.join(rep['files'][1:])})")
     return 0
 
 

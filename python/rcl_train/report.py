@@ -107,11 +107,16 @@ def plot_confusion(path: str, confusion: list[list[int]], class_names: list[str]
 
 
 def write_report(out_dir: str, rep: dict, history: list[dict], class_names: list[str],
-                 plots: bool = True) -> None:
+                 plots: bool = True) -> list[str]:
+    """Write report.json (and the PNGs when `plots`); return the names of the files written."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(rep, f, indent=2)
+    written = ["report.json"]
     if plots:
         if history:
             plot_curves(os.path.join(out_dir, "curves.png"), history)
+            written.append("curves.png")
         plot_confusion(os.path.join(out_dir, "confusion.png"), rep["confusion_matrix"], class_names)
+        written.append("confusion.png")
+    return written

@@ -274,7 +274,9 @@ class Trainer:
             "train_images": n, "class_counts": self.class_counts.tolist(),
             "test_images": len(self.data.test_y), "loss_backend": cfg.loss_backend,
         })
-        report_mod.write_report(cfg.out, rep, self.history, self.data.class_names, plots=cfg.plots)
+        written = report_mod.write_report(cfg.out, rep, self.history, self.data.class_names,
+                                          plots=cfg.plots)
+        rep["files"] = written + [METRICS_NAME, CHECKPOINT_NAME]  # for the CLI's last line
         return rep
 
     @staticmethod
