@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import report as report_mod
 from .augment import build_augment
@@ -53,10 +54,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a declared dependency of the harness
-        return None
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled or None,
                 dynamic_ncols=True, leave=True)
 
@@ -232,10 +229,9 @@ class Trainer:
                     ep_images += len(idx)
                     for k, v in parts.items():
                         sums[k] = sums.get(k, 0.0) + v
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(epoch=self.epoch, loss=f"{parts['loss']:.3f}",
-                                        lr=f"{parts['lr']:.4f}", img_s=f"{len(idx) / dt:.0f}")
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch, loss=f"{parts['loss']:.3f}",
+                                    lr=f"{parts['lr']:.4f}", img_s=f"{len(idx) / dt:.0f}")
                 if stopped and self.batch < self.steps_per_epoch:
                     break  # mid-epoch stop: the checkpoint below records the position
                 ep_time = time.perf_counter() - ep_t0
@@ -255,14 +251,10 @@ class Trainer:
                     f.write(json.dumps(row) + "\n")
                 self.epoch += 1
                 self.batch = 0
-                if bar is not None:
-                    bar.write(self._epoch_line(row))
-                else:
-                    self.log(self._epoch_line(row))
+                (bar.write if cfg.progress else self.log)(self._epoch_line(row))
                 self._save()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if stopped:
             self._save()
         final = last_eval if (last_eval is not None and not stopped) else self.evaluate()
