@@ -3,6 +3,8 @@ augmentation shapes, metrics and the schedule."""
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 
 import numpy as np
@@ -12,7 +14,7 @@ from train_fakes import write_fake_cifar, write_fake_fashion
 
 from rcl_train import data as D
 from rcl_train.metrics import compute_metrics, group_of
-from rcl_train.optim import WarmupCosine
+from rcl_train.optim import build_scheduler, warmup_steps_used
 
 
 def test_idx_roundtrip(tmp_path):
@@ -178,9 +180,33 @@ def test_metrics_groups_and_balanced_accuracy():
     assert m2["medium"] is None and m2["few"] is None and m2["per_class"][2]["accuracy"] is None
 
 
-def test_warmup_cosine():
-    s = WarmupCosine(0.1, total_steps=100, warmup_steps=10)
-    assert s(0) == pytest.approx(0.01) and s(9) == pytest.approx(0.1)
-    assert s(10) == pytest.approx(0.1) and s(55) == pytest.approx(0.05)
-    assert s(99) < 1e-3
-    assert WarmupCosine(0.1, total_steps=10, warmup_steps=50).warmup == 2  # capped at a fifth
+def test_warmup_cosine_schedule_follows_the_formula():
+    """The LambdaLR gives, step after step, lr = base * (s+1)/w during the warm-up and then
+    base/2 * (1 + cos(pi * (s-w)/(T-w))); resumed from its state_dict it continues the same."""
+    base, total, warmup = 0.1, 100, 10
+    formula = [base * (s + 1) / warmup if s < warmup
+               else 0.5 * base * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+               for s in range(total)]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = build_scheduler(opt, total, warmup)
+    lrs = []
+    for s in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        if s == 40:
+            saved = (copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()))
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(formula, rel=1e-12, abs=0)
+    assert lrs[9] == pytest.approx(base) and lrs[55] == pytest.approx(base / 2) and lrs[99] < 1e-3
+    # a fresh optimizer and scheduler loaded from step 40's state give the same lrs from there on
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched2 = build_scheduler(opt2, total, warmup)
+    opt2.load_state_dict(saved[0])
+    sched2.load_state_dict(saved[1])
+    resumed = []
+    for _ in range(40, total):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == lrs[40:]
+    assert warmup_steps_used(10, 50) == 2  # warm-up capped at a fifth of the run

@@ -18,7 +18,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 # What every checkpoint of ours holds (a "foreign" file lacks some).
-CHECKPOINT_KEYS = ("config", "model", "optimizer", "epoch", "batch", "global_step", "history", "rng")
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "epoch", "batch", "global_step",
+                   "history", "rng")
 
 
 def rng_state() -> dict:

@@ -25,7 +25,7 @@ from . import distributed as dist_run
 from .losses import Objective
 from .metrics import compute_metrics, predict
 from .models import build_model, default_arch
-from .optim import WarmupCosine, build_optimizer
+from .optim import build_optimizer, build_scheduler
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -92,8 +92,8 @@ class Trainer:
         if self.dist is not None:
             self.train_model = self.dist.wrap(self.model, self.objective, self.device,
                                               self.batch_size)
-        self.schedule = WarmupCosine(cfg.lr, self.total_steps,
-                                     round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps,
+                                         round(cfg.warmup_epochs * self.steps_per_epoch))
         self.train_x = self.data.train_x.to(self.device)
         self.train_y = self.data.train_y.to(self.device)
         # position: next (epoch, batch) to run
@@ -125,7 +125,8 @@ class Trainer:
         save_checkpoint(
             self.ckpt_path,
             config=self.cfg.to_dict(), model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(), epoch=self.epoch, batch=self.batch,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            epoch=self.epoch, batch=self.batch,
             global_step=self.global_step, history=self.history,
             wall_time=self.previous_wall + (time.perf_counter() - self.t0),
         )
@@ -137,6 +138,7 @@ class Trainer:
         try:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"--resume: {path}: the saved model or optimizer does not fit this "
                              f"run ({error_reason(e)})") from e
@@ -157,7 +159,7 @@ class Trainer:
         cls_view, v1, v2 = self.augment(x)
         if self.dist is not None:  # this rank's share of the augmented global batch
             y, cls_view, v1, v2 = self.dist.local_share(y, cls_view, v1, v2)
-        lr = self.schedule.apply(self.optimizer, self.global_step)
+        lr = self.optimizer.param_groups[0]["lr"]
         B = len(y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.objective.needs_contrastive:
@@ -187,6 +189,7 @@ class Trainer:
                 f"lr {lr:.4g}; loss {out['loss']}, max |gradient| {values[-1]}): stopped before "
                 f"the optimizer step. {self._kept_checkpoint()} Try a lower --lr.")
         self.optimizer.step()
+        self.scheduler.step()
         out["lr"] = lr
         return out
 
