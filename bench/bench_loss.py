@@ -10,7 +10,7 @@ same run. How it times and measures memory, and how cases are isolated: bench/ru
 Writes <out>/<device>-<tag>.json ({"meta", "rows"}), .csv (the rows) and .png, and prints a
 markdown table (median ms / peak MB per implementation). Rows are long-format: backend, mode, N,
 M, d, C, dtype, median_ms, p20_ms, p80_ms, peak_MB, tflops, device, torch, triton, commit, plus
-impl, algorithm, env, preset, status (ok, skipped, error, oom, timeout), reason, lscpu's
+impl, algorithm, env, preset, status (ok, skipped, error, oom, timeout, not_run), reason, lscpu's
 cpu_model, threads, timer, ... A case that is skipped, fails, runs out of memory or times out is
 a row with its reason, never the end of the run.
 

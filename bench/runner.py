@@ -379,7 +379,7 @@ def make_rows(specs, results, meta) -> list[dict]:
         impl = cases.parse_impl(spec["impl"])
         for mode in spec["modes"]:
             res = results.get(spec["id"], {}).get(mode) or spec.get("skip") or {
-                "status": "error", "reason": "no result"}
+                "status": "not_run", "reason": "the run stopped before this case"}
             flops, formula = cases.flop_count(impl.backend, mode, spec["N"], spec["M"], spec["d"])
             median = res.get("median_ms")
             row = {key: spec.get(key) for key in ("N", "M", "d", "C", "dtype", "preset",
