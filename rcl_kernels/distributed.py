@@ -37,21 +37,24 @@ loss does not depend on the order of the anchors, only reduction="none" does.
   a positive).
 
 Requirements: every rank of the group calls the loss at the same point and runs its backward
-(forward and backward contain collectives); local sizes may differ, the feature dimension and
-dtype may not; the anchors must be on a device the group's backend handles (gloo: CPU, NCCL:
-CUDA). The only host synchronization is the gather of the local sizes (a tiny collective, which
-reads them on the host: this path is meant for eager mode, not for torch.compile's fullgraph).
+(forward and backward contain collectives). Local sizes may differ and may be 0 -- a rank without
+anchors contributes no columns, its loss is 0 with reduction "mean" or "sum" (empty with "none"),
+and it still runs the backward -- as long as one rank has anchors. The feature dimension, dtype
+and device type must be the same on every rank, and the features must require grad on every rank
+or on none. These travel with the local sizes in one small collective before any data moves: a
+disagreement, or an empty batch on every rank, raises the same ValueError on every rank. The
+anchors must be on a device the group's backend handles (gloo: CPU, NCCL: CUDA). That exchange
+is the only host synchronization; with a group that takes CPU tensors (gloo, "cpu:gloo,cuda:nccl")
+it runs on the CPU and does not wait for the device. It reads the sizes on the host: this path is
+meant for eager mode, not for torch.compile's fullgraph.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Gloo gathers through the list form of all_gather (supported by every PyTorch version) and
-# backpropagates with an all_reduce; other backends (NCCL) use the single-tensor collectives
-# (all_gather_into_tensor / reduce_scatter_tensor). Set to True to use the single-tensor forms
-# on gloo as well (the tests do, to cover that path on the CPU).
-FLAT_COLLECTIVES_ON_GLOO = False
+# Bytes kept of a dtype or device-type name in the metadata row ("torch.float8_e4m3fnuz" is 21).
+_NAME_WIDTH = 32
 
 
 def _dist():
@@ -60,84 +63,118 @@ def _dist():
     return dist
 
 
-def _use_flat_collectives(group) -> bool:
+def _flat_collectives():
+    """(all-gather, reduce-scatter) on one flat tensor. torch 2.13 renamed all_gather_into_tensor /
+    reduce_scatter_tensor to all_gather_single / reduce_scatter_single and warns (FutureWarning)
+    on every call of the old names; 2.11 and 2.12 have only the old names. Gloo implements both
+    since torch 2.2 (a gather into chunks; an all_reduce, then this rank's chunk) and NCCL
+    natively, so every backend takes this one path."""
     dist = _dist()
-    gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-    scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-    if gather is None or scatter is None:
-        return False
-    return FLAT_COLLECTIVES_ON_GLOO or dist.get_backend(group) != "gloo"
+    if hasattr(dist, "all_gather_single"):
+        return dist.all_gather_single, dist.reduce_scatter_single
+    return dist.all_gather_into_tensor, dist.reduce_scatter_tensor
 
 
-def _gather_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    dist = _dist()
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, tensor, group=group)
+class _AllGather(torch.autograd.Function):
+    """All-gather of equal-sized [n, ...] tensors into [world·n, ...] in rank order; the backward
+    sums the gradient over the ranks and keeps this rank's slice (a reduce-scatter): the gradient
+    of the sum of all ranks' losses.
 
-
-def _reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    dist = _dist()
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(output, tensor, group=group)
-
-
-def _all_gather_rows(rows: torch.Tensor, sizes: list[int], group, flat: bool) -> torch.Tensor:
-    """Concatenate the `rows` of every rank (rank r holds sizes[r] rows) in rank order."""
-    world, longest = len(sizes), max(sizes)
-    rows = rows.contiguous()
-    if rows.shape[0] < longest:  # unequal sizes: pad to the longest, gather, unpad
-        padding = rows.new_zeros((longest - rows.shape[0],) + tuple(rows.shape[1:]))
-        rows = torch.cat([rows, padding])
-    if flat:
-        gathered = rows.new_empty((world * longest,) + tuple(rows.shape[1:]))
-        _gather_flat(gathered, rows, group)
-        parts = list(gathered.split(longest))
-    else:
-        parts = [torch.empty_like(rows) for _ in range(world)]
-        _dist().all_gather(parts, rows, group=group)
-        if all(size == longest for size in sizes):
-            return torch.cat(parts)
-    if all(size == longest for size in sizes):
-        return gathered
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-
-def _sum_scatter_rows(
-    grad: torch.Tensor, sizes: list[int], rank: int, group, flat: bool
-) -> torch.Tensor:
-    """The backward of `_all_gather_rows`: sum `grad` [Σ sizes, ...] over the ranks and return the
-    rows of this rank."""
-    world, longest = len(sizes), max(sizes)
-    tail = tuple(grad.shape[1:])
-    grad = grad.contiguous()
-    if all(size == longest for size in sizes):
-        padded = grad if flat else grad.clone()  # all_reduce works in place: never on autograd's
-    else:
-        padded = grad.new_zeros((world, longest) + tail)
-        for r, part in enumerate(grad.split(sizes)):
-            padded[r, : sizes[r]] = part
-        padded = padded.view((world * longest,) + tail)
-    if flat:
-        mine = grad.new_empty((longest,) + tail)
-        _reduce_scatter_flat(mine, padded, group)
-    else:
-        _dist().all_reduce(padded, group=group)
-        mine = padded[rank * longest : (rank + 1) * longest]
-    return mine[: sizes[rank]]
-
-
-class _GatherAnchors(torch.autograd.Function):
-    """All-gather of rows whose backward sums the gradients of every rank and keeps this rank's
-    slice: the gradient of the sum of all ranks' losses."""
+    Written by hand, not torch.distributed.nn.functional.all_gather: in torch 2.13 that function
+    is deprecated and warns (FutureWarning) on every call, pointing to the private
+    torch.distributed._functional_collectives, whose own autograd gather was renamed in 2.13 too
+    (all_gather_tensor_autograd, now warning, -> all_gather_single_autograd, new in 2.13): no
+    differentiable gather that is public and silent spans torch 2.11-2.14. It also gathers into
+    a list of equal shapes (the padding below stays), and on gloo its backward emulates the
+    reduce-scatter with one scatter per rank and W stacked gradient copies, where this one
+    makes a single reduce_scatter."""
 
     @staticmethod
-    def forward(ctx, rows, sizes, rank, group, flat):
-        ctx.sizes, ctx.rank, ctx.group, ctx.flat = sizes, rank, group, flat
-        return _all_gather_rows(rows, sizes, group, flat)
+    def forward(ctx, rows, world, group):
+        ctx.world, ctx.group = world, group
+        all_gather, _ = _flat_collectives()
+        gathered = rows.new_empty((world * rows.shape[0],) + tuple(rows.shape[1:]))
+        all_gather(gathered, rows.contiguous(), group=group)
+        return gathered
 
     @staticmethod
     def backward(ctx, grad):
-        return _sum_scatter_rows(grad, ctx.sizes, ctx.rank, ctx.group, ctx.flat), None, None, None, None
+        _, reduce_scatter = _flat_collectives()
+        mine = grad.new_empty((grad.shape[0] // ctx.world,) + tuple(grad.shape[1:]))
+        reduce_scatter(mine, grad.contiguous(), group=ctx.group)
+        return mine, None, None
+
+
+def _all_gather_rows(rows: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """The rows of every rank (rank r holds sizes[r]) concatenated in rank order; differentiable."""
+    longest = max(sizes)
+    if rows.shape[0] < longest:  # the collective takes equal sizes: pad to the longest, unpad after
+        rows = torch.cat([rows, rows.new_zeros((longest - rows.shape[0],) + tuple(rows.shape[1:]))])
+    gathered = _AllGather.apply(rows, len(sizes), group)
+    if min(sizes) == longest:
+        return gathered
+    return torch.cat([part[:size] for part, size in zip(gathered.split(longest), sizes)])
+
+
+def _metadata_device(group, anchors: torch.Tensor) -> torch.device:
+    """Where this rank's metadata row goes: a device the group takes whatever device the anchors
+    are on, so that a rank with anchors on another device still joins the exchange and hears of
+    the mismatch instead of failing alone. The CPU when the group takes it (gloo,
+    "cpu:gloo,cuda:nccl": no device sync), else the anchors' device, else the current accelerator.
+    The device types come from group._device_types, what torch's own object collectives use:
+    get_backend() says "undefined" for a group initialized without naming a backend."""
+    device_types = {device.type for device in group._device_types}
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    if not device_types or anchors.device.type in device_types or accelerator is None:
+        return anchors.device
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _encode(name: str) -> list[int]:
+    codes = list(name.encode()[:_NAME_WIDTH])
+    return codes + [0] * (_NAME_WIDTH - len(codes))
+
+
+def _decode(codes: list[int]) -> str:
+    return bytes(code for code in codes if code).decode()
+
+
+def _by_rank(values: list) -> str:
+    """'float64 on ranks [0, 2], float32 on ranks [1]'"""
+    ranks: dict = {}
+    for rank, value in enumerate(values):
+        ranks.setdefault(value, []).append(rank)
+    return ", ".join(f"{value} on ranks {members}" for value, members in ranks.items())
+
+
+def _check_agreement(rows: list[list[int]]) -> list[int]:
+    """The local sizes, from every rank's metadata row; raises when the anchors cannot be gathered.
+    Every rank decides from the same rows, so every rank raises the same ValueError, before any
+    data collective: none is left waiting and none aborts on mismatched buffers."""
+    width = _NAME_WIDTH
+    sizes = [row[0] for row in rows]
+    properties = {
+        "feature dimension": [row[1] for row in rows],
+        "requires grad": [bool(row[2]) for row in rows],
+        "dtype": [_decode(row[3 : 3 + width]).removeprefix("torch.") for row in rows],
+        "device type": [_decode(row[3 + width : 3 + 2 * width]) for row in rows],
+    }
+    disagree = [f"{name}: {_by_rank(values)}" for name, values in properties.items()
+                if len(set(values)) > 1]
+    if disagree:
+        raise ValueError(
+            "features: every rank of process_group must pass features of the same feature "
+            "dimension, dtype and device type, all requiring grad or none (the backward joins a "
+            "collective); got " + "; ".join(disagree)
+        )
+    if not any(sizes):
+        raise ValueError(
+            f"features: every rank of process_group has an empty batch (local sizes {sizes}); "
+            "at least one rank needs anchors"
+        )
+    return sizes
 
 
 def _check_group(process_group):
@@ -154,37 +191,36 @@ def _check_group(process_group):
 def gather_anchors(
     anchors: torch.Tensor, labels: torch.Tensor, process_group
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(all anchors [N_all, d], their labels [N_all], offset of this rank's first anchor among them).
+    """(all anchors [N_all, d], their labels [N_all], offset of this rank's first anchor in them).
 
     On one process (process_group=None) the columns are the local anchors themselves and the
     offset is 0. With a process group the anchors of every rank are gathered in rank order (rank
-    0's N_0 rows, then rank 1's, ...), local sizes may differ; the gather is differentiable and
-    its backward returns to each rank the sum over all ranks of the gradients of its rows (see
-    the module docstring for the resulting loss/gradient convention). Labels are gathered
-    without gradient.
+    0's N_0 rows, then rank 1's, ...); local sizes may differ and may be 0 as long as one rank has
+    anchors. The gather is differentiable and its backward returns to each rank the sum over all
+    ranks of the gradients of its rows (see the module docstring for the resulting loss/gradient
+    convention). Labels are gathered without gradient.
+
+    First every rank exchanges one small row (size, feature dimension, whether the anchors require
+    grad, dtype, device type): a disagreement, or an empty batch on every rank, raises the same
+    ValueError on every rank.
     """
     if process_group is None:
         return anchors, labels, 0
     _check_group(process_group)
     dist = _dist()
-    world = dist.get_world_size(process_group)
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    needs_grad = torch.is_grad_enabled() and anchors.requires_grad
+    row = [anchors.shape[0], anchors.shape[1], int(needs_grad), *_encode(str(anchors.dtype)),
+           *_encode(anchors.device.type)]
+    if world > 1:
+        device = _metadata_device(process_group, anchors)
+        mine = torch.tensor([row], dtype=torch.int64, device=device)
+        rows = _all_gather_rows(mine, [1] * world, process_group).tolist()
+    else:
+        rows = [row]
+    sizes = _check_agreement(rows)
     if world == 1:
         return anchors, labels, 0
-    rank = dist.get_rank(process_group)
-    flat = _use_flat_collectives(process_group)
-
-    # The local sizes (and the feature dimension, checked so that a mismatch raises on every rank
-    # alike instead of failing inside the gather).
-    shape = torch.tensor([anchors.shape[0], anchors.shape[1]], dtype=torch.int64, device=anchors.device)
-    shapes = _all_gather_rows(shape[None], [1] * world, process_group, flat).tolist()
-    sizes = [n for n, _ in shapes]
-    dims = sorted({d for _, d in shapes})
-    if len(dims) > 1:
-        raise ValueError(
-            f"features: every rank must have the same feature dimension, got {[d for _, d in shapes]}"
-        )
-
-    all_anchors = _GatherAnchors.apply(anchors, sizes, rank, process_group, flat)
-    with torch.no_grad():
-        all_labels = _all_gather_rows(labels, sizes, process_group, flat)
+    all_anchors = _all_gather_rows(anchors, sizes, process_group)
+    all_labels = _all_gather_rows(labels, sizes, process_group)
     return all_anchors, all_labels, sum(sizes[:rank])

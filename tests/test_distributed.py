@@ -16,9 +16,14 @@ the single-process gradients of the same model on the global batch.
 
 Cases: presets supcon, bcl, rcl (on BCL, tail margins), rcl standalone; backends reference and cpu
 in float64 (tolerance 1e-8), cpu and Triton (interpreter; skipped with the reason when it cannot
-run) in float32 (1e-4); equal and unequal local sizes; [B, V, d] and [N, d] inputs; the list and
-the single-tensor collectives. With 2 GPUs the same checks run over NCCL for reference, cuda and
-triton (marked gpu, skipped otherwise).
+run) in float32 (1e-4); equal and unequal local sizes; [B, V, d] and [N, d] inputs. With 2 GPUs
+the same checks run over NCCL for reference, cuda and triton (marked gpu, skipped otherwise).
+
+Hostile inputs (2 processes, a spawn of their own so that a crash cannot take the matrix down):
+ranks that disagree on dtype, device type or requires_grad, or that all have an empty batch,
+must raise the same ValueError on every rank (no abort, no hang); a rank with an empty batch
+takes part like any other (loss 0, its backward joins the collective) and the others match the
+single-process oracle.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -70,17 +76,14 @@ def _cases(world):
         for backend in BACKENDS:
             for name, sizes in (("equal", equal), ("unequal", unequal)):
                 cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
-                                  sizes=sizes, flat=False))
+                                  sizes=sizes))
             if world == 2:  # [N, d] anchors: some anchors have no positive
                 cases.append(dict(kind="loss", preset=preset, backend=backend, layout="nd",
-                                  sizes=[6, 9], flat=False))
-        # the single-tensor collectives (all_gather_into_tensor / reduce_scatter_tensor) on gloo
-        cases.append(dict(kind="loss", preset=preset, backend="cpu", layout="bvd",
-                          sizes=unequal, flat=True))
+                                  sizes=[6, 9]))
         if world == 2:  # float32; Triton through its interpreter (reported as skipped if broken)
             for backend in ("cpu", "triton"):
                 cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
-                                  sizes=unequal, flat=False, dtype="float32"))
+                                  sizes=unequal, dtype="float32"))
         if world == 2:
             cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=equal,
                               reduction="mean"))
@@ -90,16 +93,45 @@ def _cases(world):
 
 
 def _gpu_cases():
-    """NCCL on 2 GPUs: every preset and GPU backend, equal and unequal sizes, and DDP."""
-    cases = []
+    """NCCL on 2 GPUs: every preset and GPU backend, equal, unequal and empty local sizes, and
+    DDP; ranks that disagree (the metadata goes through the GPU, the odd rank's too)."""
+    cases = _disagree_specs()
     for preset in PRESETS:
         for backend, dtype in (("reference", "float64"), ("cuda", "float64"), ("triton", "float32")):
-            for sizes in ([3, 3], [2, 5]):
+            for sizes in ([3, 3], [2, 5], [0, 5]):
                 cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
-                                  sizes=sizes, flat=True, dtype=dtype))
+                                  sizes=sizes, dtype=dtype))
         cases.append(dict(kind="ddp", preset=preset, backend="auto", sizes=[3, 3], reduction="mean"))
         cases.append(dict(kind="ddp", preset=preset, backend="auto", sizes=[2, 5], reduction="sum"))
     return _named(cases, seed=99000)
+
+
+# case -> the ValueError every rank must raise when the ranks' features cannot be gathered
+DISAGREEMENTS = {
+    "dtype": r"features: .*dtype: float64 on ranks \[0\], float32 on ranks \[1\]",
+    "device_type": r"features: .*device type: {device} on ranks \[0\], meta on ranks \[1\]",
+    "requires_grad": r"features: .*requires grad: True on ranks \[0\], False on ranks \[1\]",
+    "all_empty": r"features: .*empty batch",
+}
+
+
+def _disagree_specs():
+    return [dict(kind="disagree", what=what, backend="reference", sizes=[3, 3])
+            for what in DISAGREEMENTS]
+
+
+def _hostile_cases():
+    """2 processes: ranks that disagree (every rank raises), then one rank with an empty batch."""
+    cases = _disagree_specs()
+    for preset in PRESETS:
+        for backend in BACKENDS:
+            cases.append(dict(kind="loss", preset=preset, backend=backend, layout="bvd",
+                              sizes=[0, 5]))
+        cases.append(dict(kind="loss", preset=preset, backend="cpu", layout="nd", sizes=[9, 0]))
+        cases.append(dict(kind="loss", preset=preset, backend="triton", layout="bvd", sizes=[4, 0],
+                          dtype="float32"))
+        cases.append(dict(kind="ddp", preset=preset, backend="cpu", sizes=[0, 5], reduction="sum"))
+    return _named(cases, seed=77000)
 
 
 def _named(cases, seed):
@@ -107,12 +139,10 @@ def _named(cases, seed):
     for index, spec in enumerate(cases):
         spec["seed"] = seed + index
         spec.setdefault("dtype", "float64")
-        parts = [spec["kind"], spec["preset"], spec["backend"], spec.get("layout", ""),
-                 "x".join(map(str, spec["sizes"]))]
+        parts = [spec["kind"], spec.get("what", ""), spec.get("preset", ""), spec["backend"],
+                 spec.get("layout", ""), "x".join(map(str, spec["sizes"]))]
         if spec["dtype"] != "float64":
             parts.append(spec["dtype"])
-        if spec.get("flat"):
-            parts.append("flat")
         if "reduction" in spec:
             parts.append(spec["reduction"])
         out.append(("-".join(p for p in parts if p), spec))
@@ -188,10 +218,18 @@ def _case_loss(spec, rank, world, group, device):
     per_rank = [per_anchor[a:b].sum() / has_positive[a:b].sum().clamp(min=1)
                 for a, b in zip(bounds[:-1], bounds[1:])]
     (row_grad,) = torch.autograd.grad(sum(per_rank), rows, retain_graph=True)
-    mine_grad = row_grad[bounds[rank] : bounds[rank + 1]]
-    if mine.dim() == 3:
-        mine_grad = mine_grad.reshape(VIEWS, -1, DIM).transpose(0, 1)
+    mine_rows = slice(bounds[rank], bounds[rank + 1])
+    mine_grad = row_grad[mine_rows]
+    if mine.dim() == 3:  # view-major rows back to [B, V, d] (B may be 0: no -1 in the shape)
+        mine_grad = mine_grad.reshape(VIEWS, mine.shape[0], DIM).transpose(0, 1)
     _compare(errors, "loss", loss.detach(), per_rank[rank].detach(), dtype)
+    # reduction="none": this rank's rows of the single-process result; "sum": their sum
+    mine_per_anchor = per_anchor[mine_rows].detach()
+    for reduction, expected in (("none", mine_per_anchor), ("sum", mine_per_anchor.sum())):
+        with torch.no_grad():
+            got = _loss(preset, mine, labels[rank], protos, backend=backend, process_group=group,
+                        reduction=reduction)
+        _compare(errors, f"reduction={reduction}", got, expected, dtype)
     _compare(errors, "feature grad (of the sum of all ranks' losses)", mine.grad, mine_grad, dtype)
     if with_protos:
         (proto_grad,) = torch.autograd.grad(per_rank[rank], protos_sp)
@@ -201,7 +239,7 @@ def _case_loss(spec, rank, world, group, device):
 
     # Σ_r P_r·L_r / P equals the single-process mean; for [B, V, d] that is also the plain mean on
     # the [ΣB, V, d] concatenation (the reduced loss does not depend on the anchors' order).
-    p_mine = has_positive[bounds[rank] : bounds[rank + 1]].sum().to(torch.float64)
+    p_mine = has_positive[mine_rows].sum().to(torch.float64)
     totals = torch.stack([loss.detach().double() * p_mine, p_mine])
     dist.all_reduce(totals, group=group)
     if spec["layout"] == "bvd":
@@ -210,6 +248,45 @@ def _case_loss(spec, rank, world, group, device):
         single = _loss(preset, rows.detach(), row_labels, prototypes, backend="reference")
     _compare(errors, "size-weighted mean of the rank losses vs single-process mean",
              totals[0] / totals[1], single, dtype)
+    return errors
+
+
+def _case_disagree(spec, rank, world, group, device):
+    """The last rank's features differ from the others' (or every batch is empty): every rank must
+    raise the same ValueError, naming features and what each rank had, before any data moves."""
+    import torch.distributed as dist
+
+    from rcl_kernels.distributed import gather_anchors
+
+    what, odd = spec["what"], rank == world - 1
+    g = torch.Generator().manual_seed(spec["seed"])
+    features = torch.randn(3, VIEWS, DIM, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (3,), generator=g)
+    features = F.normalize(features, dim=-1).to(device)
+    features.requires_grad_(what != "requires_grad" or not odd)
+    if what == "dtype" and odd:
+        features = features.float()
+    if what == "all_empty":
+        features, labels = features[:0], labels[:0]
+    try:
+        if what == "device_type":
+            # The losses refuse meta tensors before the gather (backend selection); the gather
+            # itself must exchange its metadata without touching the odd rank's device.
+            anchors = _flatten(features)
+            gather_anchors(anchors.to("meta") if odd else anchors, labels.repeat(VIEWS), group)
+        else:
+            _loss("supcon", features, labels, None, backend=spec["backend"], process_group=group)
+        outcome = "no error"
+    except Exception as error:  # noqa: BLE001 - the outcome is what is checked
+        outcome = f"{type(error).__name__}: {error}"
+    outcomes = [None] * world
+    dist.all_gather_object(outcomes, outcome, group=group)
+    errors = []
+    if len(set(outcomes)) > 1:
+        errors.append(f"the ranks differ: {outcomes}")
+    expected = DISAGREEMENTS[what].format(device=device.type)
+    if not re.fullmatch(f"ValueError: {expected}.*", outcome, flags=re.DOTALL):
+        errors.append(f"expected a ValueError matching {expected!r}, got {outcome}")
     return errors
 
 
@@ -283,8 +360,6 @@ def _backend_skip_reason(backend, dtype, device, cache):
 def _worker(rank, world, port, out_dir, cases, dist_backend="gloo"):
     import torch.distributed as dist
 
-    from rcl_kernels import distributed as rkd
-
     torch.set_num_threads(1)
     torch.set_float32_matmul_precision("highest")
     device = torch.device("cpu")
@@ -301,14 +376,11 @@ def _worker(rank, world, port, out_dir, cases, dist_backend="gloo"):
             if reason is not None:  # the same on every rank: no collective is left waiting
                 results[case_id] = [f"SKIP: backend {spec['backend']} ({spec['dtype']}): {reason}"]
                 continue
-            rkd.FLAT_COLLECTIVES_ON_GLOO = bool(spec.get("flat"))
             try:
-                run = _case_ddp if spec["kind"] == "ddp" else _case_loss
-                results[case_id] = run(spec, rank, world, group, device)
+                run = {"loss": _case_loss, "ddp": _case_ddp, "disagree": _case_disagree}
+                results[case_id] = run[spec["kind"]](spec, rank, world, group, device)
             except Exception as error:  # recorded; the next collective re-synchronizes or times out
                 results[case_id] = [f"raised {type(error).__name__}: {error}"]
-            finally:
-                rkd.FLAT_COLLECTIVES_ON_GLOO = False
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -321,11 +393,13 @@ def _worker(rank, world, port, out_dir, cases, dist_backend="gloo"):
 _RESULTS: dict[tuple, dict] = {}
 
 
-def _results(world, tmp_path_factory, dist_backend="gloo"):
-    key = (world, dist_backend)
+def _results(world, tmp_path_factory, family="gloo"):
+    """The results of one spawn: family "gloo" (the matrix of a world size), "hostile" or "nccl"."""
+    key = (world, family)
     if key not in _RESULTS:
-        out_dir = str(tmp_path_factory.mktemp(f"dist{world}{dist_backend}"))
-        cases = _gpu_cases() if dist_backend == "nccl" else _cases(world)
+        out_dir = str(tmp_path_factory.mktemp(f"dist{world}{family}"))
+        cases = {"hostile": _hostile_cases, "nccl": _gpu_cases}.get(family, lambda: _cases(world))()
+        dist_backend = "nccl" if family == "nccl" else "gloo"
         try:
             spawn_and_wait(_worker, world, (world, free_ports(1)[0], out_dir, cases, dist_backend),
                            SPAWN_TIMEOUT_S)
@@ -363,6 +437,11 @@ def test_matches_single_process(world, case_id, tmp_path_factory):
 @pytest.mark.parametrize("case_id", [case_id for case_id, _ in _gpu_cases()])
 def test_matches_single_process_nccl(case_id, tmp_path_factory):
     _check(_results(2, tmp_path_factory, "nccl"), case_id)
+
+
+@pytest.mark.parametrize("case_id", [case_id for case_id, _ in _hostile_cases()])
+def test_hostile_inputs(case_id, tmp_path_factory):
+    _check(_results(2, tmp_path_factory, "hostile"), case_id)
 
 
 def test_uninitialized_group_is_a_value_error():
