@@ -4,7 +4,8 @@
 # shared/gpu-runs/2026-11-26-h100.md (BCL preset, forward+backward, features [N/2, 2, d]
 # normalized, long-tailed labels, the flash-attention proxy), run the GPU tests, the crossover
 # sweep of the algorithms, the per-config Triton timings, compute-sanitizer on tiny cases, and
-# print a summary with every benchmark row last. Run from the repository root:
+# print a summary with every benchmark row last (Inf-CL rows where inf_cl is installed). Run from
+# the repository root:
 #
 #     OUT=/some/dir bash bench/gpu_check.sh
 #
@@ -118,10 +119,10 @@ timeout 60 "$PY" -c "import rcl_kernels as rk; print(rk.available_backends())" >
 # ---------------------------------------------------------------- 2. the must-show rows
 # Issues 11 and 13: N = 32,768 bf16 d = 128 (each pass, against the flash proxy and eager).
 bench n32k-bf16 120 --shapes 32768:128:1000 --dtypes bf16 --modes fwd,bwd,fwdbwd \
-  --backends "$FUSED,reference,flash_sdpa"
+  --backends "$FUSED,reference,flash_sdpa,infcl"
 # Issue 11: N = 8,192 (against torch.compile of the formula) and issue 12's last row.
 bench n8k-bf16 120 --shapes 8192:128:1000 --dtypes bf16 --modes fwdbwd \
-  --backends "$FUSED,reference,reference_compile,flash_sdpa"
+  --backends "$FUSED,reference,reference_compile,flash_sdpa,infcl"
 # Issue 12: BCL's training shapes (ImageNet-LT, iNaturalist, CIFAR-100), fp32 "highest" and bf16.
 bench bcl-shapes 120 --shapes 512:1024:1000 512:1024:8142 512:128:100 --dtypes fp32 bf16 \
   --modes fwdbwd --backends "$FUSED,reference"
@@ -130,7 +131,7 @@ bench n32k-fp32 90 --shapes 32768:128:1000 --dtypes tf32 fp32 --modes fwdbwd \
   --backends "$FUSED,reference"
 # Issues 11 and 13: N = 131,072 bf16.
 bench n131k-bf16 90 --shapes 131072:128:1000 --dtypes bf16 --modes fwdbwd \
-  --backends "$FUSED,flash_sdpa"
+  --backends "$FUSED,flash_sdpa,infcl"
 
 # ---------------------------------------------------------------- 3. GPU tests
 # Triton kernels with their first config only (autotuning every shape of the suite would cost
