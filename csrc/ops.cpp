@@ -1,4 +1,4 @@
-// Schemas of the fused ops and the Python module stub for rcl_kernels._C.
+// Schemas of the kernel ops and the Python module stub for rcl_kernels._C.
 //
 // The ops compute only the part of the loss that needs N x M tiles: a masked, biased log-sum-exp
 // per anchor row ("attention whose output is the LSE"). The positive terms of the loss are
@@ -13,9 +13,16 @@
 // float16); labels int64; row_bias [N], col_bias [M] and lse [N] in the accumulation dtype
 // (float32, or float64 for float64 inputs). dz and dk come back in the accumulation dtype too:
 // the caller adds the positive-term gradients before the one rounding to the input dtype (two
-// half-precision gradients of opposite sign would cancel badly). allow_tf32 asks for TF32
-// tensor-core products on float32 inputs (float32 matmul precision "high"/"medium"); the CPU
-// kernel ignores it.
+// half-precision gradients of opposite sign would cancel badly).
+//
+// One pair of ops per backend and algorithm, so that the backend object chosen in Python
+// (rcl_kernels/backends.py) names the kernel it runs and the dispatcher has nothing left to pick:
+//   cpu_lse_*   the CPU streaming kernel (csrc/cpu/masked_lse_cpu.cpp);
+//   cuda_lse_*  the CUDA streaming kernels (csrc/cuda/), with the split counts of
+//               rcl_kernels/planner.py; allow_tf32 asks for TF32 tensor-core products on float32
+//               inputs (float32 matmul precision "high"/"medium").
+// The Triton pair (triton_lse_*) is a Python custom op with the same signature as cuda_lse_*
+// minus the split counts (rcl_kernels/_ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,10 +36,18 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(rcl_kernels, m) {
   m.def(
-      "masked_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
-      "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32) -> Tensor");
+      "cpu_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "Tensor row_bias, Tensor col_bias, int self_offset, float scale) -> Tensor");
   m.def(
-      "masked_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "cpu_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
-      "float scale, bool allow_tf32) -> (Tensor, Tensor)");
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32, "
+      "int col_splits) -> Tensor");
+  m.def(
+      "cuda_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
+      "float scale, bool allow_tf32, int row_pass_splits, int col_pass_splits) -> (Tensor, Tensor)");
 }

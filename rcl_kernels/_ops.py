@@ -1,18 +1,20 @@
-"""torch.library glue for the masked log-sum-exp kernels (schema and math: csrc/ops.cpp).
+"""torch.library glue of the kernel ops (schemas and math: csrc/ops.cpp).
 
-Each fused backend provides a forward and a backward op with the same signatures:
-* `rcl_kernels::masked_lse_forward/_backward`, defined in C++ (rcl_kernels._C) with a CPU and,
-  when compiled, a CUDA kernel: the "cpu" and "cuda" backends;
-* `rcl_kernels::triton_masked_lse_forward/_backward`, Python custom ops over the Triton kernels.
-All get the same fake (meta) kernels, so that torch.compile can trace the code that calls them.
-Their autograd lives one level up, in rcl_kernels.fused, where the positive terms join in.
+* `rcl_kernels::cpu_lse_*` and `rcl_kernels::cuda_lse_*` are C++ ops of rcl_kernels._C (the CUDA
+  pair exists as a schema always and has a kernel when the extension was built with nvcc);
+* `rcl_kernels::triton_lse_*` are Python custom ops over the Triton kernels.
+
+Each op has a fake kernel that checks the shapes and dtypes of its arguments, as the real kernels
+do, and returns empty outputs of the right shape: torch.compile traces through the ops with it,
+and torch.library.opcheck compares it with the real kernel. The ops have no autograd of their own:
+rcl_kernels.fused differentiates the whole loss around them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._dtypes import accumulation_dtype
+from ._dtypes import FLOATING, accumulation_dtype
 
 
 def _load_extension() -> str | None:
@@ -27,64 +29,78 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR = _load_extension()
 
 
-def _fake_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
+def compiled_kernel_for(op_name: str, dispatch_key: str) -> bool:
+    """Whether rcl_kernels._C holds a kernel of `rcl_kernels::<op_name>` for `dispatch_key`."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rcl_kernels::{op_name}", dispatch_key)
+
+
+def check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse=None, grad_lse=None):
+    """The argument contract of every LSE kernel op (csrc/ops.cpp), as torch._check calls so that
+    it holds for fake tensors too."""
+    torch._check(z.dim() == 2 and k.dim() == 2, lambda: f"z and k must be 2-D, got {z.shape}, {k.shape}")
+    n, m = z.shape[0], k.shape[0]
+    torch._check(z.shape[1] == k.shape[1], lambda: f"z {tuple(z.shape)} and k {tuple(k.shape)} must share d")
+    torch._check(z.dtype in FLOATING and k.dtype == z.dtype,
+                 lambda: f"z and k must share a floating dtype, got {z.dtype} and {k.dtype}")
+    acc = accumulation_dtype(z.dtype)
+    vectors = {"row_labels": (row_labels, n, torch.int64), "col_labels": (col_labels, m, torch.int64),
+               "row_bias": (row_bias, n, acc), "col_bias": (col_bias, m, acc)}
+    if lse is not None:
+        vectors["lse"] = (lse, n, acc)
+    if grad_lse is not None:
+        vectors["grad_lse"] = (grad_lse, n, acc)
+    for name, (vector, length, dtype) in vectors.items():
+        torch._check(vector.shape == (length,) and vector.dtype == dtype,
+                     lambda: f"{name} must be {dtype} of shape ({length},), got {vector.dtype} {tuple(vector.shape)}")
+        torch._check(vector.device == z.device, lambda: f"{name} must be on {z.device}, got {vector.device}")
+    torch._check(k.device == z.device, lambda: f"k must be on {z.device}, got {k.device}")
+
+
+def _fake_forward(z, k, row_labels, col_labels, row_bias, col_bias, *options):
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias)
     return z.new_empty((z.shape[0],), dtype=accumulation_dtype(z.dtype))
 
 
-def _fake_backward(
-    grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale, allow_tf32
-):
+def _fake_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, *options):
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse)
     acc = accumulation_dtype(z.dtype)
     return z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
-@torch.library.custom_op("rcl_kernels::triton_masked_lse_forward", mutates_args=())
-def triton_masked_lse_forward(
+@torch.library.custom_op("rcl_kernels::triton_lse_forward", mutates_args=())
+def triton_lse_forward(
     z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor,
     row_bias: torch.Tensor, col_bias: torch.Tensor, self_offset: int, scale: float,
     allow_tf32: bool,
 ) -> torch.Tensor:
     from . import triton_lse
 
-    return triton_lse.masked_lse_forward(
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias)
+    return triton_lse.lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32
     )
 
 
-@torch.library.custom_op("rcl_kernels::triton_masked_lse_backward", mutates_args=())
-def triton_masked_lse_backward(
+@torch.library.custom_op("rcl_kernels::triton_lse_backward", mutates_args=())
+def triton_lse_backward(
     grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
     col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor, lse: torch.Tensor,
     self_offset: int, scale: float, allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import triton_lse
 
-    return triton_lse.masked_lse_backward(
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse)
+    return triton_lse.lse_backward(
         grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
         allow_tf32,
     )
 
 
-_FAKE_REGISTERED = ["rcl_kernels::triton_masked_lse"]
+_PREFIXES = ["rcl_kernels::triton_lse"]
 if EXTENSION_ERROR is None:
-    _FAKE_REGISTERED.append("rcl_kernels::masked_lse")
-for _prefix in _FAKE_REGISTERED:
+    _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse"]
+for _prefix in _PREFIXES:
     torch.library.register_fake(f"{_prefix}_forward")(_fake_forward)
     torch.library.register_fake(f"{_prefix}_backward")(_fake_backward)
-
-
-def lse_kernels(backend: str):
-    """(forward op, backward op) of a fused backend."""
-    if backend == "triton":
-        return torch.ops.rcl_kernels.triton_masked_lse_forward, torch.ops.rcl_kernels.triton_masked_lse_backward
-    if backend in ("cpu", "cuda"):  # one C++ op; the tensors' device picks the kernel
-        return torch.ops.rcl_kernels.masked_lse_forward, torch.ops.rcl_kernels.masked_lse_backward
-    raise ValueError(f"backend: {backend!r} has no fused kernels")
-
-
-def compiled_kernel_for(device_type: str) -> bool:
-    """Whether rcl_kernels._C holds a kernel of the C++ op for "cpu" or "cuda" tensors."""
-    if EXTENSION_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("rcl_kernels::masked_lse_forward", key)

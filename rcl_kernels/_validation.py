@@ -1,18 +1,20 @@
-"""Checks of user input. Every failure names the argument and what was expected."""
+"""Checks of user input. Every failure names the argument and what was expected.
+
+Checks that need tensor values (label ranges, class counts) read them on the host only for CPU
+tensors. On a GPU, and under torch.compile, they become device-side asserts: a loss call with a
+known number of classes never waits for the GPU.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .backends import FLOATING
+from ._dtypes import FLOATING, dtype_name
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_tensor(name: str, value, *, dims: tuple[int, ...]) -> torch.Tensor:
@@ -27,7 +29,7 @@ def check_tensor(name: str, value, *, dims: tuple[int, ...]) -> torch.Tensor:
 def check_floating(name: str, value: torch.Tensor) -> None:
     if value.dtype not in FLOATING:
         raise TypeError(
-            f"{name}: expected float32, float64, bfloat16 or float16, got {_dtype_name(value.dtype)}"
+            f"{name}: expected float32, float64, bfloat16 or float16, got {dtype_name(value.dtype)}"
         )
 
 
@@ -38,18 +40,54 @@ def check_same_device(name: str, value: torch.Tensor, features: torch.Tensor) ->
         )
 
 
-def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
+def _real(name: str, value, expected: str) -> float:
+    """A Python or NumPy real number (not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive_number(name: str, value, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+        return None
+    number = _real(name, value, "a positive number")
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return number
+
+
+def check_nonnegative_number(name: str, value) -> float:
+    number = _real(name, value, "a number >= 0")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+    return number
+
+
+def check_real_number(name: str, value) -> float:
+    number = _real(name, value, "a number")
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return number
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
 
 
 def check_reduction(reduction) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_labels(labels, rows: int, layout: str) -> torch.Tensor:
+    labels = check_tensor("labels", labels, dims=(1,))
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer tensor, got {dtype_name(labels.dtype)}")
+    if labels.shape[0] != rows:
+        raise ValueError(f"labels: {layout}; got {labels.shape[0]} labels for {rows} rows")
+    return labels.long()
 
 
 def flatten_views(features, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,19 +97,11 @@ def flatten_views(features, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """
     features = check_tensor("features", features, dims=(2, 3))
     check_floating("features", features)
-    labels = check_tensor("labels", labels, dims=(1,))
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected an integer tensor, got {_dtype_name(labels.dtype)}")
-    check_same_device("labels", labels, features)
-    if features.shape[0] == 0 or features.shape[-1] == 0 or features.numel() == 0:
+    if features.shape[0] == 0 or features.numel() == 0:
         raise ValueError(f"features: expected a non-empty batch, got shape {tuple(features.shape)}")
-    if labels.shape[0] != features.shape[0]:
-        layout = "[B, V, d] needs labels [B]" if features.dim() == 3 else "[N, d] needs labels [N]"
-        raise ValueError(
-            f"labels: features {layout}; got {labels.shape[0]} labels for "
-            f"{features.shape[0]} rows of features {tuple(features.shape)}"
-        )
-    labels = labels.long()
+    layout = "features [B, V, d] needs labels [B]" if features.dim() == 3 else "features [N, d] needs labels [N]"
+    labels = check_labels(labels, features.shape[0], f"{layout} (features {tuple(features.shape)})")
+    check_same_device("labels", labels, features)
     if features.dim() == 3:
         batch, views, dim = features.shape
         return features.transpose(0, 1).reshape(views * batch, dim), labels.repeat(views)
@@ -79,10 +109,12 @@ def flatten_views(features, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_class_table(name: str, table, features: torch.Tensor, num_classes: int | None):
-    """A per-class vector (logit_bias, margins, class_counts): 1-D, floating or integer, no grad."""
+    """A per-class vector (logit_bias, margins): 1-D, real, constant, on the features' device."""
     if table is None:
         return None
     table = check_tensor(name, table, dims=(1,))
+    if table.dtype == torch.bool or table.dtype.is_complex:
+        raise TypeError(f"{name}: expected a real tensor, got {dtype_name(table.dtype)}")
     check_same_device(name, table, features)
     if table.requires_grad:
         raise ValueError(
@@ -94,6 +126,30 @@ def check_class_table(name: str, table, features: torch.Tensor, num_classes: int
     return table
 
 
+def check_class_counts(counts, features: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """Training-set class counts (a sequence or a 1-D tensor): finite and > 0, as float64 on the
+    features' device. Sequences and CPU tensors are checked on the host; a GPU tensor by a
+    device-side assert (no sync)."""
+    if not isinstance(counts, torch.Tensor):
+        try:
+            counts = torch.as_tensor(counts, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"class_counts: expected a sequence of numbers or a tensor ({error})") from None
+        counts = counts.to(features.device)
+    counts = check_class_table("class_counts", counts, features, num_classes)
+    counts = counts.to(torch.float64)
+    if counts.numel() == 0:
+        raise ValueError("class_counts: expected a count for every class, got none")
+    valid = (counts > 0) & torch.isfinite(counts)
+    message = "class_counts: expected a finite count > 0 for every class"
+    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(valid.all()):
+            raise ValueError(f"{message}, got {counts[~valid][:5].tolist()}")
+    else:
+        torch._assert_async(valid.all(), message)
+    return counts
+
+
 def check_prototypes(prototypes, features: torch.Tensor) -> torch.Tensor | None:
     if prototypes is None:
         return None
@@ -101,8 +157,8 @@ def check_prototypes(prototypes, features: torch.Tensor) -> torch.Tensor | None:
     check_same_device("prototypes", prototypes, features)
     if prototypes.dtype != features.dtype:
         raise TypeError(
-            f"prototypes: expected dtype {_dtype_name(features.dtype)} like features, "
-            f"got {_dtype_name(prototypes.dtype)}"
+            f"prototypes: expected dtype {dtype_name(features.dtype)} like features, "
+            f"got {dtype_name(prototypes.dtype)}"
         )
     if prototypes.shape[1] != features.shape[-1]:
         raise ValueError(
@@ -115,12 +171,14 @@ def check_prototypes(prototypes, features: torch.Tensor) -> torch.Tensor | None:
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
-    """Eager only: reading the labels' range needs the values (a device sync on a GPU)."""
-    if torch.compiler.is_compiling():
+    """Labels in [0, num_classes): a ValueError for CPU tensors in eager mode; a device-side
+    assert on a GPU and under torch.compile (reading the values would wait for the device)."""
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels: expected class indices in [0, {num_classes}), got values in [{low}, {high}]"
+            )
         return
-    low, high = torch.aminmax(labels)
-    low, high = int(low), int(high)
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"labels: expected class indices in [0, {num_classes}), got values in [{low}, {high}]"
-        )
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    torch._assert_async(in_range, f"labels: expected class indices in [0, {num_classes})")

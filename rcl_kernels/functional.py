@@ -5,7 +5,6 @@ Each preset documents where its choices come from; the table in README.md sums t
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -14,44 +13,48 @@ import torch.nn.functional as F
 from . import fused, reference
 from ._dtypes import accumulation_dtype
 from ._validation import (
+    check_class_counts,
     check_class_table,
     check_label_range,
+    check_nonnegative_number,
+    check_positive_int,
     check_positive_number,
     check_prototypes,
+    check_real_number,
     check_reduction,
+    check_same_device,
+    check_labels,
     check_tensor,
     flatten_views,
 )
-from .backends import select_backend
+from .backends import Problem, select_backend
 from .distributed import gather_anchors
 
 
-def _resolve_num_classes(
-    num_classes: int | None,
-    prototypes: torch.Tensor | None,
-    tables: dict[str, torch.Tensor | None],
-    all_labels: torch.Tensor,
-) -> int:
-    """C from num_classes, the prototypes or a per-class table, all of which must agree; without
-    any of them, from the largest label (eager only: it reads the labels' values)."""
+def _classes(num_classes, prototypes, tables, all_labels):
+    """(C, column labels of the anchors) from num_classes, the prototypes or a per-class table,
+    all of which must agree. Without any of them C is read from the labels (eager only: it waits
+    for their values), and the labels are renumbered 0..C-1 over the classes present, so that a
+    huge label id costs no C x d memory (absent classes contribute nothing without prototypes)."""
     claims = {}
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-        claims["num_classes"] = num_classes
+        claims["num_classes"] = check_positive_int("num_classes", num_classes)
     if prototypes is not None:
         claims["prototypes"] = prototypes.shape[0]
     claims.update({name: table.shape[0] for name, table in tables.items() if table is not None})
     if len(set(claims.values())) > 1:
         raise ValueError(f"num_classes: the class counts implied by the arguments disagree: {claims}")
     if claims:
-        return next(iter(claims.values()))
+        return next(iter(claims.values())), all_labels
     if torch.compiler.is_compiling():
         raise ValueError(
             "num_classes: under torch.compile pass num_classes=, prototypes or a per-class table "
             "(inferring it from the labels would read their values)"
         )
-    return int(all_labels.max()) + 1
+    if int(all_labels.min()) < 0:
+        raise ValueError(f"labels: expected class indices >= 0, got {int(all_labels.min())}")
+    present, renumbered = torch.unique(all_labels, return_inverse=True)
+    return present.numel(), renumbered
 
 
 def _reduce(losses: torch.Tensor, has_positive: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -62,6 +65,19 @@ def _reduce(losses: torch.Tensor, has_positive: torch.Tensor, reduction: str) ->
         return total
     # Mean over the anchors that have a positive; 0 (with zero gradient) when none has.
     return total / has_positive.sum().clamp(min=1).to(losses.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _float32_matmul_allows_tf32() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _non_finite_poison(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """NaN when any entry is NaN or ±Inf, else 0, on the device, without a sync: the one place
+    that decides what a non-finite input gives (a NaN loss and NaN gradients, on every backend;
+    an Inf could otherwise just drop a column, or survive as ±Inf)."""
+    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.where(torch.stack(finite).all(), 0.0, float("nan"))
 
 
 def contrastive_loss(
@@ -77,6 +93,7 @@ def contrastive_loss(
     base_temperature: float | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    algorithm: str = "auto",
     process_group=None,
     num_classes: int | None = None,
 ) -> torch.Tensor:
@@ -90,57 +107,67 @@ def contrastive_loss(
     multiplied by temperature / base_temperature when base_temperature is given (SupCon).
     Anchors without a positive contribute nothing; "mean" averages over those that have one.
     logit_bias and margins are constants (not differentiated). The result is float32 for
-    float32/bfloat16/float16 features and float64 for float64 features.
+    float32/bfloat16/float16 features and float64 for float64 features; a NaN or ±Inf in the
+    features, prototypes, logit_bias or margins makes it NaN.
     backend: "auto", "reference", "cpu", "triton" or "cuda" (see rk.available_backends()).
+    algorithm: "auto" or "streaming" (flash-style kernels): which algorithm a fused backend runs.
     process_group: contrast local anchors with the anchors of every rank (rcl_kernels.distributed).
     num_classes: C when neither prototypes nor a per-class table gives it (needed under
-    torch.compile); otherwise inferred from the largest label.
+    torch.compile); otherwise inferred from the labels.
     """
     anchors, anchor_labels = flatten_views(features, labels)
     prototypes = check_prototypes(prototypes, features)
     logit_bias = check_class_table("logit_bias", logit_bias, features, None)
     margins = check_class_table("margins", margins, features, None)
-    check_positive_number("temperature", temperature)
-    check_positive_number("feature_scale", feature_scale)
-    check_positive_number("base_temperature", base_temperature, allow_none=True)
+    temperature = check_positive_number("temperature", temperature)
+    feature_scale = check_positive_number("feature_scale", feature_scale)
+    base_temperature = check_positive_number("base_temperature", base_temperature, allow_none=True)
     check_reduction(reduction)
     if not isinstance(class_averaging, bool):
         raise TypeError(f"class_averaging: expected a bool, got {type(class_averaging).__name__}")
-    impl = select_backend(backend, anchors)
 
     all_anchors, all_labels, self_offset = gather_anchors(anchors, anchor_labels, process_group)
-    num_classes = _resolve_num_classes(
+    num_classes, all_labels = _classes(
         num_classes, prototypes, {"logit_bias": logit_bias, "margins": margins}, all_labels
     )
     check_label_range(all_labels, num_classes)
+    anchor_labels = all_labels[self_offset : self_offset + anchors.shape[0]]
 
     columns, column_labels = all_anchors, all_labels
     if prototypes is not None:
         columns = torch.cat([all_anchors, prototypes])
         prototype_labels = torch.arange(num_classes, device=anchors.device)
         column_labels = torch.cat([all_labels, prototype_labels])
-    zeros = torch.zeros(num_classes, dtype=accumulation_dtype(anchors.dtype), device=anchors.device)
-    per_anchor = reference.per_anchor_loss
+    # float32 inputs follow PyTorch's matmul precision, as torch.matmul does.
+    allow_tf32 = anchors.dtype == torch.float32 and _float32_matmul_allows_tf32()
+    problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0], anchors.shape[1])
+    impl, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
+    scale = feature_scale**2 / temperature
+    anchors = anchors.contiguous()
     if impl.fused:
-        per_anchor = functools.partial(fused.per_anchor_loss, backend=impl.name)
-    losses, has_positive = per_anchor(
-        anchors.contiguous(),
-        anchor_labels,
-        columns.contiguous(),
-        column_labels,
-        self_offset=self_offset,
-        num_classes=num_classes,
-        scale=feature_scale**2 / temperature,
-        bias=zeros if logit_bias is None else logit_bias,
-        margin=zeros if margins is None else margins,
-        class_averaging=class_averaging,
-    )
+        acc = accumulation_dtype(anchors.dtype)
+        tables = fused.class_tables(anchor_labels, column_labels, logit_bias, margins, num_classes,
+                                    class_averaging, acc, anchors.device)
+        losses = fused.per_anchor_loss(
+            impl.kernels[algorithm], anchors, anchor_labels,
+            None if columns is anchors else columns.contiguous(), column_labels,
+            self_offset=self_offset, num_classes=num_classes, scale=scale, tables=tables,
+            allow_tf32=allow_tf32,
+        )
+        has_positive = tables.n_positive > 0
+    else:
+        zeros = torch.zeros(num_classes, dtype=anchors.dtype, device=anchors.device)
+        losses, has_positive = reference.per_anchor_loss(
+            anchors, anchor_labels, columns, column_labels, self_offset=self_offset,
+            num_classes=num_classes, scale=scale,
+            bias=zeros if logit_bias is None else logit_bias,
+            margin=zeros if margins is None else margins,
+            class_averaging=class_averaging,
+        )
     loss = _reduce(losses.to(accumulation_dtype(anchors.dtype)), has_positive, reduction)
-    # A NaN or ±Inf anywhere in the columns makes the loss NaN (an Inf could otherwise just drop
-    # a column, or survive as ±Inf): on the device, without a sync. Added rather than selected,
-    # so that the gradient still flows through the kernels and comes out NaN, as for built-ins.
-    poison = torch.where(torch.isfinite(columns).all(), 0.0, float("nan")).to(loss.dtype)
-    loss = loss + poison
+    # A factor of exactly 1 (or NaN) rather than a selection: the gradient still flows, and comes
+    # out NaN for a non-finite input as for built-ins, whichever input it was.
+    loss = loss * (1 + _non_finite_poison(columns, logit_bias, margins).to(loss.dtype))
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss
@@ -171,19 +198,16 @@ def bcl_loss(
     columns and positives (class-complement), each class enters the denominator as one averaged
     term with batch counts that include the centers (class-averaging), temperature without a
     base temperature, mean over all anchors."""
+    if centers is None:
+        raise ValueError("centers: BCL needs the class centers [C, d] (use supcon_loss without them)")
     return contrastive_loss(
         features, labels, centers, temperature=temperature, class_averaging=True, **kwargs
     )
 
 
 def class_prior(class_counts, features: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """π_c = n_c / Σ n from training-set class counts (a sequence or a 1-D tensor, all > 0)."""
-    if not isinstance(class_counts, torch.Tensor):
-        class_counts = torch.as_tensor(class_counts)
-    counts = check_class_table("class_counts", class_counts, features, num_classes)
-    counts = counts.to(torch.float64)
-    if counts.numel() == 0 or not torch.compiler.is_compiling() and bool((counts <= 0).any()):
-        raise ValueError("class_counts: expected a positive count for every class")
+    """π_c = n_c / Σ n (float64) from training-set class counts (a sequence or a 1-D tensor)."""
+    counts = check_class_counts(class_counts, features, num_classes)
     return counts / counts.sum()
 
 
@@ -211,9 +235,7 @@ def rcl_loss(
     centers=None (standalone) there is no class averaging unless class_averaging=True.
     """
     prior = class_prior(class_counts, features, None if centers is None else centers.shape[0])
-    check_positive_number("feature_scale", feature_scale)
-    if isinstance(tail_margin, bool) or not isinstance(tail_margin, (int, float)) or tail_margin < 0:
-        raise ValueError(f"tail_margin: expected a number >= 0, got {tail_margin!r}")
+    tail_margin = check_nonnegative_number("tail_margin", tail_margin)
     margins = None
     if tail_margin > 0:
         margins = tail_margin * (prior.min() / prior) ** 0.25
@@ -243,11 +265,11 @@ def logit_adjusted_cross_entropy(
     logits = check_tensor("logits", logits, dims=(2,))
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits: expected a floating tensor, got {logits.dtype}")
-    labels = check_tensor("labels", labels, dims=(1,))
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels: expected {logits.shape[0]} labels for logits {tuple(logits.shape)}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau: expected a number, got {type(tau).__name__}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"logits: expected a non-empty batch, got shape {tuple(logits.shape)}")
+    labels = check_labels(labels, logits.shape[0], f"logits {tuple(logits.shape)} need one label per row")
+    check_same_device("labels", labels, logits)
+    tau = check_real_number("tau", tau)
     prior = class_prior(class_counts, logits, logits.shape[1])
     check_label_range(labels, logits.shape[1])
-    return F.cross_entropy(logits + (tau * torch.log(prior)).to(logits.dtype), labels.long())
+    return F.cross_entropy(logits + (tau * torch.log(prior)).to(logits.dtype), labels)

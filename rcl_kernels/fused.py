@@ -1,7 +1,7 @@
 """The general op (DESIGN §1) without any N x M buffer, shared by every fused backend.
 
-Only the weighted, masked log-sum-exp needs tiles; the backend's kernels (rcl_kernels._ops)
-compute it and its gradient. Everything else is O((N + M)·d) work here:
+Only the weighted, masked log-sum-exp needs tiles; a backend's `Kernels` compute it and its
+gradient. Everything else is O((N + M)·d) work in plain PyTorch here, where torch.compile sees it:
 
 * class averaging and the per-class tables fold into two bias vectors, since
   log(w_ij·exp(t_ij)) = s·<z_i, k_j> + (b[l_j] − m[y_i] − log(n[y_i] − 1))  if l_j = y_i
@@ -12,158 +12,129 @@ compute it and its gradient. Everything else is O((N + M)·d) work here:
   and its gradient is a segment sum too: with h_i = g_i·s / |Pos(i)| and U_c = Σ_{i: y_i=c} h_i z_i,
       dz_i −= h_i·(S_{y_i} − k_self(i)),   dk_j −= U_{l_j},   dk_self(i) += h_i z_i.
 
-The whole per-anchor loss is one custom op with its own backward op, so that the gradients of the
-log-sum-exp and of the positive term meet in float32 and are rounded to the input dtype once.
+The per-anchor loss is one autograd.Function around the kernels, so that the gradients of the
+log-sum-exp and of the positive term meet in float32 and are rounded to the input dtype once (two
+half-precision gradients of opposite sign would cancel badly). Second derivatives are not
+implemented by the kernels: differentiating the backward raises instead of returning zeros.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._dtypes import accumulation_dtype
-from ._ops import lse_kernels
+
+DOUBLE_BACKWARD_ERROR = (
+    "rcl_kernels: the fused backends have no second derivatives (double backward: "
+    "create_graph=True followed by another backward, gradient penalties, nested torch.func.grad); "
+    "use backend='reference' for those"
+)
 
 
-def _class_tables(labels, col_labels, bias, margin, num_classes, class_averaging, acc):
-    """(column counts per class [C], row_bias [N], col_bias [M]) in the accumulation dtype."""
-    counts = torch.zeros(num_classes, dtype=acc, device=labels.device)
+class ClassTables(NamedTuple):
+    """The per-class constants of one call, in the accumulation dtype (no gradient)."""
+
+    row_bias: torch.Tensor  # [N] bias of an anchor's own-class columns
+    col_bias: torch.Tensor  # [M] bias of a column for anchors of other classes
+    n_positive: torch.Tensor  # [N] |Pos(i)|
+    positive_bias: torch.Tensor  # [N] b[y_i] − m[y_i], the bias part of the positives' mean
+
+
+def class_tables(labels, col_labels, bias, margin, num_classes, class_averaging, acc, device):
+    """ClassTables from the labels and the optional per-class bias and margin tables."""
+    counts = torch.zeros(num_classes, dtype=acc, device=device)
     counts.index_add_(0, col_labels, torch.ones_like(col_labels, dtype=acc))
-    other_class = bias.to(acc)
-    same_class = bias.to(acc) - margin.to(acc)
+    other_class = torch.zeros(num_classes, dtype=acc, device=device) if bias is None else bias.to(acc)
+    same_class = other_class if margin is None else other_class - margin.to(acc)
+    positive_bias = same_class[labels]
     if class_averaging:
         other_class = other_class - torch.log(counts.clamp(min=1))
         # n[c] − 1 = 0 means the only column of class c is the anchor itself, which is masked.
         same_class = same_class - torch.log((counts - 1).clamp(min=1))
-    return counts, same_class[labels], other_class[col_labels]
+    return ClassTables(same_class[labels], other_class[col_labels], counts[labels] - 1, positive_bias)
 
 
-def _positive_sums(z, k, labels, col_labels, self_offset, num_classes, acc):
-    """Σ_{j∈Pos(i)} k_j for every anchor, as S_{y_i} − k_self(i)."""
-    k_acc = k.to(acc)
-    class_sums = torch.zeros(num_classes, k.shape[1], dtype=acc, device=k.device)
+def _positive_sums(z, k, labels, col_labels, self_offset, num_classes):
+    """Σ_{j∈Pos(i)} k_j for every anchor, as S_{y_i} − k_self(i), in the accumulation dtype."""
+    k_acc = k.to(accumulation_dtype(k.dtype))
+    class_sums = k_acc.new_zeros(num_classes, k.shape[1])
     class_sums.index_add_(0, col_labels, k_acc)
     return class_sums[labels] - k_acc[self_offset : self_offset + z.shape[0]]
 
 
-@torch.library.custom_op("rcl_kernels::fused_per_anchor_loss", mutates_args=())
-def fused_per_anchor_loss(
-    z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, col_labels: torch.Tensor,
-    bias: torch.Tensor, margin: torch.Tensor, self_offset: int, num_classes: int, scale: float,
-    class_averaging: bool, allow_tf32: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(losses [N], has_positive [N], lse [N]); lse is kept for the backward."""
-    acc = accumulation_dtype(z.dtype)
-    counts, row_bias, col_bias = _class_tables(
-        labels, col_labels, bias, margin, num_classes, class_averaging, acc
-    )
-    forward, _ = lse_kernels(backend)
-    lse = forward(z, k, labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32)
-    positive_sums = _positive_sums(z, k, labels, col_labels, self_offset, num_classes, acc)
-    n_positive = counts[labels] - 1
-    has_positive = n_positive > 0
-    positive_mean = (
-        scale * (z.to(acc) * positive_sums).sum(dim=1) / n_positive.clamp(min=1)
-        + (bias.to(acc) - margin.to(acc))[labels]
-    )
-    losses = torch.where(has_positive, lse - positive_mean, torch.zeros_like(lse))
-    return losses, has_positive, lse
-
-
-@torch.library.custom_op("rcl_kernels::fused_per_anchor_loss_backward", mutates_args=())
-def fused_per_anchor_loss_backward(
-    grad_losses: torch.Tensor, z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
-    col_labels: torch.Tensor, bias: torch.Tensor, margin: torch.Tensor, lse: torch.Tensor,
-    self_offset: int, num_classes: int, scale: float, class_averaging: bool, allow_tf32: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = accumulation_dtype(z.dtype)
-    counts, row_bias, col_bias = _class_tables(
-        labels, col_labels, bias, margin, num_classes, class_averaging, acc
-    )
-    n_positive = counts[labels] - 1
-    # Anchors without a positive have a constant loss of 0: no gradient flows from them.
-    grad = torch.where(n_positive > 0, grad_losses.to(acc), torch.zeros_like(lse))
-    _, backward = lse_kernels(backend)
-    dz, dk = backward(
-        grad.contiguous(), z, k, labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32,
-    )
-    h = (grad * scale / n_positive.clamp(min=1))[:, None]
-    z_acc = z.to(acc)
-    dz = dz - h * _positive_sums(z, k, labels, col_labels, self_offset, num_classes, acc)
-    weighted_class_sums = torch.zeros(num_classes, z.shape[1], dtype=acc, device=z.device)
-    weighted_class_sums.index_add_(0, labels, h * z_acc)
-    dk = dk - weighted_class_sums[col_labels]
-    dk[self_offset : self_offset + z.shape[0]] += h * z_acc
-    return dz.to(z.dtype), dk.to(k.dtype)
-
-
-@fused_per_anchor_loss.register_fake
-def _(z, k, labels, col_labels, bias, margin, self_offset, num_classes, scale, class_averaging,
-      allow_tf32, backend):
-    acc = accumulation_dtype(z.dtype)
-    n = z.shape[0]
-    return z.new_empty(n, dtype=acc), z.new_empty(n, dtype=torch.bool), z.new_empty(n, dtype=acc)
-
-
-@fused_per_anchor_loss_backward.register_fake
-def _(grad_losses, z, k, *args):
-    return torch.empty_like(z), torch.empty_like(k)
-
-
-class _FusedPerAnchorLoss(torch.autograd.Function):
-    """Autograd of the fused op. An autograd.Function with setup_context (rather than
-    register_autograd on the op) so that torch.func transforms work as for a built-in loss;
-    torch.compile traces it and sees the two custom ops through their fake kernels."""
+class _LseBackward(torch.autograd.Function):
+    """The kernels' backward as a function of its own, whose derivative raises: without it a
+    second differentiation would silently see zeros."""
 
     @staticmethod
-    def forward(z, k, labels, col_labels, bias, margin, *options):
-        return torch.ops.rcl_kernels.fused_per_anchor_loss(
-            z, k, labels, col_labels, bias, margin, *options
-        )
+    def forward(grad, z, k, labels, col_labels, row_bias, col_bias, lse, kernels, self_offset,
+                scale, allow_tf32):
+        return kernels.backward(grad, z, k, labels, col_labels, row_bias, col_bias, lse,
+                                self_offset, scale, allow_tf32)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, k, labels, col_labels, bias, margin, *options = inputs
-        ctx.save_for_backward(z, k, labels, col_labels, bias, margin, output[2])
-        ctx.options = options
-        ctx.mark_non_differentiable(output[1], output[2])
+        pass
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: the kernels have none
-    def backward(ctx, grad_losses, _grad_has_positive, _grad_lse):
-        z, k, labels, col_labels, bias, margin, lse = ctx.saved_tensors
-        dz, dk = torch.ops.rcl_kernels.fused_per_anchor_loss_backward(
-            grad_losses, z, k, labels, col_labels, bias, margin, lse, *ctx.options
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+class _FusedPerAnchorLoss(torch.autograd.Function):
+    """Per-anchor losses [N] (0 where an anchor has no positive) and lse [N]. `k` is None when the
+    columns are the anchors themselves (the columns' gradient then adds into the anchors')."""
+
+    @staticmethod
+    def forward(z, k, labels, col_labels, tables, kernels, self_offset, num_classes, scale,
+                allow_tf32):
+        columns = z if k is None else k
+        lse = kernels.forward(z, columns, labels, col_labels, tables.row_bias, tables.col_bias,
+                              self_offset, scale, allow_tf32)
+        positive_sums = _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
+        positive_mean = (
+            scale * (z.to(lse.dtype) * positive_sums).sum(dim=1) / tables.n_positive.clamp(min=1)
+            + tables.positive_bias
         )
-        # Labels, the per-class tables and the options are constants of the loss.
-        return dz, dk, None, None, None, None, None, None, None, None, None, None
+        losses = torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
+        return losses, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, k, labels, col_labels, tables, kernels, self_offset, num_classes, scale, allow_tf32 = inputs
+        ctx.save_for_backward(z, k, labels, col_labels, tables.row_bias, tables.col_bias,
+                              tables.n_positive, output[1])
+        ctx.kernels, ctx.self_offset, ctx.num_classes = kernels, self_offset, num_classes
+        ctx.scale, ctx.allow_tf32 = scale, allow_tf32
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_lse):
+        z, k, labels, col_labels, row_bias, col_bias, n_positive, lse = ctx.saved_tensors
+        columns = z if k is None else k
+        scale, self_offset = ctx.scale, ctx.self_offset
+        # Anchors without a positive have a constant loss of 0: no gradient flows from them.
+        grad = torch.where(n_positive > 0, grad_losses.to(lse.dtype), torch.zeros_like(lse))
+        dz, dk = _LseBackward.apply(grad.contiguous(), z, columns, labels, col_labels, row_bias,
+                                    col_bias, lse, ctx.kernels, self_offset, scale, ctx.allow_tf32)
+        h = (grad * scale / n_positive.clamp(min=1))[:, None]
+        dz = dz - h * _positive_sums(z, columns, labels, col_labels, self_offset, ctx.num_classes)
+        weighted_z = h * z.to(lse.dtype)
+        weighted_class_sums = weighted_z.new_zeros(ctx.num_classes, z.shape[1])
+        weighted_class_sums.index_add_(0, labels, weighted_z)
+        dk = dk - weighted_class_sums[col_labels]
+        dk.narrow(0, self_offset, z.shape[0]).add_(weighted_z)
+        if k is None:
+            return (dz + dk).to(z.dtype), None, None, None, None, None, None, None, None, None
+        return dz.to(z.dtype), dk.to(k.dtype), None, None, None, None, None, None, None, None
 
 
-@torch.compiler.assume_constant_result
-def _float32_matmul_allows_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
-
-
-def per_anchor_loss(
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    k: torch.Tensor,
-    col_labels: torch.Tensor,
-    *,
-    self_offset: int,
-    num_classes: int,
-    scale: float,
-    bias: torch.Tensor,
-    margin: torch.Tensor,
-    class_averaging: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `reference.per_anchor_loss`, with the tiles run by `backend`'s kernels."""
-    # float32 inputs follow PyTorch's matmul precision, as torch.matmul does.
-    allow_tf32 = z.dtype == torch.float32 and _float32_matmul_allows_tf32()
-    losses, has_positive, _ = _FusedPerAnchorLoss.apply(
-        z, k, labels, col_labels, bias, margin, self_offset, num_classes, float(scale),
-        class_averaging, allow_tf32, backend,
+def per_anchor_loss(kernels, z, labels, k, col_labels, *, self_offset, num_classes, scale,
+                    tables: ClassTables, allow_tf32: bool) -> torch.Tensor:
+    """Per-anchor losses [N] with the tiles run by `kernels` (k=None: the columns are z)."""
+    losses, _ = _FusedPerAnchorLoss.apply(
+        z, k, labels, col_labels, tables, kernels, self_offset, num_classes, scale, allow_tf32
     )
-    return losses, has_positive
+    return losses

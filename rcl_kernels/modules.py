@@ -33,11 +33,22 @@ class BalancedContrastiveLoss(nn.Module):
 
 
 class _ClassCountsModule(nn.Module):
-    """Keeps the training-set class counts as a buffer, so .to(device) moves them along."""
+    """Keeps the training-set class counts as an int64 buffer: .to(device) moves it along, and
+    .half() / .to(dtype), which cast only floating buffers, leave it exact (a count above 65,504
+    would overflow in float16)."""
 
     def __init__(self, class_counts):
         super().__init__()
-        self.register_buffer("class_counts", torch.as_tensor(class_counts, dtype=torch.float64))
+        counts = torch.as_tensor(class_counts)
+        if counts.dtype == torch.bool or counts.dtype.is_complex:
+            raise TypeError(f"class_counts: expected integer counts, got {counts.dtype}")
+        as_int = counts.to(torch.int64)
+        if counts.dim() != 1 or counts.numel() == 0 or not torch.equal(as_int.to(counts.dtype), counts) \
+                or bool((as_int <= 0).any()):
+            raise ValueError(
+                f"class_counts: expected a 1-D sequence of integer counts > 0, got {class_counts!r}"
+            )
+        self.register_buffer("class_counts", as_int)
 
 
 class RebalancedContrastiveLoss(_ClassCountsModule):

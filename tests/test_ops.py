@@ -1,15 +1,15 @@
-"""The custom ops: opcheck, gradcheck, torch.compile, determinism and property tests (CPU op)."""
+"""The kernel ops (opcheck, fake kernels), gradcheck, torch.func, determinism and property tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import draw_labels, fresh_generator, random_features
+from helpers import backend_param, draw_labels, fresh_generator, random_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rcl_kernels as rk
-from rcl_kernels import fused
+from rcl_kernels._dtypes import accumulation_dtype
 
 pytestmark = pytest.mark.skipif(rk.available_backends()["cpu"] is not None, reason="rcl_kernels._C not built")
 
@@ -24,32 +24,65 @@ def op_inputs(n=12, d=10, num_classes=4, prototypes=True, dtype=torch.float64, r
         col_labels = torch.cat([labels, torch.arange(num_classes)])
     k = k.detach().clone().requires_grad_(requires_grad)
     z = z.detach().clone().requires_grad_(requires_grad)
-    bias = torch.randn(num_classes, generator=gen, dtype=torch.float64).to(fused.accumulation_dtype(dtype))
+    bias = torch.randn(num_classes, generator=gen, dtype=torch.float64).to(accumulation_dtype(dtype))
     margin = torch.rand(num_classes, generator=gen, dtype=torch.float64).to(bias.dtype)
     return z, k, labels, col_labels, bias, margin
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("class_averaging", [True, False])
-def test_opcheck_fused_per_anchor_loss(dtype, class_averaging):
-    # Its autograd is an autograd.Function around the op (see rcl_kernels.fused), not the op's own.
-    z, k, labels, col_labels, bias, margin = op_inputs(dtype=dtype, requires_grad=False)
-    args = (z, k, labels, col_labels, bias, margin, 0, 4, 7.5, class_averaging, False, "cpu")
-    torch.library.opcheck(torch.ops.rcl_kernels.fused_per_anchor_loss.default, args)
-    lse = torch.ops.rcl_kernels.fused_per_anchor_loss(*args)[2]
-    grad = torch.rand_like(lse)
-    torch.library.opcheck(torch.ops.rcl_kernels.fused_per_anchor_loss_backward.default,
-                          (grad, z, k, labels, col_labels, bias, margin, lse, *args[6:]))
+def lse_args(dtype=torch.float64, n=12, d=10, num_classes=4):
+    z, k, labels, col_labels, bias, _ = op_inputs(n=n, d=d, num_classes=num_classes, dtype=dtype,
+                                                  requires_grad=False)
+    return z, k, labels, col_labels, bias[labels], bias[col_labels]
 
 
-def test_opcheck_masked_lse_ops():
-    z, k, labels, col_labels, bias, _ = op_inputs(requires_grad=False)
-    row_bias, col_bias = bias[labels], bias[col_labels]
-    fwd_args = (z, k, labels, col_labels, row_bias, col_bias, 0, 3.0, False)
-    torch.library.opcheck(torch.ops.rcl_kernels.masked_lse_forward.default, fwd_args)
-    lse = torch.ops.rcl_kernels.masked_lse_forward(*fwd_args)
-    bwd_args = (torch.rand_like(lse), z, k, labels, col_labels, row_bias, col_bias, lse, 0, 3.0, False)
-    torch.library.opcheck(torch.ops.rcl_kernels.masked_lse_backward.default, bwd_args)
+# (forward op, backward op, extra forward args, extra backward args, dtypes, available here)
+KERNEL_OPS = {
+    "cpu": ("cpu_lse_forward", "cpu_lse_backward", (), (), [torch.float64, torch.float32]),
+    "triton": ("triton_lse_forward", "triton_lse_backward", (False,), (False,), [torch.float32]),
+}
+
+
+def op(name):
+    return getattr(torch.ops.rcl_kernels, name).default
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("triton")])
+def test_opcheck_kernel_ops(backend):
+    forward, backward, fwd_extra, bwd_extra, dtypes = KERNEL_OPS[backend]
+    for dtype in dtypes:
+        args = lse_args(dtype)
+        fwd_args = (*args, 0, 3.0, *fwd_extra)
+        torch.library.opcheck(op(forward), fwd_args)
+        lse = op(forward)(*fwd_args)
+        torch.library.opcheck(op(backward), (torch.rand_like(lse), *args, lse, 0, 3.0, *bwd_extra))
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("triton")])
+def test_fake_kernels_check_shapes(backend):
+    """Under FakeTensorMode the ops run their fake kernels, which must refuse what the real
+    kernels refuse (shapes, dtypes) instead of returning outputs of a made-up shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    forward, backward, fwd_extra, bwd_extra, _ = KERNEL_OPS[backend]
+    z, k, labels, col_labels, row_bias, col_bias = lse_args(torch.float32)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (z, k, labels, col_labels, row_bias, col_bias)]
+        lse = op(forward)(*fake, 0, 3.0, *fwd_extra)
+        assert lse.shape == (z.shape[0],) and lse.dtype == torch.float32
+        dz, dk = op(backward)(lse, *fake, lse, 0, 3.0, *bwd_extra)
+        assert dz.shape == z.shape and dk.shape == k.shape
+        bad = [  # (argument position, wrong value, words of the message)
+            (1, fake[1][:, :-1], "share d"),
+            (2, fake[2][:-1], "row_labels"),
+            (3, fake[3].int(), "col_labels"),
+            (4, fake[4].double(), "row_bias"),
+            (5, fake[5][:-1], "col_bias"),
+        ]
+        for position, value, words in bad:
+            args = list(fake)
+            args[position] = value
+            with pytest.raises(RuntimeError, match=words):
+                op(forward)(*args, 0, 3.0, *fwd_extra)
 
 
 @pytest.mark.parametrize("prototypes", [True, False])
@@ -66,29 +99,6 @@ def test_gradcheck_cpu_float64(prototypes):
                                    backend="cpu", reduction="none")
 
     assert torch.autograd.gradcheck(loss, (features, centers))
-
-
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_matches_eager(compiler):
-    gen = fresh_generator()
-    features = random_features((32, 2, 16), gen).float()
-    centers = random_features((10, 16), gen).float()
-    labels = draw_labels("longtail", 32, 10, gen)
-    counts = torch.arange(10, 0, -1).double() * 30
-
-    def step(f, c):
-        return rk.rcl_loss(f, labels, c, counts, tail_margin=0.2, feature_scale=1.1, backend="cpu")
-
-    compiled = torch.compile(step, fullgraph=True, backend=compiler)
-    results = []
-    for fn in (step, compiled):
-        f = features.clone().requires_grad_()
-        c = centers.clone().requires_grad_()
-        loss = fn(f, c)
-        loss.backward()
-        results.append((loss, f.grad, c.grad))
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager)
 
 
 def test_torch_func_grad_matches_autograd():

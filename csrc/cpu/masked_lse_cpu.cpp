@@ -130,7 +130,7 @@ void forward_row_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end, a
 at::Tensor masked_lse_forward_cpu(const at::Tensor& z, const at::Tensor& k,
                                   const at::Tensor& row_labels, const at::Tensor& col_labels,
                                   const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                  int64_t self_offset, double scale, bool /*allow_tf32*/) {
+                                  int64_t self_offset, double scale) {
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
   auto lse = at::empty({z.size(0)}, p.z.options());
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_forward_cpu", [&] {
@@ -161,8 +161,7 @@ void tile_probabilities(const Problem& p, const at::Tensor& lse_shift, int64_t r
 std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
-    bool /*allow_tf32*/) {
+    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale) {
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
   const int64_t n = z.size(0), m = k.size(0);
   TORCH_CHECK(grad_lse.numel() == n && lse.numel() == n,
@@ -215,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
-  m.impl("masked_lse_forward", &masked_lse_forward_cpu);
-  m.impl("masked_lse_backward", &masked_lse_backward_cpu);
+  m.impl("cpu_lse_forward", &masked_lse_forward_cpu);
+  m.impl("cpu_lse_backward", &masked_lse_backward_cpu);
 }
 
 }  // namespace rcl_kernels
