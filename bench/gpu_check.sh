@@ -26,6 +26,7 @@
 #                        triton,cuda,cuda:streaming,cuda:tiled,auto; bench/cases.py's syntax)
 #   GPU_CHECK_VARIANTS   more implementations added to those, e.g. kernel variants chosen by
 #                        environment variables: 'triton{RCL_KERNELS_TRITON_BACKWARD=one_pass}'
+#   GPU_CHECK_TRITON_CONFIGS_ARGS  arguments of bench/triton_configs.py (default: none)
 #   GPU_CHECK_ARCHIVE    also pack <OUT> into this .tar.gz, a path outside OUT (for a machine
 #                        that hands back few files)
 #   TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0, so the build compiles one architecture)
@@ -159,9 +160,11 @@ bench n1m-bf16 120 --shapes 1048576:128:1000 --dtypes bf16 --modes fwdbwd --warm
 
 # ---------------------------------------------------------------- 6. Triton configs
 # Issue 11: each autotune config's time per kernel and shape (bench/triton_configs.py, written
-# beside this script; it runs only where it exists).
+# beside this script; it runs only where it exists): its default plan, its table in the step's
+# log; GPU_CHECK_TRITON_CONFIGS_ARGS adds arguments.
 if [[ -f bench/triton_configs.py ]]; then
-  run_step triton-configs 90 "$PY" bench/triton_configs.py --out "$OUT"
+  # shellcheck disable=SC2086  # a list of words on purpose
+  run_step triton-configs 90 "$PY" bench/triton_configs.py ${GPU_CHECK_TRITON_CONFIGS_ARGS:-}
 else
   note_step triton-configs "not run" "bench/triton_configs.py does not exist at this commit"
 fi
