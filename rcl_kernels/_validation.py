@@ -90,14 +90,16 @@ def check_labels(labels, rows: int, layout: str) -> torch.Tensor:
     return labels.long()
 
 
-def flatten_views(features, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_views(features, labels, *, allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """features [B, V, d] with labels [B], or [N, d] with labels [N] -> anchors [N, d], labels [N].
 
     Views are flattened view-major (all view-0 rows, then all view-1 rows), as BCL and SupCon do.
+    allow_empty accepts B = 0: a rank of a process group may have no anchors (the gather checks
+    that some rank has, on every rank alike). V = 0 and d = 0 are refused either way.
     """
     features = check_tensor("features", features, dims=(2, 3))
     check_floating("features", features)
-    if features.shape[0] == 0 or features.numel() == 0:
+    if (features.shape[0] == 0 and not allow_empty) or 0 in features.shape[1:]:
         raise ValueError(f"features: expected a non-empty batch, got shape {tuple(features.shape)}")
     layout = "features [B, V, d] needs labels [B]" if features.dim() == 3 else "features [N, d] needs labels [N]"
     labels = check_labels(labels, features.shape[0], f"{layout} (features {tuple(features.shape)})")

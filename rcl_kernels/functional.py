@@ -115,7 +115,7 @@ def contrastive_loss(
     num_classes: C when neither prototypes nor a per-class table gives it (needed under
     torch.compile); otherwise inferred from the labels.
     """
-    anchors, anchor_labels = flatten_views(features, labels)
+    anchors, anchor_labels = flatten_views(features, labels, allow_empty=process_group is not None)
     prototypes = check_prototypes(prototypes, features)
     logit_bias = check_class_table("logit_bias", logit_bias, features, None)
     margins = check_class_table("margins", margins, features, None)
