@@ -19,6 +19,10 @@ Kernels
 - dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
   Both are deterministic: every program owns its output tile, split partials are summed by torch
   in a fixed order.
+Variants (`Variant`, presets in VARIANTS; the default is the form timed on the H100): logits in
+log2 units with exp2, masks only on the tiles that need them, a resident Z row tile, grouped
+program order and wider autotune configs for the forward (issue 11). Each is a constexpr flag of
+the same kernels, so every variant shares the code it does not change.
 Split counts come from rcl_kernels.planner (shared with the cuda backend), which keeps the
 partial buffers under its workspace budget.
 
@@ -44,7 +48,10 @@ The module imports without Triton; `unavailable_reason` says why the kernels can
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -66,7 +73,8 @@ from . import planner
 # TRITON_INTERPRET later does not change them; unavailable_reason says so).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRETED", "lse_backward", "lse_forward", "unavailable_reason"]
+__all__ = ["INTERPRETED", "VARIANTS", "Variant", "lse_backward", "lse_forward",
+           "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -98,6 +106,57 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         return ("no CUDA device and TRITON_INTERPRET is not set (Triton runs on the CPU only "
                 "interpreted)")
     return f"the Triton kernels do not support device type {device.type!r}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A selectable form of the kernels (issue 11). Variant() is the form timed on the H100
+    (gpu-runs/2026-11-26-h100.md); every other value is untimed until bench/triton_configs.py has
+    run on a GPU, so nothing selects one by default. Every variant computes the same op and meets
+    the same tolerances (tests/test_triton_lse.py)."""
+
+    # Logits in log2 units: scale·log2(e) folded into one multiply, biases pre-scaled, exp2.
+    exp2: bool = False
+    # Mask only the tiles that need it (the diagonal band of the self mask, partial tiles) and
+    # drop the masks of full tiles (EVEN_M / EVEN_N / EVEN_D specializations).
+    lean_masks: bool = False
+    # Forward: load the [BLOCK_M, d] row tile of Z once and keep it across the column loop
+    # (d ≤ 256; larger d streams it as the default does).
+    resident_z: bool = False
+    # Forward: programs in groups of this many row blocks across every column split (a swizzle
+    # for L2 reuse of Z tiles); 1 = row blocks fastest, as launched.
+    group_m: int = 1
+    # Forward: autotune also over 128-wide tiles with 8 warps and 3-4 stages.
+    wide_configs: bool = False
+
+    def __post_init__(self):
+        for name in ("exp2", "lean_masks", "resident_z", "wide_configs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Variant.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or self.group_m < 1:
+            raise ValueError(f"Variant.group_m must be an int >= 1, got {self.group_m!r}")
+
+    @staticmethod
+    def of(variant: "Variant | str") -> "Variant":
+        """A Variant, or the preset of that name in VARIANTS."""
+        if isinstance(variant, Variant):
+            return variant
+        if isinstance(variant, str) and variant in VARIANTS:
+            return VARIANTS[variant]
+        raise ValueError(f"variant must be a Variant or one of {sorted(VARIANTS)}, got {variant!r}")
+
+
+_FORWARD_ALL = dict(exp2=True, lean_masks=True, resident_z=True, wide_configs=True)
+# Named presets, a ladder from the timed kernels to every forward flag: bench/triton_configs.py
+# times each, so one GPU run shows what every step buys.
+VARIANTS: dict[str, Variant] = {
+    "default": Variant(),
+    "exp2": Variant(exp2=True),
+    "exp2-lean": Variant(exp2=True, lean_masks=True),
+    "exp2-lean-resident": Variant(exp2=True, lean_masks=True, resident_z=True),
+    "forward-all": Variant(**_FORWARD_ALL),
+    "forward-all-grouped": Variant(**_FORWARD_ALL, group_m=8),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,48 +225,113 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
+    def _exp(x, EXP2: tl.constexpr):
+        """e^x, or 2^x when the logits are kept in log2 units (EXP2)."""
+        if EXP2:
+            return tl.exp2(x)
+        else:
+            return tl.exp(x)
+
+    @triton.jit
+    def _load_tile(ptr, stride, mask_r, ncols, ROWS: tl.constexpr, COLS: tl.constexpr,
+                   EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+        """[ROWS, COLS] tile of a row-major matrix (unit column stride) at `ptr`; rows outside
+        mask_r and columns ≥ ncols read 0. EVEN_R / EVEN_C: that mask is known to be all true."""
+        ptrs = ptr + tl.arange(0, ROWS)[:, None] * stride + tl.arange(0, COLS)[None, :]
+        mask_c = tl.arange(0, COLS) < ncols
+        if EVEN_R and EVEN_C:
+            return tl.load(ptrs)
+        elif EVEN_R:
+            return tl.load(ptrs, mask=mask_c[None, :], other=0.0)
+        elif EVEN_C:
+            return tl.load(ptrs, mask=mask_r[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+
+    @triton.jit
+    def _labels_and_bias(lab_ptr, bias_ptr, offs, mask, EVEN: tl.constexpr, EXP2: tl.constexpr):
+        """Labels (−1 outside `mask`) and biases (0 outside) of a block of rows or columns; the
+        biases in log2 units when EXP2."""
+        if EVEN:
+            lab = tl.load(lab_ptr + offs)
+            bias = tl.load(bias_ptr + offs)
+        else:
+            lab = tl.load(lab_ptr + offs, mask=mask, other=-1)
+            bias = tl.load(bias_ptr + offs, mask=mask, other=0.0)
+        if EXP2:
+            bias = bias * 1.4426950408889634  # log2(e)
+        return lab, bias
+
+    @triton.jit
     def _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr):
+                     INPUT_PRECISION: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVEN_D: tl.constexpr):
         """<z_i, k_j> for a [BLOCK_M, BLOCK_N] tile, fp32 accumulation over d in BLOCK_K chunks.
 
         z_blk / k_blk point at the tile's first row / column (64-bit scalar offsets: N·d can pass
         2^31); offsets inside the tile stay 32-bit and d is unit-stride, which keeps the address
         arithmetic small and the loads vectorized."""
-        rm = tl.arange(0, BLOCK_M)
-        rn = tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            mask_k = (k0 + rk) < D
-            a = tl.load(z_blk + rm[:, None] * stride_zm + (k0 + rk)[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(k_blk + rn[:, None] * stride_km + (k0 + rk)[None, :],
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            a = _load_tile(z_blk + k0, stride_zm, mask_m, D - k0, BLOCK_M, BLOCK_K, EVEN_M, EVEN_D)
+            b = _load_tile(k_blk + k0, stride_km, mask_n, D - k0, BLOCK_N, BLOCK_K, EVEN_N, EVEN_D)
             acc = _mma(a, tl.trans(b), acc, INPUT_PRECISION)
         return acc
 
     @triton.jit
-    def _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
-                     col_lab_ptr, col_bias_ptr, self_offset):
-        """Biased logits of a tile, −inf for the self column and every out-of-range index."""
-        col_lab = tl.load(col_lab_ptr + offs_n, mask=mask_n, other=-1)
-        col_b = tl.load(col_bias_ptr + offs_n, mask=mask_n, other=0.0)
-        same = row_lab[:, None] == col_lab[None, :]
-        t = dots * scale + tl.where(same, row_b[:, None], col_b[None, :])
-        not_self = offs_n[None, :] != offs_m[:, None] + self_offset
-        valid = mask_m[:, None] & mask_n[None, :] & not_self
-        # where (not an additive mask): a +inf bias on the masked self column must not leak.
-        return tl.where(valid, t, float("-inf"))
+    def _on_band(row0, col0, self_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Whether the tile of rows [row0, row0 + BLOCK_M) and columns [col0, col0 + BLOCK_N)
+        holds a self column (j = i + self_offset)."""
+        diag = row0 + self_offset
+        return (col0 < diag + BLOCK_M) & (col0 + BLOCK_N > diag)
 
     @triton.jit
-    def _finish_lse(m, s):
-        """max + log(sumexp); −inf for rows that saw no column (m = −inf, s = 0).
+    def _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b, col_lab, col_b,
+                     self_offset, needs_mask, LEAN_MASKS: tl.constexpr):
+        """Biased logits of a tile (qscale and the biases in the kernel's log units), −inf for the
+        self column and for columns outside mask_n.
+
+        Default: every tile is masked, rows outside mask_m too. LEAN_MASKS: only a tile with
+        `needs_mask` (a self column or a partial column block) is; rows past N need no mask,
+        since they are never stored and their p is 0 in the backward (lse = +inf, g = 0)."""
+        same = row_lab[:, None] == col_lab[None, :]
+        t = dots * qscale + tl.where(same, row_b[:, None], col_b[None, :])
+        # where (not an additive mask): a +inf bias on the masked self column must not leak.
+        if LEAN_MASKS:
+            if needs_mask:
+                not_self = offs_n[None, :] != offs_m[:, None] + self_offset
+                t = tl.where(mask_n[None, :] & not_self, t, float("-inf"))
+        else:
+            not_self = offs_n[None, :] != offs_m[:, None] + self_offset
+            valid = mask_m[:, None] & mask_n[None, :] & not_self
+            t = tl.where(valid, t, float("-inf"))
+        return t
+
+    @triton.jit
+    def _finish_lse(m, s, EXP2: tl.constexpr):
+        """max + log(sumexp) in natural units; −inf for rows that saw no column (m = −inf, s = 0).
 
         A NaN logit leaves s = NaN while m may be −inf (the max can drop NaN), so the dead-row
         test must look at s too, and log must see the NaN (log(1) only replaces s = 0)."""
         dead = (m == float("-inf")) & (s == 0.0)
+        if EXP2:
+            m = m * 0.6931471805599453  # ln(2): m was in log2 units
         return tl.where(dead, float("-inf"), m + tl.log(tl.where(s == 0.0, 1.0, s)))
+
+    @triton.jit
+    def _program_order(pid_m, pid_s, num_row_blocks, num_splits, GROUP_M: tl.constexpr):
+        """(row block, split) of a program of the (row blocks, splits) grid. GROUP_M = 1: as
+        launched (row blocks fastest). GROUP_M > 1: programs in launch order cover GROUP_M row
+        blocks across every split before moving on, so a Z tile is reused from L2."""
+        if GROUP_M == 1:
+            return pid_m, pid_s
+        else:
+            pid = pid_s * num_row_blocks + pid_m
+            width = GROUP_M * num_splits
+            first = (pid // width) * GROUP_M
+            rows = tl.minimum(num_row_blocks - first, GROUP_M)
+            return first + (pid % width) % rows, (pid % width) // rows
 
     @triton.jit
     def _fwd_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
@@ -215,15 +339,22 @@ if triton is not None:
                     N, M, D, cols_per_split, self_offset, scale, stride_zm, stride_km,
                     N_KEY, M_KEY,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
+                    INPUT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, RESIDENT_Z: tl.constexpr,
+                    GROUP_M: tl.constexpr, D_PAD: tl.constexpr, EVEN_M: tl.constexpr,
+                    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+        pid_m, pid_s = _program_order(tl.program_id(0), tl.program_id(1), tl.num_programs(0),
+                                      tl.num_programs(1), GROUP_M)
         row0 = pid_m * BLOCK_M
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
-        row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
+        row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M, EXP2)
+        qscale = scale
+        if EXP2:
+            qscale = scale * 1.4426950408889634  # one multiply turns a dot into log2 units
         z_blk = z_ptr + _row_offset(row0, stride_zm)
+        if RESIDENT_Z:  # the whole [BLOCK_M, d] row tile, loaded once for every column tile
+            z_res = _load_tile(z_blk, stride_zm, mask_m, D, BLOCK_M, D_PAD, EVEN_M, EVEN_D)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -232,20 +363,33 @@ if triton is not None:
         for n0 in range(col_start, col_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
-            dots = _scores_tile(z_blk, k_ptr + _row_offset(n0, stride_km), mask_m, mask_n, D,
-                                stride_zm, stride_km, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
-                             col_lab_ptr, col_bias_ptr, self_offset)
+            k_blk = k_ptr + _row_offset(n0, stride_km)
+            if RESIDENT_Z:
+                k_t = _load_tile(k_blk, stride_km, mask_n, D, BLOCK_N, D_PAD, EVEN_N, EVEN_D)
+                dots = _mma(z_res, tl.trans(k_t), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                            INPUT_PRECISION)
+            else:
+                dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
+                                    EVEN_D)
+            col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N,
+                                              EXP2)
+            needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
+            if not EVEN_N:
+                needs_mask = needs_mask | (n0 + BLOCK_N > col_end)
+            t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
             m_new = tl.maximum(m_i, tl.max(t, axis=1))
             # Shift by 0 while a row has seen only −inf: exp(−inf − (−inf)) would be NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
+            s_i = s_i * _exp(m_i - m_safe, EXP2) + tl.sum(_exp(t - m_safe[:, None], EXP2), axis=1)
             m_i = m_new
 
         if WRITE_LSE:
-            lse = _finish_lse(m_i, s_i)
-            tl.store(lse_ptr + offs_m, lse, mask=mask_m)
+            tl.store(lse_ptr + offs_m, _finish_lse(m_i, s_i, EXP2), mask=mask_m)
         else:
+            if EXP2:
+                m_i = m_i * 0.6931471805599453  # partials in natural units for the merge
             part = _split_offset(pid_s, N, row0, 1) + tl.arange(0, BLOCK_M)
             tl.store(mpart_ptr + part, m_i, mask=mask_m)
             tl.store(spart_ptr + part, s_i, mask=mask_m)
@@ -268,8 +412,17 @@ if triton is not None:
             sp_ = tl.load(spart_ptr + part, mask=mask, other=0.0)
             # A NaN partial has a NaN sumexp (see the module docstring), so NaN survives here.
             s += sp_ * tl.exp(mp - m_safe)
-        lse = _finish_lse(m, s)
-        tl.store(lse_ptr + offs, lse, mask=mask)
+        tl.store(lse_ptr + offs, _finish_lse(m, s, False), mask=mask)
+
+    @triton.jit
+    def _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2: tl.constexpr):
+        """lse of a block of rows in the kernel's log units, as the shift that turns t into
+        log p; +inf for rows without columns (lse = −inf: p = 0) and rows outside mask_m."""
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        if EXP2:
+            lse = lse * 1.4426950408889634
+        return lse
 
     @triton.jit
     def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
@@ -277,7 +430,9 @@ if triton is not None:
                    N, M, D, cols_per_split, self_offset, scale, stride_zm, stride_km,
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, EVEN_M: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
         """dz (or its column-split partial) for one (row block, d chunk): scale·g_i·Σ_j p_ij k_j."""
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -285,38 +440,41 @@ if triton is not None:
         row0 = pid_m * BLOCK_M
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
-        row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
-        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
-        # Rows without columns (lse = −inf) have p = 0: shift by +inf instead of −inf.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M, EXP2)
+        qscale = scale
+        if EXP2:
+            qscale = scale * 1.4426950408889634
+        lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
         g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        rn = tl.arange(0, BLOCK_N)
+        d0 = pid_d * BLOCK_D
         z_blk = z_ptr + _row_offset(row0, stride_zm)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         col_start = pid_s * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, M)
         for n0 in range(col_start, col_end, BLOCK_N):
-            offs_n = n0 + rn
+            offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
             k_blk = k_ptr + _row_offset(n0, stride_km)
             dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
-                             col_lab_ptr, col_bias_ptr, self_offset)
-            p = tl.exp(t - lse[:, None])  # in [0, 1]: safe to cast to bf16/fp16
-            kv = tl.load(k_blk + rn[:, None] * stride_km + offs_d[None, :],
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N, EVEN_D)
+            col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N,
+                                              EXP2)
+            needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
+            if not EVEN_N:
+                needs_mask = needs_mask | (n0 + BLOCK_N > col_end)
+            t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
+            p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
+            kv = _load_tile(k_blk + d0, stride_km, mask_n, D - d0, BLOCK_N, BLOCK_D, False, False)
             acc = _mma(_cast(p, kv.dtype), kv, acc, INPUT_PRECISION)
 
         # g is constant along the row, so it is applied once here in fp32.
         acc = acc * (g * scale)[:, None]
-        out_blk = out_ptr + _split_offset(pid_s, N, row0, D)
-        tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + offs_d[None, :], acc,
-                 mask=mask_m[:, None] & mask_d[None, :])
+        out_blk = out_ptr + _split_offset(pid_s, N, row0, D) + d0
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
+                 acc, mask=mask_m[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
     def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
@@ -324,7 +482,9 @@ if triton is not None:
                    N, M, D, rows_per_split, self_offset, scale, stride_zm, stride_km,
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, EVEN_M: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
         """dk (or its row-split partial) for one (column block, d chunk): scale·Σ_i g_i p_ij z_i."""
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -332,9 +492,11 @@ if triton is not None:
         col0 = pid_n * BLOCK_N
         offs_n = col0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        rm = tl.arange(0, BLOCK_M)
+        col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N, EXP2)
+        qscale = scale
+        if EXP2:
+            qscale = scale * 1.4426950408889634
+        d0 = pid_d * BLOCK_D
         k_blk = k_ptr + _row_offset(col0, stride_km)
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
@@ -344,32 +506,35 @@ if triton is not None:
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, N)
         for m0 in range(row_start, row_end, BLOCK_M):
-            offs_m = m0 + rm
+            offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < row_end
-            row_lab = tl.load(row_lab_ptr + offs_m, mask=mask_m, other=-1)
-            row_b = tl.load(row_bias_ptr + offs_m, mask=mask_m, other=0.0)
-            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M,
+                                              EXP2)
+            lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
             g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
             z_blk = z_ptr + _row_offset(m0, stride_zm)
             dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-            t = _logits_tile(dots, scale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
-                             col_lab_ptr, col_bias_ptr, self_offset)
-            w = tl.exp(t - lse[:, None]) * g[:, None]
-            zv = tl.load(z_blk + rm[:, None] * stride_zm + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N, EVEN_D)
+            needs_mask = _on_band(m0, col0, self_offset, BLOCK_M, BLOCK_N)
+            if not EVEN_N:
+                needs_mask = needs_mask | (col0 + BLOCK_N > M)
+            t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
+            w = _exp(t - lse[:, None], EXP2) * g[:, None]
+            zv = _load_tile(z_blk + d0, stride_zm, mask_m, D - d0, BLOCK_M, BLOCK_D, False, False)
             acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
 
         acc = acc * (scale / ginv)
-        out_blk = out_ptr + _split_offset(pid_s, M, col0, D)
-        tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], acc,
-                 mask=mask_n[:, None] & mask_d[None, :])
+        out_blk = out_ptr + _split_offset(pid_s, M, col0, D) + d0
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
+                 acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
 
     # ---------------------------------------------------------------------------------------------
     # Configurations. Under the interpreter: one small fixed config (several tiles, several d chunks
     # even at test sizes, so the loops and masks are exercised). On the GPU: a small autotune set
-    # keyed on d, the dtypes (added by the autotuner) and power-of-two buckets of N and M.
+    # keyed on d, the dtypes (added by the autotuner), the variant's flags and power-of-two buckets
+    # of N and M. Tests and bench/triton_configs.py run every config explicitly (`config=`).
     # ---------------------------------------------------------------------------------------------
     _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
@@ -392,6 +557,14 @@ if triton is not None:
         _cfg(128, 64, 64, 8, 3),
         _cfg(128, 128, 32, 8, 3),
     ]
+    # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines (issue 11), kept
+    # where ptxas reports no spills for sm_90 (bench/results/triton-sass-*.txt).
+    _FWD_WIDE_CONFIGS = [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 64, 64, 8, 4),
+        _cfg(64, 128, 64, 8, 4),
+    ]
     # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
     # parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it.
     _DZ_CONFIGS = [
@@ -406,21 +579,56 @@ if triton is not None:
         _cfg(32, 64, 64, 8, 3),
         _cfg(64, 64, 32, 8, 1),
     ]
-    if INTERPRETED:
-        _fwd = _fwd_kernel
-        _dz = _dz_kernel
-        _dk = _dk_kernel
-    else:
-        _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
-        _n_tuned = 1 if _tune in ("0", "false", "off", "no") else None
-        # RCL_KERNELS_TRITON_AUTOTUNE=0 (quick CI runs): the first config only, no tuning. The
-        # tests run every config of these lists explicitly (the `config=` hooks below).
-        # The autotuner adds the tensor dtypes to the key itself.
-        _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION"]
-        _fwd = triton.autotune(configs=_FWD_CONFIGS[:_n_tuned], key=_KEY + ["WRITE_LSE"])(
-            _fwd_kernel)
-        _dz = triton.autotune(configs=_DZ_CONFIGS[:_n_tuned], key=_KEY + ["BLOCK_D"])(_dz_kernel)
-        _dk = triton.autotune(configs=_DK_CONFIGS[:_n_tuned], key=_KEY + ["BLOCK_D"])(_dk_kernel)
+
+    def _pow2_at_least_16(x: int) -> int:
+        return max(16, triton.next_power_of_2(max(int(x), 1)))
+
+    def _even_d(a) -> bool:
+        chunk = a["D_PAD"] if a.get("RESIDENT_Z") else a["BLOCK_K"]
+        return bool(a["LEAN_MASKS"]) and a["D"] % chunk == 0
+
+    # EVEN_*: every tile along that axis is full (LEAN_MASKS only; the default masks every tile).
+    # Computed per launch from the chosen config, so they sit under the autotuner. A split's
+    # tiles are full when the split length is a multiple of the block, too.
+    _HEURISTICS = {
+        "forward": {
+            "D_PAD": lambda a: _pow2_at_least_16(a["D"]),
+            "EVEN_M": lambda a: bool(a["LEAN_MASKS"]) and a["N"] % a["BLOCK_M"] == 0,
+            "EVEN_N": lambda a: (bool(a["LEAN_MASKS"]) and a["M"] % a["BLOCK_N"] == 0
+                                 and a["cols_per_split"] % a["BLOCK_N"] == 0),
+            "EVEN_D": _even_d,
+        },
+        "dz": {
+            "EVEN_M": lambda a: bool(a["LEAN_MASKS"]) and a["N"] % a["BLOCK_M"] == 0,
+            "EVEN_N": lambda a: (bool(a["LEAN_MASKS"]) and a["M"] % a["BLOCK_N"] == 0
+                                 and a["cols_per_split"] % a["BLOCK_N"] == 0),
+            "EVEN_D": _even_d,
+        },
+        "dk": {
+            "EVEN_M": lambda a: (bool(a["LEAN_MASKS"]) and a["N"] % a["BLOCK_M"] == 0
+                                 and a["rows_per_split"] % a["BLOCK_M"] == 0),
+            "EVEN_N": lambda a: bool(a["LEAN_MASKS"]) and a["M"] % a["BLOCK_N"] == 0,
+            "EVEN_D": _even_d,
+        },
+    }
+    # name -> (jit function, heuristics-wrapped kernel launched by the host)
+    _KERNELS = {
+        name: (fn, triton.heuristics(_HEURISTICS[name])(fn))
+        for name, fn in (("forward", _fwd_kernel), ("dz", _dz_kernel), ("dk", _dk_kernel))
+    }
+    _INTERP_META = {"forward": _INTERP_FWD, "dz": _INTERP_BWD, "dk": _INTERP_BWD}
+    # Autotune keys: what changes the best config. The autotuner adds the tensor dtypes itself.
+    _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION", "EXP2", "LEAN_MASKS"]
+    _KEYS = {"forward": _KEY + ["WRITE_LSE", "RESIDENT_Z", "GROUP_M"],
+             "dz": _KEY + ["BLOCK_D"], "dk": _KEY + ["BLOCK_D"]}
+    _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
+    # RCL_KERNELS_TRITON_AUTOTUNE=0 (quick CI runs): the first config only, no tuning.
+    _TUNED_CONFIGS = 1 if _tune in ("0", "false", "off", "no") else None
+
+    @functools.cache
+    def _autotuned(name: str, configs: tuple) -> Callable:
+        return triton.autotune(configs=list(configs[:_TUNED_CONFIGS]), key=_KEYS[name])(
+            _KERNELS[name][1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,23 +693,60 @@ def _common_args(z, k):
 
 def _block_d(d: int, dtype: torch.dtype) -> int:
     cap = _INTERP_BLOCK_D_MAX if INTERPRETED else _GPU_BLOCK_D_MAX[dtype]
-    return min(max(16, triton.next_power_of_2(max(d, 1))), cap)
+    return min(_pow2_at_least_16(d), cap)
 
 
-def _launch(tuned, raw, interp_meta, grid, args, kwargs, config):
-    """Run a kernel: one given triton.Config (tests, benchmarks), fixed small blocks when
-    interpreted, or the autotuned kernel."""
+_RESIDENT_MAX_D = 256  # Variant.resident_z: largest d whose row tile stays resident
+
+
+def _resident(variant: Variant, d: int) -> bool:
+    return variant.resident_z and d <= _RESIDENT_MAX_D
+
+
+def variant_meta(kernel: str, variant: Variant | str, d: int) -> dict:
+    """The constexpr flags kernel `kernel` takes for `variant` at feature size d (the host passes
+    them; bench/triton_sass.py compiles with them)."""
+    variant = Variant.of(variant)
+    meta = dict(EXP2=variant.exp2, LEAN_MASKS=variant.lean_masks)
+    if kernel == "forward":
+        meta.update(RESIDENT_Z=_resident(variant, d), GROUP_M=variant.group_m)
+    return meta
+
+
+def kernel_configs(kernel: str, variant: Variant | str = "default", d: int = 128) -> list:
+    """The autotune configs of `kernel` ("forward", "dz", "dk") for `variant` and feature size d
+    (bench/triton_configs.py times each; tests run each)."""
+    variant = Variant.of(variant)
+    if kernel == "forward":
+        configs = _FWD_CONFIGS + (_FWD_WIDE_CONFIGS if variant.wide_configs else [])
+        if _resident(variant, d):  # BLOCK_K is unused: one config per other choice
+            unique = {}
+            for c in configs:
+                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                unique.setdefault(key, c)
+            configs = list(unique.values())
+        return configs
+    if kernel == "dz":
+        return list(_DZ_CONFIGS)
+    if kernel == "dk":
+        return list(_DK_CONFIGS)
+    raise ValueError(f"kernel must be one of forward, dz, dk, got {kernel!r}")
+
+
+def _launch(name, configs, grid, args, kwargs, config):
+    """Run kernel `name`: one given triton.Config (tests, benchmarks), fixed small blocks when
+    interpreted, or autotuned over `configs`."""
     if config is not None:
-        raw[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+        _KERNELS[name][1][grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
     elif INTERPRETED:
-        raw[grid](*args, **kwargs, **interp_meta)
+        _KERNELS[name][1][grid](*args, **kwargs, **_INTERP_META[name])
     else:
-        tuned[grid](*args, **kwargs)
+        _autotuned(name, tuple(configs))[grid](*args, **kwargs)
 
 
 def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
-             num_splits=None, config=None):
+             variant=Variant(), num_splits=None, config=None):
     n, d = z.shape
     m = k.shape[0]
     device = z.device
@@ -523,11 +768,11 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
         mpart = spart = lse  # unused (WRITE_LSE)
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), num_splits)  # noqa: E731
     _launch(
-        _fwd, _fwd_kernel, _INTERP_FWD, grid,
+        "forward", kernel_configs("forward", variant, d), grid,
         (z, k, row_labels, col_labels, row_bias, col_bias, lse, mpart, spart,
          n, m, d, cols_per_split, int(self_offset), float(scale)),
         dict(**_common_args(z, k), INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
-             WRITE_LSE=num_splits == 1),
+             WRITE_LSE=num_splits == 1, **variant_meta("forward", variant, d)),
         config,
     )
     if num_splits > 1:
@@ -537,7 +782,8 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
 
 
 def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-              allow_tf32, dz_splits=None, dk_splits=None, dz_config=None, dk_config=None):
+              allow_tf32, variant=Variant(), dz_splits=None, dk_splits=None, dz_config=None,
+              dk_config=None):
     n, d = z.shape
     m = k.shape[0]
     device = z.device
@@ -552,8 +798,9 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
 
     block_d = _block_d(d, z.dtype)
     d_chunks = _cdiv(d, block_d)
-    precision = _input_precision(z.dtype, allow_tf32)
-    common = _common_args(z, k)
+    meta = dict(**_common_args(z, k), BLOCK_D=block_d,
+                INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
+                **variant_meta("dz", variant, d))
 
     # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
     cols_per_split, dz_splits = _splits("dz", _cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, 4 * n * d,
@@ -561,11 +808,10 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     dz_out = _alloc((dz_splits, n, d), device, torch.float32)
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
     _launch(
-        _dz, _dz_kernel, _INTERP_BWD, grid,
+        "dz", kernel_configs("dz", variant, d), grid,
         (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
          n, m, d, cols_per_split, int(self_offset), float(scale)),
-        dict(**common, BLOCK_D=block_d, INPUT_PRECISION=precision),
-        dz_config,
+        meta, dz_config,
     )
     # Fixed-order sum of the partials: deterministic.
     dz = dz_out[0] if dz_splits == 1 else dz_out.sum(0)
@@ -577,11 +823,10 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     gmax = g.abs().amax().reshape(1)
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
     _launch(
-        _dk, _dk_kernel, _INTERP_BWD, grid,
+        "dk", kernel_configs("dk", variant, d), grid,
         (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dk_out,
          n, m, d, rows_per_split, int(self_offset), float(scale)),
-        dict(**common, BLOCK_D=block_d, INPUT_PRECISION=precision),
-        dk_config,
+        meta, dk_config,
     )
     dk = dk_out[0] if dk_splits == 1 else dk_out.sum(0)
     return dz, dk
@@ -589,21 +834,24 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
 
 def lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
                 col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor,
-                self_offset: int, scale: float, allow_tf32: bool) -> torch.Tensor:
+                self_offset: int, scale: float, allow_tf32: bool, *,
+                variant: Variant | str = "default") -> torch.Tensor:
     """lse [N] float32 of the masked, biased logits (see the module docstring).
 
-    The caller validates shapes, dtypes (float32, bfloat16, float16) and devices (rcl_kernels._ops)."""
+    The caller validates shapes, dtypes (float32, bfloat16, float16) and devices
+    (rcl_kernels._ops). `variant`: a Variant or the name of one in VARIANTS."""
     return _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                    allow_tf32)
+                    allow_tf32, Variant.of(variant))
 
 
 def lse_backward(grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
                  row_labels: torch.Tensor, col_labels: torch.Tensor, row_bias: torch.Tensor,
                  col_bias: torch.Tensor, lse: torch.Tensor, self_offset: int, scale: float,
-                 allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 allow_tf32: bool, *,
+                 variant: Variant | str = "default") -> tuple[torch.Tensor, torch.Tensor]:
     """(dz [N, d], dk [M, d]) in float32 for grad_lse [N] and the lse of lse_forward.
 
     The gradients stay in the accumulation dtype (csrc/ops.cpp): the caller adds the positive-term
     gradients before the single rounding to the input dtype."""
     return _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                     scale, allow_tf32)
+                     scale, allow_tf32, Variant.of(variant))

@@ -156,20 +156,22 @@ def make_inputs(n, m, d, dtype, *, num_classes=4, self_offset=0, with_prototypes
                 self_offset=self_offset, scale=scale), g.to(**to)
 
 
-def run_kernels(inp, g, allow_tf32, **split):
-    """Kernels with optional private overrides: split counts and explicit triton.Configs."""
+def run_kernels(inp, g, allow_tf32, variant="default", **split):
+    """Kernels of a variant with optional private overrides: split counts and explicit
+    triton.Configs."""
+    variant = T.Variant.of(variant)
     fwd_split = {key: split[key] for key in ("num_splits", "config") if key in split}
-    lse = T._forward(**inp, allow_tf32=allow_tf32, **fwd_split)
+    lse = T._forward(**inp, allow_tf32=allow_tf32, variant=variant, **fwd_split)
     bwd_keys = ("dz_splits", "dk_splits", "dz_config", "dk_config")
     bwd_split = {key: split[key] for key in bwd_keys if key in split}
     dz, dk = T._backward(g, inp["z"], inp["k"], inp["row_labels"], inp["col_labels"],
                          inp["row_bias"], inp["col_bias"], lse, inp["self_offset"], inp["scale"],
-                         allow_tf32, **bwd_split)
+                         allow_tf32, variant, **bwd_split)
     return lse, dz, dk
 
 
-def check_against_oracle(inp, g, dtype, allow_tf32, **split):
-    lse, dz, dk = run_kernels(inp, g, allow_tf32, **split)
+def check_against_oracle(inp, g, dtype, allow_tf32, variant="default", **split):
+    lse, dz, dk = run_kernels(inp, g, allow_tf32, variant, **split)
     # lse, dz and dk all come back in the accumulation dtype (csrc/ops.cpp).
     assert lse.dtype == dz.dtype == dk.dtype == torch.float32
     # The oracle runs where the inputs are (float64 on the GPU is fast; the dtype-X baseline is
@@ -200,7 +202,11 @@ SHAPES = [
     pytest.param(17, 200, 20, 40, False, id="N17-M200-offset40"),
     pytest.param(70, 9, 20, 0, False, id="N70-M9-NggM"),
     pytest.param(17, 17, 33, 5, False, id="N17-M17-offset5-partial-self"),
+    pytest.param(32, 64, 64, 16, False, id="N32-M64-d64-full-tiles"),  # EVEN_M/N/D under lean masks
 ]
+# The timed kernels, every forward flag on the streamed Z path, and every flag with a resident Z
+# tile, wide configs and grouped program order (test_every_variant covers the rest).
+VARIANT_IDS = ["default", "exp2-lean", "forward-all-grouped"]
 DTYPES = [
     pytest.param(torch.float32, False, id="fp32"),
     pytest.param(torch.float32, True, id="fp32-tf32"),
@@ -209,24 +215,36 @@ DTYPES = [
 ]
 
 
+# Every dtype path with the timed kernels; the other variants change no dtype-specific code, so
+# fp32 and bf16 cover them (and keep the interpreter run short).
+DTYPE_VARIANTS = [pytest.param(*dt.values, "default", id=f"{dt.id}-default") for dt in DTYPES] + [
+    pytest.param(*dt.values, v, id=f"{dt.id}-{v}")
+    for v in VARIANT_IDS[1:] for dt in DTYPES if dt.id in ("fp32", "bf16")
+]
+
+
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("dtype,allow_tf32", DTYPES)
+@pytest.mark.parametrize("dtype,allow_tf32,variant", DTYPE_VARIANTS)
 @pytest.mark.parametrize("n,m,d,self_offset,protos", SHAPES)
-def test_forward_backward_vs_float64(n, m, d, self_offset, protos, dtype, allow_tf32):
+def test_forward_backward_vs_float64(n, m, d, self_offset, protos, dtype, allow_tf32, variant):
     inp, g = make_inputs(n, m, d, dtype, self_offset=self_offset, with_prototypes=protos)
-    lse, _, _ = check_against_oracle(inp, g, dtype, allow_tf32)
+    lse, _, _ = check_against_oracle(inp, g, dtype, allow_tf32, variant)
     if n == 1 and m == 1:
         assert lse.item() == NEG_INF
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", [*VARIANT_IDS, T.Variant(exp2=True, group_m=2)],
+                         ids=[*VARIANT_IDS, "grouped-2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_explicit_splits(dtype):
-    """Column splits (forward + merge, dz) and row splits (dk) against the oracle."""
-    inp, g = make_inputs(19, 90, 40, dtype, self_offset=3)
-    check_against_oracle(inp, g, dtype, False, num_splits=3, dz_splits=4, dk_splits=2)
+def test_explicit_splits(dtype, variant):
+    """Column splits (forward + merge, dz) and row splits (dk) against the oracle; three row
+    blocks and three splits make a partial group of program order, of 8 and of 2 row blocks."""
+    inp, g = make_inputs(40, 90, 40, dtype, self_offset=3)
+    check_against_oracle(inp, g, dtype, False, variant, num_splits=3, dz_splits=4, dk_splits=2)
     # More splits than tiles: the split length is rounded up and the count shrinks to match.
-    check_against_oracle(inp, g, dtype, False, num_splits=50, dz_splits=50, dk_splits=50)
+    check_against_oracle(inp, g, dtype, False, variant, num_splits=50, dz_splits=50,
+                         dk_splits=50)
 
 
 @pytest.mark.triton_interpret
@@ -244,14 +262,15 @@ def test_rows_without_columns_and_dead_bias():
 
 @pytest.mark.triton_interpret
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter
+@pytest.mark.parametrize("variant", VARIANT_IDS)
 @pytest.mark.parametrize("where", ["z", "k"])
-def test_nan_propagates(where):
+def test_nan_propagates(where, variant):
     inp, g = make_inputs(17, 40, 20, torch.float32, self_offset=0)
     bad = 5
     x = inp[where].clone()
     x[bad, 7] = float("nan")
     inp[where] = x
-    lse, dz, dk = run_kernels(inp, g, False)
+    lse, dz, dk = run_kernels(inp, g, False, variant)
     lse = lse.cpu()
     if where == "z":
         assert torch.isnan(lse[bad])
@@ -263,7 +282,8 @@ def test_nan_propagates(where):
         expect[bad] = False
         assert torch.equal(torch.isnan(lse), expect)
     # Split merge must keep NaN too.
-    lse_split = T._forward(**inp, allow_tf32=False, num_splits=3).cpu()
+    lse_split = T._forward(**inp, allow_tf32=False, variant=T.Variant.of(variant),
+                           num_splits=3).cpu()
     assert torch.equal(torch.isnan(lse_split), torch.isnan(lse))
 
 
@@ -496,19 +516,34 @@ def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32):
     check_against_oracle(inp, g, dtype, allow_tf32)
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype,allow_tf32", [(torch.bfloat16, False)])
-def test_gpu_every_autotune_config(dtype, allow_tf32):
-    """Each config the autotuner may pick, run on its own (odd d spanning two d chunks).
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", ["default", "forward-all"])
+def test_every_config(variant):
+    """Each config the autotuner may pick, run on its own (odd d spanning two d chunks): the
+    GPU's block sizes under the interpreter too, at a small size.
 
-    bf16 only, to bound compile time; the other dtypes run the first config in test_gpu_large."""
-    fwd, dz, dk = T._FWD_CONFIGS, T._DZ_CONFIGS, T._DK_CONFIGS
-    inp, g = make_inputs(300, 1100, 300, dtype, num_classes=20, self_offset=7)
+    bf16 only, to bound compile time; the other dtypes run the first config elsewhere."""
+    d = 300 if HAS_CUDA else 130
+    fwd, dz, dk = (T.kernel_configs(name, variant, d) for name in ("forward", "dz", "dk"))
+    if HAS_CUDA:
+        inp, g = make_inputs(300, 1100, d, torch.bfloat16, num_classes=20, self_offset=7)
+    else:
+        inp, g = make_inputs(40, 150, d, torch.bfloat16, num_classes=20, self_offset=7)
     for i in range(max(len(fwd), len(dz), len(dk))):
         configs = dict(config=fwd[i % len(fwd)], dz_config=dz[i % len(dz)],
                        dk_config=dk[i % len(dk)])
-        check_against_oracle(inp, g, dtype, allow_tf32, **configs)
+        check_against_oracle(inp, g, torch.bfloat16, False, variant, **configs)
+
+
+def test_variant_presets_and_errors():
+    assert T.Variant.of("default") == T.Variant()
+    assert T.Variant.of(T.VARIANTS["forward-all"]) is T.VARIANTS["forward-all"]
+    with pytest.raises(ValueError, match="variant must be"):
+        T.Variant.of("fastest")
+    with pytest.raises(ValueError, match="group_m"):
+        T.Variant(group_m=0)
+    with pytest.raises(TypeError, match="exp2"):
+        T.Variant(exp2=1)
 
 
 @pytest.mark.gpu
