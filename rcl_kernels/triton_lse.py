@@ -19,6 +19,9 @@ Kernels
 - dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
   Both are deterministic: every program owns its output tile, split partials are summed by torch
   in a fixed order.
+- one pass (a variant, d ≤ 256): program = (column block, row split) with K and dk in registers;
+  S and P once per tile for both products; dz added across column blocks in column order
+  (semaphores, deterministic) or by atomics.
 Variants (`Variant`, presets in VARIANTS; the default is the form timed on the H100): logits in
 log2 units with exp2, masks only on the tiles that need them, a resident Z row tile, grouped
 program order and wider autotune configs for the forward (issue 11). Each is a constexpr flag of
@@ -128,13 +131,21 @@ class Variant:
     group_m: int = 1
     # Forward: autotune also over 128-wide tiles with 8 warps and 3-4 stages.
     wide_configs: bool = False
+    # Backward: "two_pass" (dz and dk kernels, each recomputes S) or "one_pass" (S once per tile,
+    # dk in registers, dz added across column blocks; d ≤ 256, larger d runs two passes).
+    backward: str = "two_pass"
+    # one_pass: dz added in a fixed order (True: bitwise reproducible) or by fp32 atomics.
+    deterministic: bool = True
 
     def __post_init__(self):
-        for name in ("exp2", "lean_masks", "resident_z", "wide_configs"):
+        for name in ("exp2", "lean_masks", "resident_z", "wide_configs", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Variant.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or self.group_m < 1:
             raise ValueError(f"Variant.group_m must be an int >= 1, got {self.group_m!r}")
+        if self.backward not in ("two_pass", "one_pass"):
+            raise ValueError(f"Variant.backward must be 'two_pass' or 'one_pass', got "
+                             f"{self.backward!r}")
 
     @staticmethod
     def of(variant: "Variant | str") -> "Variant":
@@ -156,6 +167,8 @@ VARIANTS: dict[str, Variant] = {
     "exp2-lean-resident": Variant(exp2=True, lean_masks=True, resident_z=True),
     "forward-all": Variant(**_FORWARD_ALL),
     "forward-all-grouped": Variant(**_FORWARD_ALL, group_m=8),
+    "one-pass": Variant(**_FORWARD_ALL, backward="one_pass"),
+    "one-pass-atomic": Variant(**_FORWARD_ALL, backward="one_pass", deterministic=False),
 }
 
 
@@ -530,6 +543,95 @@ if triton is not None:
         tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
                  acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
 
+    @triton.jit
+    def _add_dz(dz_ptr, sem_ptr, m0, mask_m, D, contribution, pid_n,
+                BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr):
+        """dz[m0 : m0 + BLOCK_M] += contribution, from column block pid_n of the one-pass kernel.
+
+        DETERMINISTIC: the column blocks add in their order, 0, 1, 2, ..., as FlashAttention's
+        deterministic backward does: sem[row block] counts the blocks that have added, and block
+        pid_n waits for its turn. Lower blocks are launched first, so the wait always ends (and
+        under the interpreter, which runs programs one after another in launch order, it never
+        waits). Otherwise: unordered fp32 atomics."""
+        offs_d = tl.arange(0, D_PAD)
+        ptrs = (dz_ptr + _row_offset(m0, D) + tl.arange(0, BLOCK_M)[:, None] * D
+                + offs_d[None, :])
+        mask = mask_m[:, None] & (offs_d < D)[None, :]
+        if DETERMINISTIC:
+            lock = sem_ptr + m0 // BLOCK_M
+            while tl.atomic_cas(lock, pid_n, pid_n) != pid_n:
+                pass
+            # .cg: read through L2, where the previous block's stores are (L1 is not coherent).
+            current = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ptrs, current + contribution, mask=mask)
+            tl.debug_barrier()  # every thread's stores are issued before the turn passes on
+            tl.atomic_xchg(lock, pid_n + 1)
+        else:
+            tl.atomic_add(ptrs, contribution, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def _bwd_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
+                    lse_ptr, g_ptr, gmax_ptr, dz_ptr, dk_ptr, sem_ptr,
+                    N, M, D, rows_per_split, self_offset, scale, stride_zm, stride_km,
+                    N_KEY, M_KEY,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                    D_PAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                    EVEN_D: tl.constexpr):
+        """One-pass backward (Variant.backward = "one_pass", d ≤ D_PAD ≤ 256): a program owns a
+        column block and a row split. It keeps its K tile and dk (fp32) in registers, and for
+        every row block computes S and P once and takes both products from them: dk += (g·P)ᵀZ,
+        and dz[rows] += P·K (·g·scale), added across column blocks by _add_dz. 6 N·M·d flops
+        instead of the two-pass kernels' 8 (each recomputes S)."""
+        num_col_blocks = tl.cdiv(M, BLOCK_N)
+        pid_n = tl.program_id(0) % num_col_blocks
+        pid_s = tl.program_id(0) // num_col_blocks
+        col0 = pid_n * BLOCK_N
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < M
+        col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N, EXP2)
+        qscale = scale
+        if EXP2:
+            qscale = scale * 1.4426950408889634
+        k_res = _load_tile(k_ptr + _row_offset(col0, stride_km), stride_km, mask_n, D, BLOCK_N,
+                           D_PAD, EVEN_N, EVEN_D)
+        # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
+        gmax = tl.load(gmax_ptr)
+        ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)
+
+        dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        row_start = pid_s * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, N)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < row_end
+            row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M,
+                                              EXP2)
+            lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
+            g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+            z_t = _load_tile(z_ptr + _row_offset(m0, stride_zm), stride_zm, mask_m, D, BLOCK_M,
+                             D_PAD, EVEN_M, EVEN_D)
+            dots = _mma(z_t, tl.trans(k_res), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                        INPUT_PRECISION)
+            needs_mask = _on_band(m0, col0, self_offset, BLOCK_M, BLOCK_N)
+            if not EVEN_N:
+                needs_mask = needs_mask | (col0 + BLOCK_N > M)
+            t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                             col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
+            p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
+            dz_part = _mma(_cast(p, k_res.dtype), k_res,
+                           tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32), INPUT_PRECISION)
+            w = p * (g * ginv)[:, None]
+            dk = _mma(tl.trans(_cast(w, z_t.dtype)), z_t, dk, INPUT_PRECISION)
+            _add_dz(dz_ptr, sem_ptr, m0, mask_m, D, dz_part * (g * scale)[:, None], pid_n,
+                    BLOCK_M, D_PAD, DETERMINISTIC)
+
+        dk = dk * (scale / ginv)
+        offs_d = tl.arange(0, D_PAD)
+        out = dk_ptr + _split_offset(pid_s, M, col0, D)
+        tl.store(out + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], dk,
+                 mask=mask_n[:, None] & (offs_d < D)[None, :])
+
     # ---------------------------------------------------------------------------------------------
     # Configurations. Under the interpreter: one small fixed config (several tiles, several d chunks
     # even at test sizes, so the loops and masks are exercised). On the GPU: a small autotune set
@@ -538,6 +640,7 @@ if triton is not None:
     # ---------------------------------------------------------------------------------------------
     _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    _INTERP_ONE_PASS = dict(BLOCK_M=16, BLOCK_N=16)
     _INTERP_BLOCK_D_MAX = 64
     # Up to this d there is one d chunk (no recompute); larger d is split into chunks, each of
     # which recomputes the logits (bf16 d=1024: 4x the Z·Kᵀ work, but no N×M buffer and no
@@ -580,11 +683,21 @@ if triton is not None:
         _cfg(64, 64, 32, 8, 1),
     ]
 
+    # One pass: a [BLOCK_N, d] K tile and fp32 dk stay in registers while [BLOCK_M, d] Z tiles
+    # and fp32 dz contributions stream through. ptxas for sm_90 at d = 128: 64 x 64 with 8 warps
+    # takes 254 registers without spills (bf16); 4 warps, 16 warps (128 registers) or 128-wide
+    # tiles spill hundreds of bytes. 32 x 64 spills nowhere (also bf16 d = 256) but runs its
+    # 32-row product on mma.sync instead of wgmma.
+    _ONE_PASS_CONFIGS = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=8, num_stages=st)
+        for bm, bn, st in ((64, 64, 2), (64, 64, 3), (32, 64, 2))
+    ]
+
     def _pow2_at_least_16(x: int) -> int:
         return max(16, triton.next_power_of_2(max(int(x), 1)))
 
     def _even_d(a) -> bool:
-        chunk = a["D_PAD"] if a.get("RESIDENT_Z") else a["BLOCK_K"]
+        chunk = a["D_PAD"] if a.get("RESIDENT_Z") or "BLOCK_K" not in a else a["BLOCK_K"]
         return bool(a["LEAN_MASKS"]) and a["D"] % chunk == 0
 
     # EVEN_*: every tile along that axis is full (LEAN_MASKS only; the default masks every tile).
@@ -610,25 +723,37 @@ if triton is not None:
             "EVEN_N": lambda a: bool(a["LEAN_MASKS"]) and a["M"] % a["BLOCK_N"] == 0,
             "EVEN_D": _even_d,
         },
+        "one_pass": {
+            "D_PAD": lambda a: _pow2_at_least_16(a["D"]),
+            "EVEN_M": lambda a: (bool(a["LEAN_MASKS"]) and a["N"] % a["BLOCK_M"] == 0
+                                 and a["rows_per_split"] % a["BLOCK_M"] == 0),
+            "EVEN_N": lambda a: bool(a["LEAN_MASKS"]) and a["M"] % a["BLOCK_N"] == 0,
+            "EVEN_D": _even_d,
+        },
     }
     # name -> (jit function, heuristics-wrapped kernel launched by the host)
     _KERNELS = {
         name: (fn, triton.heuristics(_HEURISTICS[name])(fn))
-        for name, fn in (("forward", _fwd_kernel), ("dz", _dz_kernel), ("dk", _dk_kernel))
+        for name, fn in (("forward", _fwd_kernel), ("dz", _dz_kernel), ("dk", _dk_kernel),
+                         ("one_pass", _bwd_kernel))
     }
-    _INTERP_META = {"forward": _INTERP_FWD, "dz": _INTERP_BWD, "dk": _INTERP_BWD}
+    _INTERP_META = {"forward": _INTERP_FWD, "dz": _INTERP_BWD, "dk": _INTERP_BWD,
+                    "one_pass": _INTERP_ONE_PASS}
     # Autotune keys: what changes the best config. The autotuner adds the tensor dtypes itself.
     _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION", "EXP2", "LEAN_MASKS"]
     _KEYS = {"forward": _KEY + ["WRITE_LSE", "RESIDENT_Z", "GROUP_M"],
-             "dz": _KEY + ["BLOCK_D"], "dk": _KEY + ["BLOCK_D"]}
+             "dz": _KEY + ["BLOCK_D"], "dk": _KEY + ["BLOCK_D"],
+             "one_pass": _KEY + ["DETERMINISTIC"]}
+    # Buffers a kernel accumulates into: zeroed before each autotuning run and after the last.
+    _RESET = {"one_pass": ["dz_ptr", "sem_ptr"]}
     _tune = os.environ.get("RCL_KERNELS_TRITON_AUTOTUNE", "1").strip().lower()
     # RCL_KERNELS_TRITON_AUTOTUNE=0 (quick CI runs): the first config only, no tuning.
     _TUNED_CONFIGS = 1 if _tune in ("0", "false", "off", "no") else None
 
     @functools.cache
     def _autotuned(name: str, configs: tuple) -> Callable:
-        return triton.autotune(configs=list(configs[:_TUNED_CONFIGS]), key=_KEYS[name])(
-            _KERNELS[name][1])
+        return triton.autotune(configs=list(configs[:_TUNED_CONFIGS]), key=_KEYS[name],
+                               reset_to_zero=_RESET.get(name))(_KERNELS[name][1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,6 +828,18 @@ def _resident(variant: Variant, d: int) -> bool:
     return variant.resident_z and d <= _RESIDENT_MAX_D
 
 
+# Variant.backward = "one_pass": largest d per dtype (registers hold a K tile and dk of width d).
+_ONE_PASS_MAX_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
+
+
+def backward_kernels(variant: Variant | str, d: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernels the backward of `variant` runs at feature size d and dtype."""
+    variant = Variant.of(variant)
+    if variant.backward == "one_pass" and d <= _ONE_PASS_MAX_D[dtype]:
+        return ("one_pass",)
+    return ("dz", "dk")
+
+
 def variant_meta(kernel: str, variant: Variant | str, d: int) -> dict:
     """The constexpr flags kernel `kernel` takes for `variant` at feature size d (the host passes
     them; bench/triton_sass.py compiles with them)."""
@@ -710,11 +847,13 @@ def variant_meta(kernel: str, variant: Variant | str, d: int) -> dict:
     meta = dict(EXP2=variant.exp2, LEAN_MASKS=variant.lean_masks)
     if kernel == "forward":
         meta.update(RESIDENT_Z=_resident(variant, d), GROUP_M=variant.group_m)
+    if kernel == "one_pass":
+        meta.update(DETERMINISTIC=variant.deterministic)
     return meta
 
 
 def kernel_configs(kernel: str, variant: Variant | str = "default", d: int = 128) -> list:
-    """The autotune configs of `kernel` ("forward", "dz", "dk") for `variant` and feature size d
+    """The autotune configs of `kernel` ("forward", "dz", "dk", "one_pass") for `variant` and d
     (bench/triton_configs.py times each; tests run each)."""
     variant = Variant.of(variant)
     if kernel == "forward":
@@ -730,7 +869,9 @@ def kernel_configs(kernel: str, variant: Variant | str = "default", d: int = 128
         return list(_DZ_CONFIGS)
     if kernel == "dk":
         return list(_DK_CONFIGS)
-    raise ValueError(f"kernel must be one of forward, dz, dk, got {kernel!r}")
+    if kernel == "one_pass":
+        return list(_ONE_PASS_CONFIGS)
+    raise ValueError(f"kernel must be one of forward, dz, dk, one_pass, got {kernel!r}")
 
 
 def _launch(name, configs, grid, args, kwargs, config):
@@ -783,7 +924,7 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
 
 def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
               allow_tf32, variant=Variant(), dz_splits=None, dk_splits=None, dz_config=None,
-              dk_config=None):
+              dk_config=None, one_pass_config=None):
     n, d = z.shape
     m = k.shape[0]
     device = z.device
@@ -796,10 +937,14 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     z, k = _kernel_layout(z), _kernel_layout(k)
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
 
+    precision = _input_precision(z.dtype, allow_tf32)
+    if backward_kernels(variant, d, z.dtype) == ("one_pass",):
+        return _backward_one_pass(g, z, k, row_labels, col_labels, row_bias, col_bias, lse,
+                                  self_offset, scale, precision, variant, dk_splits,
+                                  one_pass_config)
     block_d = _block_d(d, z.dtype)
     d_chunks = _cdiv(d, block_d)
-    meta = dict(**_common_args(z, k), BLOCK_D=block_d,
-                INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
+    meta = dict(**_common_args(z, k), BLOCK_D=block_d, INPUT_PRECISION=precision,
                 **variant_meta("dz", variant, d))
 
     # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
@@ -830,6 +975,32 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     )
     dk = dk_out[0] if dk_splits == 1 else dk_out.sum(0)
     return dz, dk
+
+
+def _backward_one_pass(g, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                       scale, precision, variant, row_splits=None, config=None):
+    """dz, dk by the one-pass kernel: dz accumulates in place (zeroed first), dk in the same
+    row-split partials as the two-pass dk kernel."""
+    n, d = z.shape
+    m = k.shape[0]
+    device = z.device
+    rows_per_split, splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK), n, 4 * m * d, device,
+                                     row_splits)
+    dz = _alloc((n, d), device, torch.float32).zero_()
+    dk_out = _alloc((splits, m, d), device, torch.float32)
+    # One turn counter per row block of the smallest BLOCK_M of any config (16).
+    sem = torch.zeros((_cdiv(n, 16),), device=device, dtype=torch.int32)
+    gmax = g.abs().amax().reshape(1)
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]) * splits,)  # noqa: E731
+    _launch(
+        "one_pass", kernel_configs("one_pass", variant, d), grid,
+        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dz, dk_out, sem,
+         n, m, d, rows_per_split, int(self_offset), float(scale)),
+        dict(**_common_args(z, k), INPUT_PRECISION=precision,
+             **variant_meta("one_pass", variant, d)),
+        config,
+    )
+    return dz, (dk_out[0] if splits == 1 else dk_out.sum(0))
 
 
 def lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,

@@ -162,7 +162,7 @@ def run_kernels(inp, g, allow_tf32, variant="default", **split):
     variant = T.Variant.of(variant)
     fwd_split = {key: split[key] for key in ("num_splits", "config") if key in split}
     lse = T._forward(**inp, allow_tf32=allow_tf32, variant=variant, **fwd_split)
-    bwd_keys = ("dz_splits", "dk_splits", "dz_config", "dk_config")
+    bwd_keys = ("dz_splits", "dk_splits", "dz_config", "dk_config", "one_pass_config")
     bwd_split = {key: split[key] for key in bwd_keys if key in split}
     dz, dk = T._backward(g, inp["z"], inp["k"], inp["row_labels"], inp["col_labels"],
                          inp["row_bias"], inp["col_bias"], lse, inp["self_offset"], inp["scale"],
@@ -204,9 +204,9 @@ SHAPES = [
     pytest.param(17, 17, 33, 5, False, id="N17-M17-offset5-partial-self"),
     pytest.param(32, 64, 64, 16, False, id="N32-M64-d64-full-tiles"),  # EVEN_M/N/D under lean masks
 ]
-# The timed kernels, every forward flag on the streamed Z path, and every flag with a resident Z
-# tile, wide configs and grouped program order (test_every_variant covers the rest).
-VARIANT_IDS = ["default", "exp2-lean", "forward-all-grouped"]
+# The timed kernels, every forward flag on the streamed Z path, every flag with a resident Z tile,
+# wide configs and grouped program order, and the one-pass backward in its two forms.
+VARIANT_IDS = ["default", "exp2-lean", "forward-all-grouped", "one-pass", "one-pass-atomic"]
 DTYPES = [
     pytest.param(torch.float32, False, id="fp32"),
     pytest.param(torch.float32, True, id="fp32-tf32"),
@@ -312,10 +312,11 @@ def test_strided_inputs_do_not_read_padding():
 
 
 @pytest.mark.triton_interpret
-def test_backward_deterministic():
+@pytest.mark.parametrize("variant", ["default", "one-pass"])
+def test_backward_deterministic(variant):
     inp, g = make_inputs(17, 60, 20, torch.bfloat16)
-    a = run_kernels(inp, g, False, num_splits=2, dz_splits=3, dk_splits=2)
-    b = run_kernels(inp, g, False, num_splits=2, dz_splits=3, dk_splits=2)
+    a = run_kernels(inp, g, False, variant, num_splits=2, dz_splits=3, dk_splits=2)
+    b = run_kernels(inp, g, False, variant, num_splits=2, dz_splits=3, dk_splits=2)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -509,30 +510,53 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("variant", ["default", "one-pass", "one-pass-atomic"])
 @pytest.mark.parametrize("n,m,d,self_offset,protos,dtype,allow_tf32", GPU_CASES)
-def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32):
+def test_gpu_large(n, m, d, self_offset, protos, dtype, allow_tf32, variant):
+    """The timed kernels, and every forward flag with the one-pass backward in both forms."""
     inp, g = make_inputs(n, m, d, dtype, num_classes=50, self_offset=self_offset,
                          with_prototypes=protos)
-    check_against_oracle(inp, g, dtype, allow_tf32)
+    check_against_oracle(inp, g, dtype, allow_tf32, variant)
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("variant", ["default", "forward-all"])
+@pytest.mark.parametrize("variant", ["default", "forward-all", "one-pass"])
 def test_every_config(variant):
     """Each config the autotuner may pick, run on its own (odd d spanning two d chunks): the
     GPU's block sizes under the interpreter too, at a small size.
 
     bf16 only, to bound compile time; the other dtypes run the first config elsewhere."""
-    d = 300 if HAS_CUDA else 130
-    fwd, dz, dk = (T.kernel_configs(name, variant, d) for name in ("forward", "dz", "dk"))
+    d = 300 if HAS_CUDA and variant != "one-pass" else 130
+    kernels = ("forward", *T.backward_kernels(variant, d, torch.bfloat16))
+    configs = {name: T.kernel_configs(name, variant, d) for name in kernels}
     if HAS_CUDA:
         inp, g = make_inputs(300, 1100, d, torch.bfloat16, num_classes=20, self_offset=7)
     else:
         inp, g = make_inputs(40, 150, d, torch.bfloat16, num_classes=20, self_offset=7)
-    for i in range(max(len(fwd), len(dz), len(dk))):
-        configs = dict(config=fwd[i % len(fwd)], dz_config=dz[i % len(dz)],
-                       dk_config=dk[i % len(dk)])
-        check_against_oracle(inp, g, torch.bfloat16, False, variant, **configs)
+    keys = {"forward": "config", "dz": "dz_config", "dk": "dk_config",
+            "one_pass": "one_pass_config"}
+    for i in range(max(len(c) for c in configs.values())):
+        chosen = {keys[name]: c[i % len(c)] for name, c in configs.items()}
+        check_against_oracle(inp, g, torch.bfloat16, False, variant, **chosen)
+
+
+def test_one_pass_takes_d_up_to_its_limit():
+    for dtype, limit in ((torch.bfloat16, 256), (torch.float16, 256), (torch.float32, 128)):
+        assert T.backward_kernels("one-pass", limit, dtype) == ("one_pass",)
+        assert T.backward_kernels("one-pass", limit + 1, dtype) == ("dz", "dk")
+    assert T.backward_kernels("default", 16, torch.bfloat16) == ("dz", "dk")
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", ["one-pass", "one-pass-atomic"])
+def test_one_pass_runs_one_kernel(variant, monkeypatch):
+    """The one-pass backward launches one kernel, with row splits when asked to."""
+    launched = []
+    launch = T._launch
+    monkeypatch.setattr(T, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
+    inp, g = make_inputs(40, 70, 33, torch.bfloat16, self_offset=2)
+    check_against_oracle(inp, g, torch.bfloat16, False, variant, dk_splits=2)
+    assert launched == ["forward", "one_pass"]
 
 
 def test_variant_presets_and_errors():
@@ -548,14 +572,16 @@ def test_variant_presets_and_errors():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_nan_and_determinism():
+@pytest.mark.parametrize("variant", ["default", "one-pass"])
+def test_gpu_nan_and_determinism(variant):
+    """Bitwise repeatable (the one-pass dz: column blocks add in order), NaN where it belongs."""
     inp, g = make_inputs(2048, 3000, 256, torch.bfloat16)
-    a = run_kernels(inp, g, False)
-    b = run_kernels(inp, g, False)
+    a = run_kernels(inp, g, False, variant)
+    b = run_kernels(inp, g, False, variant)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     inp["k"][10, 0] = float("nan")
-    lse = T.lse_forward(**inp, allow_tf32=False)
+    lse = T.lse_forward(**inp, allow_tf32=False, variant=variant)
     expect = torch.ones(2048, dtype=torch.bool)
     expect[10] = False  # column 10 is row 10's self column
     assert torch.equal(torch.isnan(lse).cpu(), expect)
