@@ -1,4 +1,5 @@
-"""GPU tests of the CUDA masked-LSE kernels (csrc/cuda) against a dense float64 formula of the op.
+"""GPU tests of the CUDA LSE kernels (csrc/cuda, ops rcl_kernels::cuda_lse_forward/_backward)
+against a dense float64 formula of the op.
 
 The op (csrc/ops.cpp):
     t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
@@ -12,13 +13,24 @@ a small floor. Inputs are fresh every run (the seed is printed; RCL_TEST_SEED=<s
 the CUDA caching allocator is filled with NaN before each kernel call so that an output element
 the kernels forget to write shows up as NaN.
 
+The split counts are the caller's (rcl_kernels/planner.py in the library); here they are explicit:
+one, several, and more than there are tiles (the kernels clamp them).
+
 Every test is marked `gpu` and skips without a CUDA device or without the CUDA kernels compiled
-into rcl_kernels._C.
+into rcl_kernels._C. The bad calls of the validation test run in subprocesses, so that a crash
+fails that test, naming the signal and the call, instead of killing the suite.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -31,9 +43,12 @@ def _cuda_kernels_unavailable() -> str | None:
         import rcl_kernels._C  # noqa: F401  (loading the library registers the ops)
     except Exception as error:  # ImportError, or a broken build
         return f"rcl_kernels._C cannot be imported ({type(error).__name__}: {error})"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "rcl_kernels::masked_lse_forward", "CUDA"
-    ):
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "rcl_kernels::cuda_lse_forward", "CUDA")
+    except RuntimeError as error:  # an extension built before the op existed
+        return f"rcl_kernels._C has no cuda_lse_forward ({error}); rebuild it with `make install`"
+    if not has_kernel:
         return "rcl_kernels._C was built without the CUDA kernels"
     return None
 
@@ -160,18 +175,24 @@ def poison_allocator():
     del big, small
 
 
-def cuda_forward(p, allow_tf32=False):
+# Split counts asked of the kernels: one, several (a last split shorter than the others), and more
+# than any reduction here has tiles (clamped; 2**40 also crosses the int64 schema argument).
+SPLITS = {"one": 1, "several": 3, "all": 2**40}
+
+
+def cuda_forward(p, allow_tf32=False, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.masked_lse_forward(
+    return torch.ops.rcl_kernels.cuda_lse_forward(
         p["z"], p["k"], p["row_labels"], p["col_labels"], p["row_bias"], p["col_bias"],
-        p["self_offset"], p["scale"], allow_tf32)
+        p["self_offset"], p["scale"], allow_tf32, splits)
 
 
-def cuda_backward(p, lse, allow_tf32=False, g=None):
+def cuda_backward(p, lse, allow_tf32=False, g=None, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.masked_lse_backward(
+    return torch.ops.rcl_kernels.cuda_lse_backward(
         p["g"] if g is None else g, p["z"], p["k"], p["row_labels"], p["col_labels"],
-        p["row_bias"], p["col_bias"], lse, p["self_offset"], p["scale"], allow_tf32)
+        p["row_bias"], p["col_bias"], lse, p["self_offset"], p["scale"], allow_tf32, splits,
+        splits)
 
 
 def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
@@ -196,17 +217,17 @@ def check_rule(name, value, low, true, mode):
     assert err <= allowed, f"{name} [{mode}]: relative error {err:.3e} > allowed {allowed:.3e}"
 
 
-def run_and_check(prob, mode):
+def run_and_check(prob, mode, splits=1):
     dtype, tf32 = MODES[mode]
     p = on_device(prob, dtype)
     lse_t, dz_t, dk_t = truth(p)
     lse_l, dz_l, dk_l = dense_op(p, dtype, allow_tf32=tf32)
 
-    lse = cuda_forward(p, tf32)
+    lse = cuda_forward(p, tf32, splits=splits)
     assert lse.dtype == _acc(dtype) and lse.shape == (p["z"].shape[0],)
     check_rule("lse", lse, lse_l, lse_t, mode)
 
-    dz, dk = cuda_backward(p, lse, tf32)
+    dz, dk = cuda_backward(p, lse, tf32, splits=splits)
     assert dz.dtype == _acc(dtype) and dz.shape == p["z"].shape
     assert dk.dtype == _acc(dtype) and dk.shape == p["k"].shape
     check_rule("dz", dz, dz_l, dz_t, mode)
@@ -228,11 +249,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("splits", list(SPLITS))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_dense_formula(case, mode):
+def test_matches_dense_formula(case, mode, splits):
     n, m, d, off, self_contrast = CASES[case]
-    run_and_check(make_problem(n, m, d, off, self_contrast=self_contrast), mode)
+    run_and_check(make_problem(n, m, d, off, self_contrast=self_contrast), mode, SPLITS[splits])
 
 
 @pytest.mark.slow
@@ -317,14 +339,16 @@ def test_fp16_tiny_grad_does_not_underflow():
     assert rel_err(dk.double(), dk_t) < 1e-2
 
 
+@pytest.mark.parametrize("splits", list(SPLITS))
 @pytest.mark.parametrize("mode", ["bf16", "fp32", "tf32"])
-def test_backward_is_deterministic(mode):
+def test_backward_is_deterministic(mode, splits):
     dtype, tf32 = MODES[mode]
+    s = SPLITS[splits]
     p = on_device(make_problem(256, 3000, 256, 0, self_contrast=True), dtype)
-    lse = cuda_forward(p, tf32)
-    assert torch.equal(lse, cuda_forward(p, tf32))
-    a = cuda_backward(p, lse, tf32)
-    b = cuda_backward(p, lse, tf32)
+    lse = cuda_forward(p, tf32, splits=s)
+    assert torch.equal(lse, cuda_forward(p, tf32, splits=s))
+    a = cuda_backward(p, lse, tf32, splits=s)
+    b = cuda_backward(p, lse, tf32, splits=s)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -354,46 +378,159 @@ def test_gradcheck_float64():
     class Op(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, k):
-            lse = torch.ops.rcl_kernels.masked_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False)
+            lse = torch.ops.rcl_kernels.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
             ctx.save_for_backward(z, k, lse)
             return lse
 
         @staticmethod
         def backward(ctx, g):
             z, k, lse = ctx.saved_tensors
-            return torch.ops.rcl_kernels.masked_lse_backward(
-                g, z, k, rl, cl, rb, cb, lse, 0, 2.0, False)
+            return torch.ops.rcl_kernels.cuda_lse_backward(
+                g, z, k, rl, cl, rb, cb, lse, 0, 2.0, False, 1, 1)
 
     z = prob["z"].clone().requires_grad_()
     k = torch.randn(9, 5, dtype=torch.float64, device="cuda", requires_grad=True)
     assert torch.autograd.gradcheck(Op.apply, (z, k))
 
 
+# --------------------------------------------------------------------------------------------------
+# Bad calls, each in a subprocess
+# --------------------------------------------------------------------------------------------------
+# Issue 9: on the first H100 run the d > MAX_D call killed the pytest process. The child runs the
+# calls in order and prints a JSON line per call; if it dies, the parent records the call and the
+# signal and starts a new child for the calls after it, so every call gets a verdict.
+_BAD_CALLS_CHILD = textwrap.dedent(r"""
+    import json, sys
+    import torch
+    import rcl_kernels as rk
+    import rcl_kernels._C  # noqa: F401
+
+    ops = torch.ops.rcl_kernels
+    dev = "cuda"
+    randn = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
+    z, k = randn(4, 8), randn(6, 8)
+    rl = torch.zeros(4, dtype=torch.long, device=dev)
+    cl = torch.zeros(6, dtype=torch.long, device=dev)
+    rb, cb = torch.zeros(4, device=dev), torch.zeros(6, device=dev)
+    lse, g = torch.zeros(4, device=dev), torch.ones(4, device=dev)
+
+    def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
+        return ops.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
+
+    def bwd(z=z, k=k, lse=lse, row_splits=1, col_splits=1):
+        n = z.shape[0]
+        return ops.cuda_lse_backward(g[:n], z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
+                                     row_splits, col_splits)
+
+    def bcl_loss_d5000():
+        f = torch.nn.functional.normalize(randn(8, 2, 5000), dim=-1)
+        c = torch.nn.functional.normalize(randn(3, 5000), dim=-1)
+        return rk.bcl_loss(f, torch.arange(8, device=dev) % 3, c, backend="cuda")
+
+    def cpu_op_error():
+        return ops.cpu_lse_forward(z.cpu(), torch.randn(6, 9), rl.cpu(), cl.cpu(), rb.cpu(),
+                                   cb.cpu(), 0, 1.0)
+
+    calls = {
+        # Controls: a C++ error from ATen's CUDA code, and one from this extension's CPU kernel,
+        # after CUDA is initialized. If these die too, the process cannot survive any C++ throw.
+        "control_aten_cuda_error": lambda: torch.mm(randn(2, 3), randn(4, 5)),
+        "control_cpu_op_error": cpu_op_error,
+        "d_over_max": lambda: fwd(z=randn(4, 4097), k=randn(6, 4097)),
+        "backward_d_over_max": lambda: bwd(z=randn(4, 5000), k=randn(6, 5000)),
+        "bcl_loss_d5000": bcl_loss_d5000,
+        "z_on_cpu": lambda: fwd(z=z.cpu()),
+        "k_dtype": lambda: fwd(k=k.double()),
+        "k_feature_dim": lambda: fwd(k=randn(6, 9)),
+        "row_labels_device": lambda: fwd(rl=rl.cpu()),
+        "col_labels_shape": lambda: fwd(cl=cl[:-1]),
+        "row_bias_dtype": lambda: fwd(rb=rb.double()),
+        "z_dtype": lambda: fwd(z=z.int(), k=k.int()),
+        "col_splits_zero": lambda: fwd(splits=0),
+        "row_pass_splits_zero": lambda: bwd(row_splits=0),
+        "col_pass_splits_negative": lambda: bwd(col_splits=-3),
+        "lse_dtype": lambda: bwd(lse=lse.double()),
+        "valid_call_after_errors": lambda: bwd(lse=fwd(splits=2**40), row_splits=3, col_splits=3),
+    }
+    for name in sys.argv[1:]:
+        print(json.dumps({"begin": name}), flush=True)
+        try:
+            calls[name]()
+            torch.cuda.synchronize()
+            error = None
+        except Exception as e:  # noqa: BLE001  (the verdict is the message)
+            error = f"{type(e).__name__}: {e}"
+        print(json.dumps({"call": name, "error": error}), flush=True)
+""")
+
+# call -> regex its error must match (None: must succeed).
+BAD_CALLS = {
+    "control_aten_cuda_error": "cannot be multiplied",
+    "control_cpu_op_error": "must share d",
+    "d_over_max": f"d=4097 exceeds the supported maximum of {MAX_D}",
+    "backward_d_over_max": f"d=5000 exceeds the supported maximum of {MAX_D}",
+    "bcl_loss_d5000": f"d=5000.*{MAX_D}|{MAX_D}.*d=5000",  # refused by the backend or the op
+    "z_on_cpu": "z must be a CUDA tensor",
+    "k_dtype": "k must have z's dtype",
+    "k_feature_dim": "k must have z's feature dim",
+    "row_labels_device": "row_labels must be on z's device",
+    "col_labels_shape": "col_labels must have shape",
+    "row_bias_dtype": "row_bias must be",
+    "z_dtype": "z must be float32, float64, bfloat16 or float16",
+    "col_splits_zero": "col_splits must be >= 1",
+    "row_pass_splits_zero": "row_pass_splits must be >= 1",
+    "col_pass_splits_negative": "col_pass_splits must be >= 1",
+    "lse_dtype": "lse must be",
+    "valid_call_after_errors": None,
+}
+
+
+def run_calls_in_subprocesses(names, timeout=300):
+    """{call: ("error", message or None) | ("killed", signal name and stderr tail)}."""
+    verdicts, pending = {}, list(names)
+    while pending:
+        proc = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", _BAD_CALLS_CHILD, *pending],
+            capture_output=True, text=True, timeout=timeout)
+        started = None
+        for line in proc.stdout.splitlines():
+            record = json.loads(line)
+            if "begin" in record:
+                started = record["begin"]
+            else:
+                verdicts[record["call"]] = ("error", record["error"])
+                started = None
+        if proc.returncode == 0:
+            break
+        what = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                else f"exit status {proc.returncode}")
+        if started is None:  # died outside any call (setup or shutdown): nothing more to learn
+            raise AssertionError(f"bad-call child {what} outside a call:\n{proc.stderr[-3000:]}")
+        verdicts[started] = ("killed", f"{what}\n{proc.stderr[-3000:]}{native_backtrace(started)}")
+        pending = pending[pending.index(started) + 1:]
+    return verdicts
+
+
+def native_backtrace(call, timeout=300):
+    """The C++ backtrace of `call` dying alone under gdb (when gdb is installed), for the report."""
+    if shutil.which("gdb") is None:
+        return "\n(no gdb for a native backtrace)"
+    proc = subprocess.run(
+        ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c",
+         _BAD_CALLS_CHILD, call], capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout
+    return "\ngdb:\n" + out[max(0, out.find("received signal")):][:6000]  # innermost frames first
+
+
 def test_input_validation_messages():
-    p = on_device(make_problem(4, 6, 8, 0, self_contrast=True), torch.float32)
-    args = [p["z"], p["k"], p["row_labels"], p["col_labels"], p["row_bias"], p["col_bias"], 0,
-            1.0, False]
-    fwd = torch.ops.rcl_kernels.masked_lse_forward
-
-    def call(**changes):
-        names = ["z", "k", "row_labels", "col_labels", "row_bias", "col_bias"]
-        a = list(args)
-        for name, value in changes.items():
-            a[names.index(name)] = value
-        return fwd(*a)
-
-    with pytest.raises(RuntimeError, match=f"maximum of {MAX_D}"):
-        big = torch.randn(4, MAX_D + 1, device="cuda")
-        call(z=big, k=torch.randn(6, MAX_D + 1, device="cuda"))
-    with pytest.raises(RuntimeError, match="k must have z's dtype"):
-        call(k=p["k"].double())
-    with pytest.raises(RuntimeError, match="k must have z's feature dim"):
-        call(k=torch.randn(6, 9, device="cuda"))
-    with pytest.raises(RuntimeError, match="row_labels must be on z's device"):
-        call(row_labels=p["row_labels"].cpu())
-    with pytest.raises(RuntimeError, match="col_labels must have shape"):
-        call(col_labels=p["col_labels"][:-1])
-    with pytest.raises(RuntimeError, match="row_bias must be"):
-        call(row_bias=p["row_bias"].double())
-    with pytest.raises(RuntimeError, match="z must be float32, float64, bfloat16 or float16"):
-        call(z=p["z"].int(), k=p["k"].int())
+    verdicts = run_calls_in_subprocesses(list(BAD_CALLS))
+    failures = []
+    for name, pattern in BAD_CALLS.items():
+        kind, detail = verdicts[name]
+        if kind == "killed":
+            failures.append(f"{name}: the process was {detail}")
+        elif pattern is None and detail is not None:
+            failures.append(f"{name}: expected success, got {detail}")
+        elif pattern is not None and (detail is None or not re.search(pattern, detail)):
+            failures.append(f"{name}: expected an error matching {pattern!r}, got {detail}")
+    assert not failures, "\n".join(failures)

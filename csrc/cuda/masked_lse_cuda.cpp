@@ -1,6 +1,7 @@
-// CUDA implementations of rcl_kernels::masked_lse_forward / masked_lse_backward (schemas and math
-// in csrc/ops.cpp). This file validates, allocates outputs and workspaces on the current stream's
-// caching allocator, and calls the plain launchers of masked_lse_kernels.cu.
+// CUDA kernels of rcl_kernels::cuda_lse_forward / cuda_lse_backward (schemas and math in
+// csrc/ops.cpp). This file validates, allocates outputs and workspaces on the current stream's
+// caching allocator, and calls the plain launchers of masked_lse_kernels.cu with the split counts
+// it is given (rcl_kernels/planner.py plans them).
 #include <cstdint>
 #include <tuple>
 
@@ -100,32 +101,42 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-at::Tensor masked_lse_forward_cuda(const at::Tensor& z, const at::Tensor& k,
-                                   const at::Tensor& row_labels, const at::Tensor& col_labels,
-                                   const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                   int64_t self_offset, double scale, bool allow_tf32) {
-  constexpr const char* op = "masked_lse_forward (CUDA)";
+// Every check runs before the first CUDA call (device guard, copies, allocations, launches), and
+// every error leaves through TORCH_CHECK / C10_CUDA_CHECK here in the binding: the plain
+// launchers only return a cudaError_t.
+void check_splits(const char* op, const char* name, int64_t splits) {
+  TORCH_CHECK(splits >= 1, op, ": ", name, " must be >= 1 (a split count from "
+              "rcl_kernels/planner.py), got ", splits);
+}
+
+at::Tensor cuda_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                            const at::Tensor& col_labels, const at::Tensor& row_bias,
+                            const at::Tensor& col_bias, int64_t self_offset, double scale,
+                            bool allow_tf32, int64_t col_splits) {
+  constexpr const char* op = "cuda_lse_forward";
   check_features(op, z, k);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
+  check_splits(op, "col_splits", col_splits);
+
   const c10::cuda::CUDAGuard guard(z.device());
   const Inputs in{z.contiguous(),         k.contiguous(),        row_labels.contiguous(),
                   col_labels.contiguous(), row_bias.contiguous(), col_bias.contiguous()};
   at::Tensor lse = at::empty({z.size(0)}, z.options().dtype(acc_dtype(z.scalar_type())));
   if (z.size(0) == 0) return lse;
   const auto problem = make_problem(in, self_offset, scale, allow_tf32);
-  const auto plan = rcl_cuda::plan_forward(problem, z.get_device());
+  const auto plan = rcl_cuda::plan_forward(problem, col_splits);
   const at::Tensor ws = workspace(plan.workspace_bytes, z);
   C10_CUDA_CHECK(rcl_cuda::launch_forward(problem, plan, lse.data_ptr(), ptr_or_null(ws),
                                           c10::cuda::getCurrentCUDAStream()));
   return lse;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cuda(
+std::tuple<at::Tensor, at::Tensor> cuda_lse_backward(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
-    bool allow_tf32) {
-  constexpr const char* op = "masked_lse_backward (CUDA)";
+    bool allow_tf32, int64_t row_pass_splits, int64_t col_pass_splits) {
+  constexpr const char* op = "cuda_lse_backward";
   check_features(op, z, k);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
   const auto acc = acc_dtype(z.scalar_type());
@@ -136,6 +147,9 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cuda(
               ": grad_lse must have shape [N] = [", z.size(0), "], got ", grad_lse.sizes());
   TORCH_CHECK(at::isFloatingType(grad_lse.scalar_type()), op,
               ": grad_lse must be a floating tensor, got ", grad_lse.scalar_type());
+  check_splits(op, "row_pass_splits", row_pass_splits);
+  check_splits(op, "col_pass_splits", col_pass_splits);
+
   const c10::cuda::CUDAGuard guard(z.device());
   const Inputs in{z.contiguous(),         k.contiguous(),        row_labels.contiguous(),
                   col_labels.contiguous(), row_bias.contiguous(), col_bias.contiguous()};
@@ -147,22 +161,22 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cuda(
   at::Tensor dk = at::empty(in.k.sizes(), in.k.options().dtype(acc));
   if (z.size(1) == 0) return {dz, dk};
   const auto problem = make_problem(in, self_offset, scale, allow_tf32);
-  const auto plan = rcl_cuda::plan_backward(problem, z.get_device());
+  const auto plan = rcl_cuda::plan_backward(problem, row_pass_splits, col_pass_splits);
   const at::Tensor dz_ws = workspace(plan.dz_workspace_bytes, z);
   const at::Tensor dk_ws = workspace(plan.dk_workspace_bytes, z);
   // max|g| for the 16-bit kernels (see launch_backward); a 0-dim device tensor, no sync.
   const bool half_ops = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
   const at::Tensor g_absmax = half_ops && g.numel() > 0 ? g.abs().amax() : at::Tensor();
   C10_CUDA_CHECK(rcl_cuda::launch_backward(problem, plan, g.data_ptr(), ptr_or_null(g_absmax),
-                                           lse_c.data_ptr(),
-                                           dz.data_ptr(), dk.data_ptr(), ptr_or_null(dz_ws),
-                                           ptr_or_null(dk_ws), c10::cuda::getCurrentCUDAStream()));
+                                           lse_c.data_ptr(), dz.data_ptr(), dk.data_ptr(),
+                                           ptr_or_null(dz_ws), ptr_or_null(dk_ws),
+                                           c10::cuda::getCurrentCUDAStream()));
   return {dz, dk};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
-  m.impl("masked_lse_forward", &masked_lse_forward_cuda);
-  m.impl("masked_lse_backward", &masked_lse_backward_cuda);
+  m.impl("cuda_lse_forward", &cuda_lse_forward);
+  m.impl("cuda_lse_backward", &cuda_lse_backward);
 }

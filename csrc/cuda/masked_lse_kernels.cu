@@ -719,19 +719,6 @@ __global__ void __launch_bounds__(kThreads)
 // ----------------------------------------------------------------------------------------------
 // Host side
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    (void)cudaGetLastError();  // do not leave a sticky-looking error for the launch check
-    sms = 108;
-  }
-  if (device >= 0 && device < 64) cache[device] = sms;
-  return sms;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class P>
@@ -761,7 +748,7 @@ auto dispatch(const LseProblem& p, F&& f) {
 }
 
 template <class P>
-KParams<typename P::Acc> make_params(const LseProblem& p, int tiles_per_split) {
+KParams<typename P::Acc> make_params(const LseProblem& p, const Split& split) {
   using Acc = typename P::Acc;
   KParams<Acc> kp;
   kp.z = p.z;
@@ -778,19 +765,20 @@ KParams<typename P::Acc> make_params(const LseProblem& p, int tiles_per_split) {
   constexpr int vec = 16 / int(sizeof(typename P::In));
   kp.vec_ok = (p.d % vec == 0) && (reinterpret_cast<uintptr_t>(p.z) % 16 == 0) &&
               (reinterpret_cast<uintptr_t>(p.k) % 16 == 0);
-  kp.tiles_per_split = tiles_per_split;
+  // ≤ the tiles of one dimension: fits an int for any n, m below 2^36.
+  kp.tiles_per_split = int(split.tiles_per_split);
   return kp;
 }
 
-// Splits so that about `target` blocks run, each split keeping at least `min_tiles` tiles.
-int choose_splits(int64_t base_blocks, int64_t tiles, int64_t target, int64_t min_tiles,
-                  int max_splits) {
-  if (base_blocks <= 0 || tiles <= 0) return 1;
-  int64_t want = ceil_div(target, base_blocks);
-  int64_t cap = std::max<int64_t>(1, tiles / min_tiles);
-  int64_t s = std::max<int64_t>(1, std::min<int64_t>({want, cap, int64_t(max_splits)}));
-  // Drop splits that would be empty after rounding the tiles per split up.
-  return int(ceil_div(tiles, ceil_div(tiles, s)));
+// A requested split count, clamped (see plan_forward in masked_lse_kernels.cuh) for a reduction
+// over `tiles` tiles.
+Split split_reduction(int64_t tiles, int64_t requested) {
+  constexpr int64_t kMaxGridYZ = 65535;  // splits are the grid's y (forward) or z (backward) index
+  const int64_t s = std::min({requested, std::max<int64_t>(tiles, 1), kMaxGridYZ});
+  Split split;
+  split.tiles_per_split = std::max<int64_t>(1, ceil_div(tiles, s));
+  split.count = int(std::max<int64_t>(1, ceil_div(tiles, split.tiles_per_split)));
+  return split;
 }
 
 template <typename K>
@@ -817,10 +805,8 @@ cudaError_t forward_impl(const LseProblem& p, const ForwardPlan& plan, void* lse
   using Acc = typename P::Acc;
   if (p.n == 0) return cudaSuccess;
   const int64_t row_tiles = ceil_div(p.n, P::BM);
-  const int64_t col_tiles = ceil_div(p.m, P::BN);
-  const int splits = std::max(1, plan.col_splits);
-  const int tps = int(std::max<int64_t>(1, ceil_div(col_tiles, splits)));
-  auto kp = make_params<P>(p, tps);
+  const int splits = plan.cols.count;
+  auto kp = make_params<P>(p, plan.cols);
   Acc* lse = static_cast<Acc*>(lse_out);
   Acc* ws_max = nullptr;
   Acc* ws_sum = nullptr;
@@ -866,9 +852,8 @@ cudaError_t backward_impl(const LseProblem& p, const BackwardPlan& plan, const v
   constexpr size_t smem = Layout<P, true>::bytes;
 
   if (p.n > 0) {  // dz (with m == 0 the kernel writes zeros)
-    const int splits = std::max(1, plan.row_pass_splits);
-    const int tps = int(std::max<int64_t>(1, ceil_div(col_tiles, splits)));
-    auto kp = make_params<P>(p, tps);
+    const int splits = plan.row_pass.count;
+    auto kp = make_params<P>(p, plan.row_pass);
     Acc* out = splits == 1 ? static_cast<Acc*>(dz) : static_cast<Acc*>(dz_ws);
     RCL_RETURN_IF_ERROR(set_smem(lse_backward_rows_kernel<P>, smem));
     const dim3 grid{unsigned(row_tiles), unsigned(d_chunks), unsigned(splits)};
@@ -877,9 +862,8 @@ cudaError_t backward_impl(const LseProblem& p, const BackwardPlan& plan, const v
     RCL_RETURN_IF_ERROR(sum_splits<Acc>(out, splits, p.n * p.d, static_cast<Acc*>(dz), stream));
   }
   if (p.m > 0) {  // dk (with n == 0 the kernel writes zeros)
-    const int splits = std::max(1, plan.col_pass_splits);
-    const int tps = int(std::max<int64_t>(1, ceil_div(row_tiles, splits)));
-    auto kp = make_params<P>(p, tps);
+    const int splits = plan.col_pass.count;
+    auto kp = make_params<P>(p, plan.col_pass);
     Acc* out = splits == 1 ? static_cast<Acc*>(dk) : static_cast<Acc*>(dk_ws);
     RCL_RETURN_IF_ERROR(set_smem(lse_backward_cols_kernel<P>, smem));
     const dim3 grid{unsigned(col_tiles), unsigned(d_chunks), unsigned(splits)};
@@ -893,36 +877,28 @@ cudaError_t backward_impl(const LseProblem& p, const BackwardPlan& plan, const v
 
 }  // namespace
 
-ForwardPlan plan_forward(const LseProblem& p, int device) {
+ForwardPlan plan_forward(const LseProblem& p, int64_t col_splits) {
   return dispatch(p, [&](auto tag) {
     using P = typename decltype(tag)::type;
     ForwardPlan plan;
-    const int64_t row_tiles = ceil_div(p.n, P::BM);
-    const int64_t col_tiles = ceil_div(p.m, P::BN);
-    plan.col_splits = choose_splits(row_tiles, col_tiles, 4 * int64_t(sm_count(device)),
-                                    /*min_tiles=*/4, /*max_splits=*/128);
-    plan.workspace_bytes =
-        plan.col_splits > 1 ? 2 * size_t(plan.col_splits) * size_t(p.n) * sizeof(typename P::Acc)
-                            : 0;
+    plan.cols = split_reduction(ceil_div(p.m, P::BN), col_splits);
+    if (plan.cols.count > 1)
+      plan.workspace_bytes = 2 * size_t(plan.cols.count) * size_t(p.n) * sizeof(typename P::Acc);
     return plan;
   });
 }
 
-BackwardPlan plan_backward(const LseProblem& p, int device) {
+BackwardPlan plan_backward(const LseProblem& p, int64_t row_pass_splits, int64_t col_pass_splits) {
   return dispatch(p, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using Acc = typename P::Acc;
     BackwardPlan plan;
-    const int64_t row_tiles = ceil_div(p.n, P::BM);
-    const int64_t col_tiles = ceil_div(p.m, P::BN);
-    const int64_t d_chunks = ceil_div(p.d, P::DV);
-    const int64_t target = 2 * int64_t(sm_count(device));
-    plan.row_pass_splits = choose_splits(row_tiles * d_chunks, col_tiles, target, 4, 16);
-    plan.col_pass_splits = choose_splits(col_tiles * d_chunks, row_tiles, target, 4, 16);
-    if (plan.row_pass_splits > 1)
-      plan.dz_workspace_bytes = size_t(plan.row_pass_splits) * size_t(p.n * p.d) * sizeof(Acc);
-    if (plan.col_pass_splits > 1)
-      plan.dk_workspace_bytes = size_t(plan.col_pass_splits) * size_t(p.m * p.d) * sizeof(Acc);
+    plan.row_pass = split_reduction(ceil_div(p.m, P::BN), row_pass_splits);
+    plan.col_pass = split_reduction(ceil_div(p.n, P::BM), col_pass_splits);
+    if (plan.row_pass.count > 1)
+      plan.dz_workspace_bytes = size_t(plan.row_pass.count) * size_t(p.n * p.d) * sizeof(Acc);
+    if (plan.col_pass.count > 1)
+      plan.dk_workspace_bytes = size_t(plan.col_pass.count) * size_t(p.m * p.d) * sizeof(Acc);
     return plan;
   });
 }

@@ -37,21 +37,30 @@ struct LseProblem {
   bool allow_tf32 = false;  // float32 only: TF32 tensor cores instead of fp32 FMA
 };
 
-// How the work is split; the caller allocates the workspaces (bytes, may be 0) before launching.
+// How the work is split. The split counts come from the caller (rcl_kernels/planner.py, shared
+// with the Triton kernels); a plan only clamps them and sizes the workspaces, which the caller
+// allocates (bytes, may be 0) before launching.
+struct Split {
+  int count = 1;                // blocks that share one reduction; partials summed in a fixed order
+  int64_t tiles_per_split = 1;  // tiles of the reduction per split (the last may hold fewer)
+};
 struct ForwardPlan {
-  int col_splits = 1;          // column ranges per row block, merged by a partial-LSE kernel
-  size_t workspace_bytes = 0;  // 2 · col_splits · n · sizeof(Acc) when col_splits > 1
+  Split cols;                  // column tiles per row block, merged by a partial-LSE kernel
+  size_t workspace_bytes = 0;  // 2 · cols.count · n · sizeof(Acc) when cols.count > 1
 };
 struct BackwardPlan {
-  int row_pass_splits = 1;        // dz: column ranges per row block, summed in a fixed order
-  int col_pass_splits = 1;        // dk: row ranges per column block, summed in a fixed order
-  size_t dz_workspace_bytes = 0;  // row_pass_splits · n · d · sizeof(Acc) unless written in place
-  size_t dk_workspace_bytes = 0;  // col_pass_splits · m · d · sizeof(Acc) unless written in place
+  Split row_pass;                 // dz: column tiles per row block
+  Split col_pass;                 // dk: row tiles per column block
+  size_t dz_workspace_bytes = 0;  // row_pass.count · n · d · sizeof(Acc) when row_pass.count > 1
+  size_t dk_workspace_bytes = 0;  // col_pass.count · m · d · sizeof(Acc) when col_pass.count > 1
 };
 
-// `device` is the CUDA device index the problem lives on (used for the SM count).
-ForwardPlan plan_forward(const LseProblem& p, int device);
-BackwardPlan plan_backward(const LseProblem& p, int device);
+// Each requested count must be >= 1 (the binding checks). It is clamped to the tiles of the
+// reduction it splits and to the grid's y/z limit (65535), then lowered so that no split is left
+// empty once the tiles per split are rounded up: 11 tiles asked in 7 splits run as 6 splits of 2.
+// The tile sizes of each dtype path: the table in csrc/cuda/README.md.
+ForwardPlan plan_forward(const LseProblem& p, int64_t col_splits);
+BackwardPlan plan_backward(const LseProblem& p, int64_t row_pass_splits, int64_t col_pass_splits);
 
 // lse: [n] Acc. Returns the first launch error (cudaSuccess otherwise).
 cudaError_t launch_forward(const LseProblem& p, const ForwardPlan& plan, void* lse,

@@ -1,7 +1,7 @@
-// Host emulation of the few CUDA device features masked_lse_kernels.cu uses, so its CUDA-core
-// (FmaPolicy) kernels and all of its host-side planning can run on a machine without a GPU:
+// Host emulation of the few CUDA device features masked_lse_kernels.cu uses, so its kernels (wmma
+// included, emulated below) and all of its host-side planning can run on a machine without a GPU:
 // a block is 256 std::threads with a std::barrier for __syncthreads, blocks run one after another.
-// Used only by host_emu_test.cpp (make check-cuda-emu); not part of the extension.
+// Used only by host_emu_test.cpp (make check-cuda); not part of the extension.
 #pragma once
 
 #include <cuda_runtime.h>  // dim3, cudaError_t, __device__ and friends (empty for g++)
@@ -47,26 +47,29 @@ T shfl_xor(T v, int offset) {
   return r;
 }
 
-// Runs fn() as every thread of every block of grid (1-D blocks of `threads`).
+// Runs fn() as every thread of every block of grid (1-D blocks of `threads`). The same threads
+// run the blocks one after another, meeting at a barrier between blocks (a block's shared memory
+// is the next one's garbage), which costs far less than starting 256 threads per block.
 inline void launch(dim3 grid, unsigned threads, size_t smem_bytes, const std::function<void()>& fn) {
   std::vector<char> smem(smem_bytes + 128, char(0x7f));  // garbage-filled, like real shared memory
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> bar(threads);
-        block_barrier = &bar;
-        block_smem = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t, bx, by, bz] {
-            thread_idx = dim3(t, 0, 0);
+  block_smem = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
+  std::barrier<> bar(threads);
+  block_barrier = &bar;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      thread_idx = dim3(t, 0, 0);
+      grid_dim = grid;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
             block_idx = dim3(bx, by, bz);
-            grid_dim = grid;
             fn();
-          });
-        for (auto& th : pool) th.join();
-      }
+            sync();
+          }
+    });
+  for (auto& th : pool) th.join();
 }
 }  // namespace emu
 
@@ -83,7 +86,6 @@ inline void launch(dim3 grid, unsigned threads, size_t smem_bytes, const std::fu
   emu::launch(dim3(grid), unsigned(block), size_t(smem), [&] { kernel(__VA_ARGS__); })
 // No device here: the runtime would report cudaErrorNoDevice; emulated launches cannot fail.
 #define cudaGetLastError() cudaSuccess
-#define cudaDeviceGetAttribute(value, attr, device) (*(value) = 132, cudaSuccess)
 
 // ------------------------------------------------------------------------------------------------
 // nvcuda::wmma with the documented semantics (not the hardware's register layout): every lane of a
@@ -159,11 +161,14 @@ template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
-  float out[M * N];
+  // Operands widened once (host half conversions are slow), then an fp32 product.
+  float fa[M * K], fb[K * N], out[M * N];
+  for (int i = 0; i < M * K; ++i) fa[i] = as_float(a.x[i]);
+  for (int i = 0; i < K * N; ++i) fb[i] = as_float(b.x[i]);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
       float s = c.x[i * N + j];
-      for (int kk = 0; kk < K; ++kk) s += as_float(a.x[i * K + kk]) * as_float(b.x[kk * N + j]);
+      for (int kk = 0; kk < K; ++kk) s += fa[i * K + kk] * fb[kk * N + j];
       out[i * N + j] = s;
     }
   for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
