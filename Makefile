@@ -53,7 +53,8 @@ bench: install
 
 # Compile-only check of every CUDA source for each architecture (no GPU needed), with the
 # defines PyTorch's CUDAExtension passes to nvcc. The torch bindings (csrc/cuda/*.cpp) are
-# syntax-checked against the venv's torch headers; a CPU-only torch wheel lacks
+# syntax-checked against the venv's torch headers, as C++20 (torch >= 2.14 requires it) and as
+# C++17 where those headers still allow it; a CPU-only torch wheel lacks
 # c10/cuda/impl/cuda_cmake_macros.h (a CMake-generated, effectively empty header), so an empty
 # stand-in is put on the include path after the real ones. Last, the kernels run on the host under
 # a thread-per-CUDA-thread emulation (wmma with its documented semantics) against a dense formula.
@@ -73,11 +74,13 @@ check-cuda:
 	  inc=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))" 2>/dev/null) || \
 	    { echo "check-cuda: torch not importable from $(BIN)/python; bindings not checked"; exit 0; }; \
 	  mkdir -p $(CHECK_STUB)/c10/cuda/impl && echo '#pragma once' > $(CHECK_STUB)/c10/cuda/impl/cuda_cmake_macros.h; \
-	  for f in $(CUDA_BINDINGS); do \
-	    echo "nvcc (host syntax check, torch headers) $$f"; \
-	    $(NVCC) -std=c++17 -DRCL_WITH_CUDA -Xcompiler -fsyntax-only -Xcompiler -Wno-c++20-extensions \
+	  aten=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(include_paths()[0])")/ATen/ATen.h; \
+	  stds="c++20"; grep -q 'C++20 or later' $$aten || stds="c++17 c++20"; \
+	  for f in $(CUDA_BINDINGS); do for std in $$stds; do \
+	    echo "nvcc (host syntax check, torch headers, $$std) $$f"; \
+	    $(NVCC) -std=$$std -DRCL_WITH_CUDA -Xcompiler -fsyntax-only -Xcompiler -Wno-c++20-extensions \
 	      $$inc -I$(CHECK_STUB) -Icsrc -c $$f -o /dev/null || exit 1; \
-	  done; \
+	  done; done; \
 	fi
 	@echo "host emulation of the CUDA kernels (csrc/cuda/host_emu): every dtype path vs a dense formula"
 	@mkdir -p build && $(NVCC) -std=c++20 -O2 -Xcompiler -pthread -Icsrc \
