@@ -24,13 +24,16 @@ Kernels
   (semaphores, deterministic) or by atomics.
 Variants (`Variant`, presets in VARIANTS; the default is the form timed on the H100): logits in
 log2 units with exp2, masks only on the tiles that need them, a resident Z row tile, grouped
-program order and wider autotune configs for the forward (issue 11). Each is a constexpr flag of
-the same kernels, so every variant shares the code it does not change.
+program order and wider autotune configs for the forward; the one-pass backward; 3xTF32 for fp32
+"highest" (issue 11). Each is a constexpr flag of the same kernels, so every variant shares the
+code it does not change.
 Split counts come from rcl_kernels.planner (shared with the cuda backend), which keeps the
 partial buffers under its workspace budget.
 
-Numerics: products accumulate in fp32 (tl.dot with an fp32 accumulator; fp32 inputs use TF32 only
-when allow_tf32); LSE and softmax in fp32; exp is only ever taken of t − (running max) or t − lse.
+Numerics: products accumulate in fp32 (tl.dot with an fp32 accumulator). fp32 inputs multiply on
+TF32 tensor cores only when allow_tf32, with both operands rounded to nearest TF32 first (the
+tensor cores would truncate them); otherwise with FMA, or as 3xTF32 (Variant.fp32_highest).
+LSE and softmax in fp32; exp is only ever taken of t − (running max) or t − lse.
 dz and dk are returned in float32 (the caller rounds once, after adding its own terms).
 P is cast to the input dtype for the second product, as flash attention does; for dk the row
 weights g are first divided by max|g| so that g·p stays in [−1, 1] (fp16 would otherwise underflow
@@ -132,10 +135,14 @@ class Variant:
     # Forward: autotune also over 128-wide tiles with 8 warps and 3-4 stages.
     wide_configs: bool = False
     # Backward: "two_pass" (dz and dk kernels, each recomputes S) or "one_pass" (S once per tile,
-    # dk in registers, dz added across column blocks; d ≤ 256, larger d runs two passes).
+    # dk in registers, dz added across column blocks; for tensor-core products up to d = 256
+    # (bf16/fp16) or 128 (TF32): fp32 FMA, 3xTF32 and larger d run two passes).
     backward: str = "two_pass"
     # one_pass: dz added in a fixed order (True: bitwise reproducible) or by fp32 atomics.
     deterministic: bool = True
+    # fp32 without TF32 ("highest"): "ieee" (FMA products) or "tf32x3" (3xTF32: each operand as
+    # a sum of two TF32 parts, three tensor-core products).
+    fp32_highest: str = "ieee"
 
     def __post_init__(self):
         for name in ("exp2", "lean_masks", "resident_z", "wide_configs", "deterministic"):
@@ -143,6 +150,9 @@ class Variant:
                 raise TypeError(f"Variant.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or self.group_m < 1:
             raise ValueError(f"Variant.group_m must be an int >= 1, got {self.group_m!r}")
+        if self.fp32_highest not in ("ieee", "tf32x3"):
+            raise ValueError(f"Variant.fp32_highest must be 'ieee' or 'tf32x3', got "
+                             f"{self.fp32_highest!r}")
         if self.backward not in ("two_pass", "one_pass"):
             raise ValueError(f"Variant.backward must be 'two_pass' or 'one_pass', got "
                              f"{self.backward!r}")
@@ -169,6 +179,7 @@ VARIANTS: dict[str, Variant] = {
     "forward-all-grouped": Variant(**_FORWARD_ALL, group_m=8),
     "one-pass": Variant(**_FORWARD_ALL, backward="one_pass"),
     "one-pass-atomic": Variant(**_FORWARD_ALL, backward="one_pass", deterministic=False),
+    "3xtf32": Variant(fp32_highest="tf32x3"),
 }
 
 
@@ -216,14 +227,29 @@ if triton is not None:
 
     @triton.jit
     def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
-        """acc + a @ b with an fp32 accumulator."""
+        """acc + a @ b with an fp32 accumulator.
+
+        "tf32x3" (3xTF32): a = a_hi + a_lo with both parts TF32 (a − a_hi is exact in fp32, and
+        rounding it drops bits of order 2^-22·|a|), likewise b, and a·b ≈ a_lo·b_hi + a_hi·b_lo
+        + a_hi·b_hi on TF32 tensor cores, small terms first; a_lo·b_lo (2^-22 relative) is
+        dropped. Triton's own input_precision="tf32x3" does the same on the GPU, but the
+        interpreter ignores input_precision (its products are plain fp32), so the split is
+        written out here and the interpreter runs the GPU's algebra."""
         if _INTERP:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if INPUT_PRECISION == "tf32":
-            a = _round_tf32(a)
-            b = _round_tf32(b)
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            return tl.dot(_round_tf32(a), _round_tf32(b), acc, input_precision="tf32")
+        elif INPUT_PRECISION == "tf32x3":
+            a_hi = _round_tf32(a)
+            b_hi = _round_tf32(b)
+            a_lo = _round_tf32(a - a_hi)
+            b_lo = _round_tf32(b - b_hi)
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+            return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+        else:
+            return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     @triton.jit
     def _cast(x, dtype: tl.constexpr):
@@ -798,8 +824,13 @@ def _splits(kernel: str, parallel_programs: int, reduce_len: int, partial_bytes_
     return per, max(1, _cdiv(reduce_len, per))
 
 
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+def _input_precision(dtype: torch.dtype, allow_tf32: bool, variant: Variant) -> str:
+    """How the products take their operands: "tf32" (fp32 rounded to TF32), "tf32x3" (fp32 as a
+    sum of two TF32 parts, three products: Variant.fp32_highest) or "ieee" (the input dtype
+    as it is: tensor cores for bf16/fp16, FMA for fp32)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if allow_tf32 else variant.fp32_highest
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -828,14 +859,19 @@ def _resident(variant: Variant, d: int) -> bool:
     return variant.resident_z and d <= _RESIDENT_MAX_D
 
 
-# Variant.backward = "one_pass": largest d per dtype (registers hold a K tile and dk of width d).
-_ONE_PASS_MAX_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
+# Variant.backward = "one_pass": largest d per product precision (registers hold a K tile and
+# dk of width d). From ptxas for sm_90: fp32 FMA products ("ieee") and 3xTF32 spill kilobytes
+# (and 3xTF32 needs more shared memory than an SM has), so they keep the two-pass kernels.
+_ONE_PASS_MAX_D = {(torch.bfloat16, "ieee"): 256, (torch.float16, "ieee"): 256,
+                   (torch.float32, "tf32"): 128}
 
 
-def backward_kernels(variant: Variant | str, d: int, dtype: torch.dtype) -> tuple[str, ...]:
-    """The kernels the backward of `variant` runs at feature size d and dtype."""
+def backward_kernels(variant: Variant | str, d: int, dtype: torch.dtype,
+                     allow_tf32: bool = False) -> tuple[str, ...]:
+    """The kernels the backward of `variant` runs for this d, dtype and allow_tf32."""
     variant = Variant.of(variant)
-    if variant.backward == "one_pass" and d <= _ONE_PASS_MAX_D[dtype]:
+    precision = _input_precision(dtype, allow_tf32, variant)
+    if variant.backward == "one_pass" and d <= _ONE_PASS_MAX_D.get((dtype, precision), 0):
         return ("one_pass",)
     return ("dz", "dk")
 
@@ -912,7 +948,7 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
         "forward", kernel_configs("forward", variant, d), grid,
         (z, k, row_labels, col_labels, row_bias, col_bias, lse, mpart, spart,
          n, m, d, cols_per_split, int(self_offset), float(scale)),
-        dict(**_common_args(z, k), INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
+        dict(**_common_args(z, k), INPUT_PRECISION=_input_precision(z.dtype, allow_tf32, variant),
              WRITE_LSE=num_splits == 1, **variant_meta("forward", variant, d)),
         config,
     )
@@ -937,8 +973,8 @@ def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     z, k = _kernel_layout(z), _kernel_layout(k)
     row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
 
-    precision = _input_precision(z.dtype, allow_tf32)
-    if backward_kernels(variant, d, z.dtype) == ("one_pass",):
+    precision = _input_precision(z.dtype, allow_tf32, variant)
+    if backward_kernels(variant, d, z.dtype, allow_tf32) == ("one_pass",):
         return _backward_one_pass(g, z, k, row_labels, col_labels, row_bias, col_bias, lse,
                                   self_offset, scale, precision, variant, dk_splits,
                                   one_pass_config)

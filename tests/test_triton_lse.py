@@ -215,11 +215,14 @@ DTYPES = [
 ]
 
 
-# Every dtype path with the timed kernels; the other variants change no dtype-specific code, so
-# fp32 and bf16 cover them (and keep the interpreter run short).
+# Every dtype path with the timed kernels; the other variants change no fp16-specific code, so
+# the three product precisions (fp32 FMA, TF32, bf16 tensor cores) cover them and keep the
+# interpreter run short (fp32 FMA takes the two-pass backward in the one-pass variants).
 DTYPE_VARIANTS = [pytest.param(*dt.values, "default", id=f"{dt.id}-default") for dt in DTYPES] + [
     pytest.param(*dt.values, v, id=f"{dt.id}-{v}")
-    for v in VARIANT_IDS[1:] for dt in DTYPES if dt.id in ("fp32", "bf16")
+    for v in VARIANT_IDS[1:] for dt in DTYPES if dt.id != "fp16"
+] + [  # fp32 "highest" by 3xTF32: the fp32 rule
+    pytest.param(torch.float32, False, "3xtf32", id="fp32-3xtf32")
 ]
 
 
@@ -405,6 +408,27 @@ def test_tf32_products_round_to_nearest():
     assert err < 2e-5, f"lse differs from the rounded-input formula by {err:.2e}"
 
 
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", ["3xtf32", T.Variant(fp32_highest="tf32x3", exp2=True,
+                                                         lean_masks=True, resident_z=True)],
+                         ids=["3xtf32", "3xtf32-forward-flags"])
+def test_3xtf32_is_as_accurate_as_fp32(variant):
+    """3xTF32 products (hi/lo TF32 parts, three products) are as accurate as fp32 ones: lse, dz
+    and dk within 2x the error of the dense fp32 formula, with no floor, where TF32 products
+    are ~1000x worse for the gradients. Under the interpreter the products of TF32 parts are
+    exact, as on tensor cores, so this checks the split itself; the GPU timing is owed."""
+    inp, g = make_inputs(40, 90, 128, torch.float32, self_offset=1)
+    ref64 = dense_op(**inp, g=g, dtype=torch.float64)
+    fp32 = dense_op(**inp, g=g, dtype=torch.float32)
+    split = run_kernels(inp, g, False, variant)
+    tf32 = run_kernels(inp, g, True, variant)
+    for name, x3, t32, base, ref in zip(("lse", "dz", "dk"), split, tf32, fp32, ref64):
+        err = rel_err(x3, ref)
+        assert err <= 2 * rel_err(base, ref), f"{name}: 3xTF32 error {err:.2e}"
+        if name != "lse":  # lse errors are tiny either way (a log of a sum)
+            assert rel_err(t32, ref) > 20 * err, f"{name}: TF32 as accurate as 3xTF32?"
+
+
 def test_oracle_gradient_matches_autograd():
     """The dense formula's dz/dk are the gradients of Σ g·lse (float64 autograd)."""
     inp, g = make_inputs(7, 11, 5, torch.float64, self_offset=1, device="cpu")
@@ -541,9 +565,14 @@ def test_every_config(variant):
 
 
 def test_one_pass_takes_d_up_to_its_limit():
-    for dtype, limit in ((torch.bfloat16, 256), (torch.float16, 256), (torch.float32, 128)):
-        assert T.backward_kernels("one-pass", limit, dtype) == ("one_pass",)
-        assert T.backward_kernels("one-pass", limit + 1, dtype) == ("dz", "dk")
+    """One pass for tensor-core products up to its d; fp32 FMA and 3xTF32 run two passes."""
+    for dtype, tf32, limit in ((torch.bfloat16, False, 256), (torch.float16, False, 256),
+                               (torch.float32, True, 128)):
+        assert T.backward_kernels("one-pass", limit, dtype, tf32) == ("one_pass",)
+        assert T.backward_kernels("one-pass", limit + 1, dtype, tf32) == ("dz", "dk")
+    assert T.backward_kernels("one-pass", 16, torch.float32, False) == ("dz", "dk")
+    three = T.Variant(backward="one_pass", fp32_highest="tf32x3")
+    assert T.backward_kernels(three, 16, torch.float32, False) == ("dz", "dk")
     assert T.backward_kernels("default", 16, torch.bfloat16) == ("dz", "dk")
 
 
@@ -568,6 +597,10 @@ def test_variant_presets_and_errors():
         T.Variant(group_m=0)
     with pytest.raises(TypeError, match="exp2"):
         T.Variant(exp2=1)
+    with pytest.raises(ValueError, match="fp32_highest"):
+        T.Variant(fp32_highest="tf32")
+    with pytest.raises(ValueError, match="backward"):
+        T.Variant(backward="three_pass")
 
 
 @pytest.mark.gpu
