@@ -203,7 +203,7 @@ RESUME_CASES = {  # case: (corrupt(path), what the message says after the path)
     "foreign_state_dict": (lambda p: torch.save({"weight": torch.ones(3)}, p),
                            " is not an rcl-train checkpoint (no config, model,"),
     # a pickled class is code: weights_only refuses to load it rather than run it
-    "foreign_pickle": (lambda p: pickle.dump(Objective, open(p, "wb")),
+    "foreign_pickle": (lambda p: pickle.dump(Objective, open(p, "wb"), protocol=2),
                        " is not a readable rcl-train checkpoint (UnpicklingError"),
     "model_does_not_fit": (_drop_a_weight, ": the saved model or optimizer does not fit this run"),
 }

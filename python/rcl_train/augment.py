@@ -38,7 +38,7 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 class ThreeViewAugment(nn.Module):
-    """uint8 batch [B, C, H, W] -> (classifier view, contrastive view 1, contrastive view 2), normalized."""
+    """uint8 batch [B, C, H, W] -> normalized float views (see forward)."""
 
     def __init__(self, image_shape, mean, std, padding: int = 4):
         super().__init__()
@@ -65,12 +65,14 @@ class ThreeViewAugment(nn.Module):
         self.normalize = Normalize(mean, std)
 
     @torch.no_grad()
-    def forward(self, x_uint8: torch.Tensor):
+    def forward(self, x_uint8: torch.Tensor, contrastive: bool = True):
+        """(classifier view, contrastive view 1, contrastive view 2), or only the classifier view
+        in a 1-tuple when `contrastive` is False (LA-CE alone has no use for the other two)."""
         x = to_float(x_uint8)
-        cls_view = self.regular(x)
-        v1 = self.sim(x).clamp_(0, 1)
-        v2 = self.sim(x).clamp_(0, 1)
-        return self.normalize(cls_view), self.normalize(v1), self.normalize(v2)
+        views = [self.regular(x)]
+        if contrastive:
+            views += [self.sim(x).clamp_(0, 1), self.sim(x).clamp_(0, 1)]
+        return tuple(self.normalize(v) for v in views)
 
     @torch.no_grad()
     def eval_view(self, x_uint8: torch.Tensor) -> torch.Tensor:

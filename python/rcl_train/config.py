@@ -47,6 +47,9 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: str | None = None
     threads: int | None = None
     eval_every: int = 1
     out: str = "runs/rcl-train"
@@ -140,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp,
+                   help="autocast of the model's forward; auto = bf16 on CUDA, off on the CPU "
+                        "(the loss runs outside it, in the dtype the features come in)")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default=d.channels_last,
+                   help="channels_last memory format for the model and its inputs; auto = on CUDA")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
                    help="evaluate every N epochs (0: only at the end)")

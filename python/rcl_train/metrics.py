@@ -19,20 +19,24 @@ def group_of(count: int) -> str:
 
 
 @torch.no_grad()
-def predict(model, augment, x_uint8: torch.Tensor, device, batch_size: int = 500,
-            autocast: bool = False) -> torch.Tensor:
+def predict(model, augment, x_uint8: torch.Tensor, batch_size: int = 500,
+            amp_dtype: torch.dtype | None = None,
+            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Predicted classes (on the CPU) of the uint8 images `x_uint8`, which lie on the model's
+    device; one transfer back at the end."""
     was_training = model.training
     model.eval()
     preds = []
     try:
         for i in range(0, len(x_uint8), batch_size):
-            xb = augment.eval_view(x_uint8[i:i + batch_size].to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            xb = augment.eval_view(x_uint8[i:i + batch_size]).contiguous(memory_format=memory_format)
+            with torch.autocast(xb.device.type, dtype=amp_dtype or torch.bfloat16,
+                                enabled=amp_dtype is not None):
                 logits = model(xb, with_contrastive=False)
-            preds.append(logits.argmax(1).cpu())
+            preds.append(logits.argmax(1))
     finally:
         model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
 
 
 def compute_metrics(preds: torch.Tensor, labels: torch.Tensor, train_counts, class_names=None) -> dict:

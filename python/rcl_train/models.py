@@ -104,8 +104,11 @@ class BCLModel(nn.Module):
         logits = self.fc(feat)
         if not with_contrastive:
             return logits
-        z = F.normalize(self.head(feat), dim=1)
-        centers = F.normalize(self.head_fc(self.fc.weight), dim=1)
+        # Under autocast the heads give bf16 and CUDA autocast computes the norm in fp32: keep
+        # the heads' dtype, so the contrastive loss gets (and runs in) bf16 features.
+        h, c = self.head(feat), self.head_fc(self.fc.weight)
+        z = F.normalize(h, dim=1).to(h.dtype)
+        centers = F.normalize(c, dim=1).to(c.dtype)
         return z, logits, centers
 
 

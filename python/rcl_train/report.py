@@ -13,9 +13,15 @@ def build_report(final: dict, cfg, history: list[dict], wall_time: float, extra:
     rep["confusion_matrix"] = final["confusion_matrix"]
     rep["config"] = cfg.to_dict()
     rep["wall_time_s"] = wall_time
-    epoch_times = [r["epoch_time_s"] for r in history
-                   if "epoch_time_s" in r and not r.get("resumed_mid_epoch")]
+    full = [r for r in history if "epoch_time_s" in r and not r.get("resumed_mid_epoch")]
+    epoch_times = [r["epoch_time_s"] for r in full]
     rep["mean_epoch_time_s"] = sum(epoch_times) / len(epoch_times) if epoch_times else None
+    # training throughput over the whole epochs (evaluation excluded) and the mean step split
+    images = sum(r["images_per_s"] * r["epoch_time_s"] for r in full if r.get("images_per_s"))
+    rep["images_per_s"] = images / sum(epoch_times) if epoch_times and images else None
+    splits = [r["step_ms"] for r in full if r.get("step_ms")]
+    rep["step_ms"] = ({k: sum(s[k] for s in splits) / len(splits) for k in splits[0]}
+                      if splits else None)
     rep["epochs_done"] = len(history)
     if extra:
         rep.update(extra)
@@ -43,7 +49,9 @@ def summary_text(rep: dict) -> str:
             f"{p['name']} ({p['train_count']}) {_fmt(p['accuracy'])}" for p in rep["per_class"]))
     t = f"wall time {rep['wall_time_s']:.1f} s"
     if rep.get("mean_epoch_time_s"):
-        t += f", {rep['mean_epoch_time_s']:.1f} s per epoch"
+        t += f", {rep['mean_epoch_time_s']:.1f} s per epoch, {rep['images_per_s']:.0f} images/s"
+    if rep.get("step_ms"):
+        t += "; per step " + ", ".join(f"{k} {v:.1f}" for k, v in rep["step_ms"].items()) + " ms"
     lines.append(t)
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from .losses import Objective
 from .metrics import compute_metrics, predict
 from .models import build_model, default_arch
 from .optim import build_optimizer, build_scheduler
+from .timing import StepTimer
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -58,8 +59,16 @@ def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
                 dynamic_ncols=True, leave=True)
 
 
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 by default on CUDA, none on the CPU (slower there in bf16)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else None
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, data=None):
+        """`data`: an already loaded LTDataset of `cfg` (the throughput tool reuses one)."""
         self.dist = None
         if dist_run.world_size() > 1:  # torchrun: data-parallel (python/rcl_train/distributed.py)
             self.dist = dist_run.DistributedRun(cfg.device)
@@ -69,14 +78,16 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self.autocast = self.device.type == "cuda"  # bf16 autocast on GPU only
-        self.data = load_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.data_seed,
-                                 cfg.limit_train, cfg.limit_test)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.memory_format = (torch.channels_last if cfg.channels_last == "on" or (
+            cfg.channels_last == "auto" and self.device.type == "cuda") else torch.contiguous_format)
+        self.data = data if data is not None else load_dataset(
+            cfg.dataset, cfg.data_root, cfg.imbalance, cfg.data_seed, cfg.limit_train, cfg.limit_test)
         seed_everything(cfg.seed)
         self.arch = default_arch(cfg.dataset) if cfg.arch == "auto" else cfg.arch
         self.class_counts = self.data.class_counts
         self.model = build_model(self.arch, self.data.image_shape[0], self.data.num_classes,
-                                 feat_dim=cfg.feat_dim).to(self.device)
+                                 feat_dim=cfg.feat_dim).to(self.device, memory_format=self.memory_format)
         self.augment = build_augment(cfg.dataset, self.data.image_shape).to(self.device)
         self.objective = Objective(
             cfg.loss, self.class_counts, alpha=cfg.alpha, beta=cfg.beta,
@@ -88,14 +99,20 @@ class Trainer:
         self.batch_size = min(cfg.batch_size, n)
         self.steps_per_epoch = max(1, n // self.batch_size)  # drop the last partial batch
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.train_model = self.model  # the DDP wrapper when distributed
+        self.train_model = self.model  # the DDP wrapper when distributed, compiled on request
         if self.dist is not None:
             self.train_model = self.dist.wrap(self.model, self.objective, self.device,
                                               self.batch_size)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model, backend=cfg.compile)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          round(cfg.warmup_epochs * self.steps_per_epoch))
+        # The whole (long-tailed) training set lives on the device as one uint8 tensor; batches
+        # are drawn by index there and augmented there: no DataLoader, no host round trips.
         self.train_x = self.data.train_x.to(self.device)
         self.train_y = self.data.train_y.to(self.device)
+        self.test_x = self.data.test_x.to(self.device)
+        self.timer = StepTimer(self.device)
         # position: next (epoch, batch) to run
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.history: list[dict] = []
@@ -154,26 +171,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, idx: torch.Tensor) -> dict:
-        x = self.train_x[idx]
+        """One optimizer step on the images `idx` of the training set; returns the logged values
+        (floats) and records the step's time split in self.timer."""
+        timer = self.timer
+        timer.start()
+        contrastive = self.objective.needs_contrastive
         y = self.train_y[idx]
-        cls_view, v1, v2 = self.augment(x)
+        views = self.augment(self.train_x[idx], contrastive=contrastive)
         if self.dist is not None:  # this rank's share of the augmented global batch
-            y, cls_view, v1, v2 = self.dist.local_share(y, cls_view, v1, v2)
+            y, *views = self.dist.local_share(y, *views)
         lr = self.optimizer.param_groups[0]["lr"]
         B = len(y)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.objective.needs_contrastive:
-                z, logits, centers = self.train_model(torch.cat([cls_view, v1, v2]))
+        x = (torch.cat(views) if len(views) > 1 else views[0]).contiguous(
+            memory_format=self.memory_format)
+        timer.mark("data")
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            if contrastive:
+                z, logits, centers = self.train_model(x)
                 logits = logits[:B]
                 feats = torch.stack([z[B:2 * B], z[2 * B:]], dim=1)  # [B, 2, d]
             else:
-                logits = self.train_model(cls_view, with_contrastive=False)
+                logits = self.train_model(x, with_contrastive=False)
                 feats = centers = None
+        timer.mark("forward")
+        # Outside autocast: the loss runs in the dtype the features come in.
         loss, parts = self.objective(logits, y, feats, centers)
         if self.dist is not None:  # log the global-batch values
             parts = self.dist.mean_over_ranks(parts)
+        timer.mark("loss")
+        timer.hook_loss_inputs(logits, feats, centers)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        timer.mark("backward")
         # One fused max|g| over every gradient (NaN and inf propagate) read back with the logged
         # values in a single transfer: the step's only host sync of its own. Under DDP the
         # gradients and logged values are the same on every rank, so every rank stops alike.
@@ -190,13 +220,14 @@ class Trainer:
                 f"the optimizer step. {self._kept_checkpoint()} Try a lower --lr.")
         self.optimizer.step()
         self.scheduler.step()
+        timer.end()
         out["lr"] = lr
         return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        preds = predict(self.model, self.augment, self.data.test_x, self.device,
-                        autocast=self.autocast)
+        preds = predict(self.model, self.augment, self.test_x, amp_dtype=self.amp_dtype,
+                        memory_format=self.memory_format)
         return compute_metrics(preds, self.data.test_y, self.class_counts.tolist(),
                                self.data.class_names)
 
@@ -210,7 +241,10 @@ class Trainer:
         self.log(f"{cfg.dataset} rho={cfg.imbalance:g}: {n} training images, "
                  f"class counts {self.class_counts.tolist()}, {len(self.data.test_y)} test images; "
                  f"{self.arch}, loss alpha*LA-CE + beta*{cfg.loss} (backend {cfg.loss_backend}), "
-                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {self.device}")
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {self.device} "
+                 f"(autocast {self.amp_dtype or 'off'}, "
+                 f"{'channels_last' if self.memory_format == torch.channels_last else 'contiguous'}"
+                 f"{', compiled with ' + cfg.compile if cfg.compile else ''})")
         bar = _progress_bar(self.total_steps, self.global_step, cfg.progress, "train")
         stopped = False
         last_eval = None
@@ -223,18 +257,17 @@ class Trainer:
                         stopped = True
                         break
                     idx = order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
-                    t = time.perf_counter()
                     parts = self.train_step(idx)
-                    dt = time.perf_counter() - t
                     self.global_step += 1
                     self.batch += 1
                     count += 1
                     ep_images += len(idx)
                     for k, v in parts.items():
                         sums[k] = sums.get(k, 0.0) + v
-                    bar.update(1)
+                    rate = ep_images / max(time.perf_counter() - ep_t0, 1e-9)
                     bar.set_postfix(epoch=self.epoch, loss=f"{parts['loss']:.3f}",
-                                    lr=f"{parts['lr']:.4f}", img_s=f"{len(idx) / dt:.0f}")
+                                    lr=f"{parts['lr']:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                    bar.update(1)
                 if stopped and self.batch < self.steps_per_epoch:
                     break  # mid-epoch stop: the checkpoint below records the position
                 ep_time = time.perf_counter() - ep_t0
@@ -243,10 +276,13 @@ class Trainer:
                 row["lr"] = sums.get("lr", 0.0) / max(1, count)
                 row["epoch_time_s"] = ep_time
                 row["images_per_s"] = ep_images / ep_time if ep_time > 0 else None
+                row["step_ms"] = self.timer.collect()  # mean per step: data, model, loss, optim
                 row["resumed_mid_epoch"] = count < self.steps_per_epoch
                 last_epoch = self.epoch + 1 == cfg.epochs
                 if (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last_epoch:
+                    t_eval = time.perf_counter()
                     last_eval = self.evaluate()
+                    row["eval_time_s"] = time.perf_counter() - t_eval
                     row.update({f"test_{k}": last_eval[k] for k in
                                 ("overall_accuracy", "balanced_accuracy", "many", "medium", "few")})
                 self.history.append(row)
@@ -268,6 +304,8 @@ class Trainer:
             "total_steps": self.total_steps, "stopped_early": stopped,
             "train_images": n, "class_counts": self.class_counts.tolist(),
             "test_images": len(self.data.test_y), "loss_backend": cfg.loss_backend,
+            "autocast": str(self.amp_dtype or "off"),
+            "channels_last": self.memory_format == torch.channels_last,
         })
         written = report_mod.write_report(cfg.out, rep, self.history, self.data.class_names,
                                           plots=cfg.plots)
