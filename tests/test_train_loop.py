@@ -100,6 +100,26 @@ def test_cifar_run(tmp_path):
     assert rep["arch"] == "resnet8" and rep["class_counts"][0] == 12
 
 
+def test_bcl_cifar100_recipe(tmp_path):
+    """--recipe bcl-cifar100: BCL's CIFAR-100-LT settings (config.RECIPES cites each), any flag
+    given overrides one, and it trains on CIFAR-100 pickles in the real format."""
+    write_fake_cifar(tmp_path / "data", num_classes=100, per_class_train=4, per_class_test=1)
+    data = ["--data-root", str(tmp_path / "data")]
+    cfg = parse_config(["--recipe", "bcl-cifar100", *data])
+    bcl = dict(dataset="cifar100-lt", imbalance=100.0, arch="resnet32", loss="bcl", epochs=200,
+               batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=5.0,
+               alpha=2.0, beta=0.6, temperature=0.1, feat_dim=128)
+    assert {k: getattr(cfg, k) for k in bcl} == bcl and cfg.recipe == "bcl-cifar100"
+    cfg = parse_config(["--recipe", "bcl-cifar100", *data, "--loss", "rcl", "--epochs", "3"])
+    assert (cfg.loss, cfg.epochs, cfg.arch, cfg.beta) == ("rcl", 3, "resnet32", 0.6)
+    assert main(["--recipe", "bcl-cifar100", *data, "--batch-size", "32", "--max-steps", "1",
+                 "--loss-backend", "reference", "--device", "cpu", "--threads", "1", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["arch"] == "resnet32" and rep["config"]["recipe"] == "bcl-cifar100"
+    assert len(rep["class_counts"]) == 100 and rep["class_counts"][0] == 4
+
+
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert main(["--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
@@ -121,6 +141,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     (["--weight-decay", "nan"], "--weight-decay"),
     (["--batch-size", "many"], "--batch-size"),
     (["--device", "tpu"], "--device"),
+    (["--recipe", "bcl-imagenet"], "--recipe"),
     (["--dataset", "cifar10-lt"], "--data-root"),
     (["--loss", "bcl", "--feature-scale", "2"], "--feature-scale"),
 ])
