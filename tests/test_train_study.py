@@ -1,0 +1,105 @@
+"""bench/train_study.sh in its reduced CPU mode on fake data, the study's schedule planning and
+its calibrated mode, and the loss-backend timing tool (python -m rcl_train.throughput)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from train_fakes import ROOT, write_fake_fashion
+
+from rcl_train import study, throughput
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    # rho = 100 of 60 images per class: 144 long-tailed images, the smallest classes of 1 image
+    return write_fake_fashion(tmp_path_factory.mktemp("fashion"), per_class_train=60, per_class_test=4)
+
+
+def test_study_script_reduced_cpu_mode(fashion_root, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, STUDY_MODE="cpu", FMNIST_DIR=fashion_root, OUT=str(out),
+               STUDY_WORK=str(tmp_path / "work"), PYTHON=sys.executable, STUDY_CPU_EPOCHS="1",
+               STUDY_BATCH="48", STUDY_CPU_LIMIT_TEST="30")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "train_study.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "log.txt", "study.json", "study.md"]
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["epochs"] == 1 and doc["calibration"] is None
+    assert [(r["recipe"], r["seed"]) for r in doc["runs"]] == [
+        (recipe, seed) for seed in (0, 1, 2) for recipe in ("LA-CE", "BCL", "BCL+RCL")]
+    assert all(r["complete"] and len(r["history"]) == 1 for r in doc["runs"])
+    for recipe, row in doc["table"].items():
+        assert row["seeds"] == [0, 1, 2]
+        accs = [r["balanced_accuracy"] for r in doc["runs"] if r["recipe"] == recipe]
+        assert row["balanced_accuracy"]["mean"] == pytest.approx(sum(accs) / 3)
+        assert row["balanced_accuracy"]["std"] is not None
+    md = (out / "study.md").read_text()
+    for recipe in ("| LA-CE | 3 |", "| BCL | 3 |", "| BCL+RCL | 3 |"):
+        assert recipe in md
+    assert "--limit-train 1500" in md and "--device cpu" in md
+    assert (out / "curves.png").stat().st_size > 0
+
+
+def test_plan_epochs():
+    # 400 s, 9 runs at once (one wave), 20 s start-up, 3 s per epoch: (400 - 20) / 3 = 126 -> 100
+    assert study.plan_epochs(400, 3.0, 20, 1, 100) == 100
+    assert study.plan_epochs(400, 5.0, 20, 1, 100) == 76
+    assert study.plan_epochs(400, 5.0, 20, 2, 100) == 36  # two waves: 200 s each
+    assert study.plan_epochs(10, 5.0, 20, 1, 100) == 1  # never below one epoch
+
+
+def test_study_calibrated_schedule(fashion_root, tmp_path):
+    """--epochs auto: the calibration runs take two epochs each, and the chosen schedule
+    fits the budget by the measured times (here the target caps it)."""
+    args = ["--out", str(tmp_path / "out"), "--epochs", "auto", "--budget-s", "600",
+            "--target-epochs", "2", "--seeds", "0", "--", "--dataset", "fmnist-lt",
+            "--data-root", fashion_root, "--device", "cpu", "--threads", "1", "--batch-size", "48",
+            "--limit-test", "30"]
+    assert study.main(args) == 0
+    doc = json.loads((tmp_path / "out" / "study.json").read_text())
+    cal = doc["calibration"]
+    assert cal["steps"] == 2 * (144 // 48) and len(cal["per_epoch_s"]) == 3
+    assert cal["epoch_s"] == pytest.approx(sum(cal["per_epoch_s"]))  # one run after another
+    assert doc["epochs"] == cal["epochs"] == study.plan_epochs(
+        cal["budget_left_s"], cal["epoch_s"], cal["start_s"], cal["waves"], 2) == 2
+    for recipe in study.RECIPES:
+        calib = tmp_path / "out" / "runs" / "calibrate" / f"{study.slug(recipe)}_s0"
+        assert len((calib / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "Schedule chosen by measurement" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_study_parallel_runs_in_processes(fashion_root, tmp_path):
+    args = ["--out", str(tmp_path / "out"), "--epochs", "1", "--seeds", "0", "--parallel", "3",
+            "--", "--dataset", "fmnist-lt", "--data-root", fashion_root, "--device", "cpu",
+            "--threads", "1", "--batch-size", "48", "--limit-test", "30"]
+    assert study.main(args) == 0
+    doc = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [r["exit"] for r in doc["runs"]] == [0, 0, 0]
+    for r in doc["runs"]:  # each ran in its own process, with its log
+        assert "== rcl-train report" in (tmp_path / "out" / "runs" / f"{study.slug(r['recipe'])}_s0"
+                                         / "log.txt").read_text()
+
+
+def test_throughput_tool(fashion_root, tmp_path, capsys):
+    assert throughput.main(["--backends", "reference,auto", "--batch-sizes", "16,max", "--steps", "2",
+                            "--warmup", "1", "--out", str(tmp_path), "--", "--dataset", "fmnist-lt",
+                            "--data-root", fashion_root, "--device", "cpu", "--threads", "1",
+                            "--loss", "rcl"]) == 0
+    doc = json.loads((tmp_path / "throughput.json").read_text())
+    rows = doc["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        ("reference", 16), ("reference", 144), ("auto", 16), ("auto", 144)]
+    for r in rows:
+        assert r["step_ms"] > 0 and set(r["split_ms"]) == {"data", "model", "loss", "optim"}
+        assert sum(r["split_ms"].values()) <= r["step_ms"] * 1.01
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1000)
+        assert r["peak_mb"] is None  # CPU
+    md = (tmp_path / "throughput.md").read_text()
+    assert "| reference | 144 (max) |" in md and "| auto | 16 |" in md
+    assert md.strip() in capsys.readouterr().out
