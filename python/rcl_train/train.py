@@ -78,6 +78,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":  # fixed batch shapes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.memory_format = (torch.channels_last if cfg.channels_last == "on" or (
             cfg.channels_last == "auto" and self.device.type == "cuda") else torch.contiguous_format)
