@@ -27,8 +27,10 @@
 # Knobs (environment): OUT / STUDY_OUT, FMNIST_DIR (default: .study/fashion-mnist, else
 # /usr/share/datasets/fashion-mnist), PYTHON, STUDY_MODE (auto|gpu|cpu), STUDY_BUDGET_S (480,
 # the whole script on a GPU), STUDY_EPOCHS, STUDY_TARGET_EPOCHS, STUDY_PARALLEL, STUDY_SEEDS
-# ("0 1 2"), STUDY_BATCH (256), STUDY_THROUGHPUT (1 on a GPU: the timing table first; its
-# share of the budget is STUDY_THROUGHPUT_S, 75), STUDY_WORK (runs' folder, default /tmp).
+# ("0 1 2"), STUDY_BATCH (256), STUDY_LOSS_BACKEND (triton on a GPU: the fused loss; auto would
+# pick the reference at batch 256), STUDY_THROUGHPUT (1 on a GPU: the timing table first, its
+# share of the budget STUDY_THROUGHPUT_S, 90, its backends STUDY_THROUGHPUT_BACKENDS,
+# reference,triton,cuda), STUDY_WORK (runs' folder, default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -92,11 +94,13 @@ COMMON=(--dataset fmnist-lt --imbalance 100 --data-root "$FMNIST_DIR" --threads 
 if [[ "$MODE" == gpu ]]; then
   COMMON+=(--device cuda --batch-size "${STUDY_BATCH:-256}")
   if [[ "${STUDY_THROUGHPUT:-1}" == 1 ]]; then
-    echo "== loss-backend timing (at most ${STUDY_THROUGHPUT_S:-75} s)"
-    timeout -k 5 "${STUDY_THROUGHPUT_S:-75}" "$PY" -m rcl_train.throughput --out "$OUT_DIR" \
-      --backends reference,auto --batch-sizes 256,max -- "${COMMON[@]}" --loss rcl ||
-      echo "   (timing table incomplete: exit $?)"
+    echo "== loss-backend timing (at most ${STUDY_THROUGHPUT_S:-90} s)"
+    timeout -k 5 "${STUDY_THROUGHPUT_S:-90}" "$PY" -m rcl_train.throughput --out "$OUT_DIR" \
+      --backends "${STUDY_THROUGHPUT_BACKENDS:-reference,triton,cuda}" --batch-sizes 256,max \
+      -- "${COMMON[@]}" --loss rcl || echo "   (timing table incomplete: exit $?)"
   fi
+  # the fused loss in training is what the study is for (auto picks the reference at batch 256)
+  COMMON+=(--loss-backend "${STUDY_LOSS_BACKEND:-triton}")
   left=$((BUDGET - ($(date +%s) - START) - 10))
   STUDY_ARGS=(--epochs "${STUDY_EPOCHS:-auto}" --budget-s "$left"
     --target-epochs "${STUDY_TARGET_EPOCHS:-100}" --parallel "${STUDY_PARALLEL:-9}")

@@ -101,13 +101,17 @@ def run(backends, batch_sizes, steps, warmup, train_argv, out_dir, log=print):
                 row["requested"] = size
                 rows.append(row)
                 log(_line(row))
+                _write(out_dir, rows, n, train_argv, steps, warmup)  # each row as it comes
+    return rows, n
+
+
+def _write(out_dir, rows, n, train_argv, steps, warmup) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "throughput.json"), "w") as f:
         json.dump({"train_flags": train_argv, "training_images": n, "steps": steps,
                    "warmup": warmup, "rows": rows}, f, indent=2)
     with open(os.path.join(out_dir, "throughput.md"), "w") as f:
         f.write(table(rows, n) + "\n")
-    return rows, n
 
 
 def _line(row: dict) -> str:
