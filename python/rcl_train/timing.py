@@ -2,17 +2,18 @@
 
 Marks are taken at the phase boundaries of a training step: `perf_counter` on the CPU (where the
 ops are synchronous), CUDA events on a GPU (recorded on the current stream, read once per epoch
-after a synchronize). The backward pass is split by a gradient hook on the tensors handed to the
-loss: autograd runs the loss's backward nodes (created later, so higher priority) before the
-model's, and the hook of the last of those tensors marks the boundary.
+after a synchronize). The backward pass is split by gradient hooks on the model's outputs: a
+hook on a tensor runs just before the node that made it runs backward, and autograd runs every
+node of the loss (created later, so of higher priority) before any node of the model, so the
+first of those hooks marks where the model's backward begins.
 
     data   indexing the device-resident training set + augmentation (+ the rank's share)
     model  the network's forward and backward
     loss   the objective's forward and backward (LA-CE + the contrastive loss)
     optim  the finiteness check (the step's one host sync) + optimizer and scheduler step
 
-Cost: on a GPU, 6-8 event records per step (a few microseconds of host time each) and one
-Python hook call per tensor handed to the loss; nothing waits on the GPU until the epoch ends.
+Cost: on a GPU, 7 event records per step (a few microseconds of host time each) and one Python
+hook call per model output; nothing waits on the GPU until the epoch ends.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ class StepTimer:
         self.mark("end")
         self._steps.append(self._marks)
 
-    def hook_loss_inputs(self, *tensors) -> None:
-        """Mark "loss_backward" when the gradient of each of `tensors` is ready (the last wins)."""
+    def hook_model_outputs(self, *tensors) -> None:
+        """Mark "loss_backward" (the end of the loss's backward) when the backward of the first
+        of `tensors`, the model's outputs, begins."""
         for t in tensors:
             if t is not None and t.requires_grad:
-                t.register_hook(self._loss_backward_hook)
+                t.register_hook(self._model_backward_begins)
 
-    def _loss_backward_hook(self, grad):
-        self.mark("loss_backward")
+    def _model_backward_begins(self, grad):
+        if "loss_backward" not in self._marks:
+            self.mark("loss_backward")
 
     def _ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else 1000.0 * (b - a)

@@ -191,10 +191,12 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             if contrastive:
                 z, logits, centers = self.train_model(x)
+                timer.hook_model_outputs(z, logits, centers)
                 logits = logits[:B]
                 feats = torch.stack([z[B:2 * B], z[2 * B:]], dim=1)  # [B, 2, d]
             else:
                 logits = self.train_model(x, with_contrastive=False)
+                timer.hook_model_outputs(logits)
                 feats = centers = None
         timer.mark("forward")
         # Outside autocast: the loss runs in the dtype the features come in.
@@ -202,7 +204,6 @@ class Trainer:
         if self.dist is not None:  # log the global-batch values
             parts = self.dist.mean_over_ranks(parts)
         timer.mark("loss")
-        timer.hook_loss_inputs(logits, feats, centers)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         timer.mark("backward")
