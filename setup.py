@@ -40,21 +40,25 @@ def relative_sources(pattern: str) -> list[str]:
 
 
 def make_extension():
-    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    sources = (relative_sources("csrc/*.cpp") + relative_sources("csrc/tiled/*.cpp")
+               + relative_sources("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is header code; without it the CPU kernel runs on one thread.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # C++20: the headers of torch 2.14 refuse anything older (2.11-2.13 accept it).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not cuda_build_requested():
         return cpp_extension.CppExtension(
-            "rcl_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+            "rcl_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "rcl_kernels._C",
         sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("RCL_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,

@@ -20,7 +20,12 @@
 //   cpu_lse_*   the CPU streaming kernel (csrc/cpu/masked_lse_cpu.cpp);
 //   cuda_lse_*  the CUDA streaming kernels (csrc/cuda/), with the split counts of
 //               rcl_kernels/planner.py; allow_tf32 asks for TF32 tensor-core products on float32
-//               inputs (float32 matmul precision "high"/"medium").
+//               inputs (float32 matmul precision "high"/"medium");
+//   tiled_lse_* the tiled algorithm (csrc/tiled/): ATen GEMMs into a workspace of block_rows rows
+//               of scores and one device epilogue per block, for CPU and CUDA tensors alike. Its
+//               GEMMs follow PyTorch's float32 matmul precision themselves.
+//               tiled_lse_forward_backward returns (lse, dz, dk) for given per-anchor weights w
+//               of the gradient (dz = scale·diag(w)·P·K, dk = scale·Pᵀ·diag(w)·Z) from one pass.
 // The Triton pair (triton_lse_*) is a Python custom op with the same signature as cuda_lse_*
 // minus the split counts (rcl_kernels/_ops.py).
 #include <Python.h>
@@ -50,4 +55,15 @@ TORCH_LIBRARY(rcl_kernels, m) {
       "cuda_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale, bool allow_tf32, int row_pass_splits, int col_pass_splits) -> (Tensor, Tensor)");
+  m.def(
+      "tiled_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "Tensor row_bias, Tensor col_bias, int self_offset, float scale, int block_rows) -> Tensor");
+  m.def(
+      "tiled_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
+      "float scale, int block_rows) -> (Tensor, Tensor)");
+  m.def(
+      "tiled_lse_forward_backward(Tensor weights, Tensor z, Tensor k, Tensor row_labels, "
+      "Tensor col_labels, Tensor row_bias, Tensor col_bias, int self_offset, float scale, "
+      "int block_rows) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,7 +1,8 @@
 """torch.library glue of the kernel ops (schemas and math: csrc/ops.cpp).
 
-* `rcl_kernels::cpu_lse_*` and `rcl_kernels::cuda_lse_*` are C++ ops of rcl_kernels._C (the CUDA
-  pair exists as a schema always and has a kernel when the extension was built with nvcc);
+* `rcl_kernels::cpu_lse_*`, `rcl_kernels::cuda_lse_*` and `rcl_kernels::tiled_lse_*` are C++ ops
+  of rcl_kernels._C (their schemas always exist; the CUDA kernels when the extension was built with
+  nvcc);
 * `rcl_kernels::triton_lse_*` are Python custom ops over the Triton kernels.
 
 Each op has a fake kernel that checks the shapes and dtypes of its arguments, as the real kernels
@@ -69,6 +70,13 @@ def _fake_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, l
     return z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
+def _fake_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, *options):
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, grad_lse=weights)
+    acc = accumulation_dtype(z.dtype)
+    lse = z.new_empty((z.shape[0],), dtype=acc)
+    return lse, z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
+
+
 @torch.library.custom_op("rcl_kernels::triton_lse_forward", mutates_args=())
 def triton_lse_forward(
     z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor,
@@ -100,7 +108,8 @@ def triton_lse_backward(
 
 _PREFIXES = ["rcl_kernels::triton_lse"]
 if EXTENSION_ERROR is None:
-    _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse"]
+    _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse", "rcl_kernels::tiled_lse"]
+    torch.library.register_fake("rcl_kernels::tiled_lse_forward_backward")(_fake_forward_backward)
 for _prefix in _PREFIXES:
     torch.library.register_fake(f"{_prefix}_forward")(_fake_forward)
     torch.library.register_fake(f"{_prefix}_backward")(_fake_backward)

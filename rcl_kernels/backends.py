@@ -22,7 +22,7 @@ import torch
 from . import _ops, planner
 from ._dtypes import FLOATING, dtype_name, dtype_names
 
-ALGORITHMS = ("streaming",)
+ALGORITHMS = ("streaming", "tiled")
 
 # Above this estimate of its N x M buffers, auto refuses to fall back to the reference (an
 # explicit backend="reference" still runs). 6 N x M matrices of the input dtype: logits, masks,
@@ -41,10 +41,14 @@ class Kernels:
         forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32) -> lse
         backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
                  scale, allow_tf32) -> (dz, dk)
+        forward_backward(weights, z, k, ..., self_offset, scale, allow_tf32) -> (lse, dz, dk):
+                 the gradient for given per-anchor weights in the same pass (None: the
+                 algorithm has none, as a streaming forward cannot know a row's lse in time)
     """
 
     forward: Callable
     backward: Callable
+    forward_backward: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,42 @@ def _cpu_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     )
 
 
+def _tiled_block_rows(z, k) -> int:
+    acc_bytes = 8 if z.dtype == torch.float64 else 4
+    if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
+        return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
+                                        operand_bytes=acc_bytes, max_rows=planner.CPU_TILED_MAX_ROWS)
+    return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
+                                    operand_bytes=z.element_size())
+
+
+def _tiled_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, _tiled_block_rows(z, k)
+    )
+
+
+def _tiled_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+                    allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        _tiled_block_rows(z, k),
+    )
+
+
+def _tiled_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
+                            scale, allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_forward_backward(
+        weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+        _tiled_block_rows(z, k),
+    )
+
+
+# The GEMMs of the tiled algorithm follow PyTorch's float32 matmul precision by themselves, so
+# allow_tf32 needs no passing on.
+_TILED = Kernels(_tiled_forward, _tiled_backward, _tiled_forward_backward)
+
+
 def _cuda_tile(dtype: torch.dtype) -> int:
     """Rows (= columns) of one block tile of the CUDA streaming kernels (csrc/cuda/README.md);
     their output chunk of the feature dimension is twice as wide."""
@@ -123,7 +163,7 @@ def _cuda_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
     tile = _cuda_tile(z.dtype)
     splits = planner.reduction_splits(
         -(-z.shape[0] // tile), -(-k.shape[0] // tile), device=z.device, max_splits=128,
-        partial_bytes_per_split=8 * z.shape[0],
+        partial_bytes_per_split=2 * z.shape[0] * (8 if z.dtype == torch.float64 else 4),
     )
     return torch.ops.rcl_kernels.cuda_lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
@@ -183,7 +223,7 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("reference", ("cpu", "cuda"), FLOATING, lambda device: None),
         Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason,
-                {"streaming": Kernels(_cpu_forward, _cpu_backward)}),
+                {"streaming": Kernels(_cpu_forward, _cpu_backward), "tiled": _TILED}),
         Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason,
                 {"streaming": Kernels(_cuda_forward, _cuda_backward)},
                 # The launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).

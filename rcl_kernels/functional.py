@@ -57,16 +57,6 @@ def _classes(num_classes, prototypes, tables, all_labels):
     return present.numel(), renumbered
 
 
-def _reduce(losses: torch.Tensor, has_positive: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    # Mean over the anchors that have a positive; 0 (with zero gradient) when none has.
-    return total / has_positive.sum().clamp(min=1).to(losses.dtype)
-
-
 @torch.compiler.assume_constant_result
 def _float32_matmul_allows_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
@@ -145,16 +135,14 @@ def contrastive_loss(
     scale = feature_scale**2 / temperature
     anchors = anchors.contiguous()
     if impl.fused:
-        acc = accumulation_dtype(anchors.dtype)
         tables = fused.class_tables(anchor_labels, column_labels, logit_bias, margins, num_classes,
-                                    class_averaging, acc, anchors.device)
-        losses = fused.per_anchor_loss(
+                                    class_averaging, accumulation_dtype(anchors.dtype), anchors.device)
+        loss = fused.loss(
             impl.kernels[algorithm], anchors, anchor_labels,
             None if columns is anchors else columns.contiguous(), column_labels,
             self_offset=self_offset, num_classes=num_classes, scale=scale, tables=tables,
-            allow_tf32=allow_tf32,
+            allow_tf32=allow_tf32, reduction=reduction,
         )
-        has_positive = tables.n_positive > 0
     else:
         zeros = torch.zeros(num_classes, dtype=anchors.dtype, device=anchors.device)
         losses, has_positive = reference.per_anchor_loss(
@@ -164,7 +152,8 @@ def contrastive_loss(
             margin=zeros if margins is None else margins,
             class_averaging=class_averaging,
         )
-    loss = _reduce(losses.to(accumulation_dtype(anchors.dtype)), has_positive, reduction)
+        loss = fused.reduce(losses, has_positive, reduction)
+    loss = loss.to(accumulation_dtype(anchors.dtype))
     # A factor of exactly 1 (or NaN) rather than a selection: the gradient still flows, and comes
     # out NaN for a non-finite input as for built-ins, whichever input it was.
     loss = loss * (1 + _non_finite_poison(columns, logit_bias, margins).to(loss.dtype))

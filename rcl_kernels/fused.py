@@ -12,10 +12,13 @@ gradient. Everything else is O((N + M)·d) work in plain PyTorch here, where tor
   and its gradient is a segment sum too: with h_i = g_i·s / |Pos(i)| and U_c = Σ_{i: y_i=c} h_i z_i,
       dz_i −= h_i·(S_{y_i} − k_self(i)),   dk_j −= U_{l_j},   dk_self(i) += h_i z_i.
 
-The per-anchor loss is one autograd.Function around the kernels, so that the gradients of the
-log-sum-exp and of the positive term meet in float32 and are rounded to the input dtype once (two
-half-precision gradients of opposite sign would cancel badly). Second derivatives are not
-implemented by the kernels: differentiating the backward raises instead of returning zeros.
+The loss is one autograd.Function around the kernels, so that the gradients of the log-sum-exp and
+of the positive term meet in float32 and are rounded to the input dtype once (two half-precision
+gradients of opposite sign would cancel badly). For a mean or a sum the gradient's per-anchor
+weights are known before the backward, so an algorithm whose forward sees whole rows (tiled)
+computes the gradient in the forward's pass over the scores and saves it, O((N + M)·d), instead of
+recomputing the scores in the backward. Second derivatives are not implemented by the kernels:
+differentiating the backward raises instead of returning zeros.
 """
 
 from __future__ import annotations
@@ -64,15 +67,40 @@ def _positive_sums(z, k, labels, col_labels, self_offset, num_classes):
     return class_sums[labels] - k_acc[self_offset : self_offset + z.shape[0]]
 
 
-class _LseBackward(torch.autograd.Function):
-    """The kernels' backward as a function of its own, whose derivative raises: without it a
-    second differentiation would silently see zeros."""
+def _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale):
+    """L_i = lse_i − mean_{j∈Pos(i)} t_ij, and 0 where an anchor has no positive."""
+    positive_sums = _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
+    positive_mean = (
+        scale * (z.to(lse.dtype) * positive_sums).sum(dim=1) / tables.n_positive.clamp(min=1)
+        + tables.positive_bias
+    )
+    return torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
 
-    @staticmethod
-    def forward(grad, z, k, labels, col_labels, row_bias, col_bias, lse, kernels, self_offset,
-                scale, allow_tf32):
-        return kernels.backward(grad, z, k, labels, col_labels, row_bias, col_bias, lse,
-                                self_offset, scale, allow_tf32)
+
+def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, n_positive,
+                            self_offset, num_classes, scale):
+    """The gradients of −Σ_i weights_i·mean_{j∈Pos(i)} t_ij added to the log-sum-exp's (dz, dk)."""
+    h = (weights * scale / n_positive.clamp(min=1))[:, None]
+    dz = dz - h * _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
+    weighted_z = h * z.to(dz.dtype)
+    weighted_class_sums = weighted_z.new_zeros(num_classes, z.shape[1])
+    weighted_class_sums.index_add_(0, labels, weighted_z)
+    dk = dk - weighted_class_sums[col_labels]
+    dk.narrow(0, self_offset, z.shape[0]).add_(weighted_z)
+    return dz, dk
+
+
+def _input_gradients(dz, dk, z, k):
+    """Round once to the input dtypes; columns that are the anchors (k None) add into dz."""
+    if k is None:
+        return (dz + dk).to(z.dtype), None
+    return dz.to(z.dtype), dk.to(k.dtype)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """A step of the backward whose own derivative raises: the kernels have no second
+    derivatives, and without this a second differentiation would silently see zeros. Its inputs
+    include what its result depends on (z, k), so that a double backward meets it."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -81,6 +109,20 @@ class _LseBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+class _LseBackward(_NoSecondDerivative):
+    @staticmethod
+    def forward(grad, z, k, labels, col_labels, row_bias, col_bias, lse, kernels, self_offset,
+                scale, allow_tf32):
+        return kernels.backward(grad, z, k, labels, col_labels, row_bias, col_bias, lse,
+                                self_offset, scale, allow_tf32)
+
+
+class _ScaleSavedGradients(_NoSecondDerivative):
+    @staticmethod
+    def forward(grad, dz, dk, z, k):
+        return grad * dz, None if dk is None else grad * dk
 
 
 class _FusedPerAnchorLoss(torch.autograd.Function):
@@ -93,12 +135,7 @@ class _FusedPerAnchorLoss(torch.autograd.Function):
         columns = z if k is None else k
         lse = kernels.forward(z, columns, labels, col_labels, tables.row_bias, tables.col_bias,
                               self_offset, scale, allow_tf32)
-        positive_sums = _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
-        positive_mean = (
-            scale * (z.to(lse.dtype) * positive_sums).sum(dim=1) / tables.n_positive.clamp(min=1)
-            + tables.positive_bias
-        )
-        losses = torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
+        losses = _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale)
         return losses, lse
 
     @staticmethod
@@ -114,27 +151,68 @@ class _FusedPerAnchorLoss(torch.autograd.Function):
     def backward(ctx, grad_losses, _grad_lse):
         z, k, labels, col_labels, row_bias, col_bias, n_positive, lse = ctx.saved_tensors
         columns = z if k is None else k
-        scale, self_offset = ctx.scale, ctx.self_offset
         # Anchors without a positive have a constant loss of 0: no gradient flows from them.
         grad = torch.where(n_positive > 0, grad_losses.to(lse.dtype), torch.zeros_like(lse))
         dz, dk = _LseBackward.apply(grad.contiguous(), z, columns, labels, col_labels, row_bias,
-                                    col_bias, lse, ctx.kernels, self_offset, scale, ctx.allow_tf32)
-        h = (grad * scale / n_positive.clamp(min=1))[:, None]
-        dz = dz - h * _positive_sums(z, columns, labels, col_labels, self_offset, ctx.num_classes)
-        weighted_z = h * z.to(lse.dtype)
-        weighted_class_sums = weighted_z.new_zeros(ctx.num_classes, z.shape[1])
-        weighted_class_sums.index_add_(0, labels, weighted_z)
-        dk = dk - weighted_class_sums[col_labels]
-        dk.narrow(0, self_offset, z.shape[0]).add_(weighted_z)
-        if k is None:
-            return (dz + dk).to(z.dtype), None, None, None, None, None, None, None, None, None
-        return dz.to(z.dtype), dk.to(k.dtype), None, None, None, None, None, None, None, None
+                                    col_bias, lse, ctx.kernels, ctx.self_offset, ctx.scale,
+                                    ctx.allow_tf32)
+        dz, dk = _add_positive_gradients(dz, dk, grad, z, columns, labels, col_labels, n_positive,
+                                         ctx.self_offset, ctx.num_classes, ctx.scale)
+        return *_input_gradients(dz, dk, z, k), None, None, None, None, None, None, None, None
 
 
-def per_anchor_loss(kernels, z, labels, k, col_labels, *, self_offset, num_classes, scale,
-                    tables: ClassTables, allow_tf32: bool) -> torch.Tensor:
-    """Per-anchor losses [N] with the tiles run by `kernels` (k=None: the columns are z)."""
-    losses, _ = _FusedPerAnchorLoss.apply(
-        z, k, labels, col_labels, tables, kernels, self_offset, num_classes, scale, allow_tf32
-    )
-    return losses
+class _FusedWeightedSum(torch.autograd.Function):
+    """Σ_i w_i·L_i for weights w known up front (a mean or a sum), with the gradient computed in
+    the same pass as the forward by kernels.forward_backward: the backward only scales it."""
+
+    @staticmethod
+    def forward(z, k, labels, col_labels, tables, weights, kernels, self_offset, num_classes, scale,
+                allow_tf32):
+        columns = z if k is None else k
+        lse, dz, dk = kernels.forward_backward(weights, z, columns, labels, col_labels,
+                                               tables.row_bias, tables.col_bias, self_offset,
+                                               scale, allow_tf32)
+        losses = _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale)
+        dz, dk = _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels,
+                                         tables.n_positive, self_offset, num_classes, scale)
+        dz, dk = _input_gradients(dz, dk, z, k)
+        return (weights * losses).sum(), dz, dk
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, k = inputs[:2]
+        ctx.save_for_backward(z, k, output[1], output[2])
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad, _grad_dz, _grad_dk):
+        z, k, dz, dk = ctx.saved_tensors
+        dz, dk = _ScaleSavedGradients.apply(grad.to(dz.dtype), dz, dk, z, k)
+        return dz, dk, None, None, None, None, None, None, None, None, None
+
+
+def loss(kernels, z, labels, k, col_labels, *, self_offset, num_classes, scale,
+         tables: ClassTables, allow_tf32: bool, reduction: str) -> torch.Tensor:
+    """The loss with reduction "none" (per anchor), "sum" or "mean" (over anchors that have a
+    positive), with the tiles run by `kernels` (k=None: the columns are z)."""
+    has_positive = tables.n_positive > 0
+    options = (self_offset, num_classes, scale, allow_tf32)
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or (k is not None and k.requires_grad))
+    if reduction != "none" and needs_grad and kernels.forward_backward is not None:
+        weights = has_positive.to(tables.n_positive.dtype)
+        if reduction == "mean":
+            weights = weights / has_positive.sum().clamp(min=1)
+        return _FusedWeightedSum.apply(z, k, labels, col_labels, tables, weights, kernels, *options)[0]
+    losses, _ = _FusedPerAnchorLoss.apply(z, k, labels, col_labels, tables, kernels, *options)
+    return reduce(losses, has_positive, reduction)
+
+
+def reduce(losses: torch.Tensor, has_positive: torch.Tensor, reduction: str) -> torch.Tensor:
+    """DESIGN §1's reductions of per-anchor losses (shared with the reference path)."""
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    # Mean over the anchors that have a positive; 0 (with zero gradient) when none has.
+    return total / has_positive.sum().clamp(min=1).to(losses.dtype)

@@ -69,20 +69,28 @@ def random_features(shape, generator, *, normalize=True) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
-def backend_param(name: str, device: str = "cpu"):
-    """pytest.param for a backend on a device, skipped with the reason when it cannot run there."""
+def backend_kwargs(spec: str) -> dict:
+    """"cpu" or "cpu:tiled" -> the backend= and algorithm= arguments of the losses."""
+    name, _, algorithm = spec.partition(":")
+    return {"backend": name, "algorithm": algorithm or "auto"}
+
+
+def backend_param(spec: str, device: str = "cpu"):
+    """pytest.param for a backend ("name" or "name:algorithm") on a device, skipped with the reason
+    when it cannot run there."""
+    name = backend_kwargs(spec)["backend"]
     if device == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device"
     else:
         reason = BACKENDS[name].unavailable_reason(torch.device(device))
         if reason is None and device not in BACKENDS[name].device_types:
             reason = f"runs on {'/'.join(BACKENDS[name].device_types)} tensors here"
-    marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+    marks = [pytest.mark.skip(reason=f"{spec}: {reason}")] if reason else []
     if name == "triton" and device == "cpu":
         marks.append(pytest.mark.triton_interpret)
     if device == "cuda":
         marks.append(pytest.mark.gpu)
-    return pytest.param(name, marks=marks, id=f"{name}-{device}")
+    return pytest.param(spec, marks=marks, id=f"{spec}-{device}")
 
 
 def free_ports(count: int) -> list[int]:

@@ -3,13 +3,15 @@ torch.compile traces every preset with and without gradients, static and dynamic
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from helpers import backend_param, draw_labels, fresh_generator, random_features
+from helpers import backend_kwargs, backend_param, draw_labels, fresh_generator, random_features
 
 import rcl_kernels as rk
 
-FUSED_CPU = [backend_param("cpu"), backend_param("triton")]
+FUSED_CPU = [backend_param("cpu:streaming"), backend_param("cpu:tiled"), backend_param("triton")]
 DOUBLE_BACKWARD = "no second derivatives"
 
 
@@ -33,11 +35,11 @@ def test_reference_has_second_derivatives():
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
 def test_fused_gradgradcheck_raises(backend):
-    dtype = torch.float64 if backend == "cpu" else torch.float32
+    dtype = torch.float64 if backend.startswith("cpu") else torch.float32
     features, labels, centers = bcl_inputs(dtype)
 
     def loss(f, c):
-        return rk.bcl_loss(f, labels, c, backend=backend)
+        return rk.bcl_loss(f, labels, c, **backend_kwargs(backend))
 
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         torch.autograd.gradgradcheck(loss, (features.requires_grad_(), centers.requires_grad_()))
@@ -45,11 +47,11 @@ def test_fused_gradgradcheck_raises(backend):
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
 def test_nested_func_grad_raises_on_fused_and_works_on_reference(backend):
-    dtype = torch.float64 if backend == "cpu" else torch.float32
+    dtype = torch.float64 if backend.startswith("cpu") else torch.float32
     features, labels, centers = bcl_inputs(dtype)
 
-    def second_derivative(name):
-        inner = torch.func.grad(lambda s: rk.bcl_loss(features * s, labels, centers, backend=name))
+    def second_derivative(spec):
+        inner = torch.func.grad(lambda s: rk.bcl_loss(features * s, labels, centers, **backend_kwargs(spec)))
         return torch.func.grad(inner)(torch.tensor(1.0, dtype=dtype))
 
     # The reference's second derivative is the finite difference of its first derivative.
@@ -64,12 +66,12 @@ def test_nested_func_grad_raises_on_fused_and_works_on_reference(backend):
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
 def test_gradient_penalty_raises_on_fused(backend):
-    dtype = torch.float64 if backend == "cpu" else torch.float32
+    dtype = torch.float64 if backend.startswith("cpu") else torch.float32
     features, labels, centers = bcl_inputs(dtype)
     weight = torch.nn.Parameter(torch.eye(features.shape[-1], dtype=dtype))
 
-    def penalized(name):
-        loss = rk.bcl_loss(features @ weight, labels, centers, backend=name)
+    def penalized(spec):
+        loss = rk.bcl_loss(features @ weight, labels, centers, **backend_kwargs(spec))
         (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
         return loss + 10 * grad.pow(2).sum()
 
@@ -79,22 +81,24 @@ def test_gradient_penalty_raises_on_fused(backend):
         penalized(backend).backward()
 
 
-def test_create_graph_without_second_backward_still_gives_the_gradient():
+@pytest.mark.parametrize("backend", FUSED_CPU[:2])
+def test_create_graph_without_second_backward_still_gives_the_gradient(backend):
     features, labels, centers = bcl_inputs()
     f = features.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(rk.bcl_loss(f, labels, centers, backend="cpu"), f, create_graph=True)
+    loss = rk.bcl_loss(f, labels, centers, **backend_kwargs(backend))
+    (grad,) = torch.autograd.grad(loss, f, create_graph=True)
     f_ref = features.clone().requires_grad_()
     (expected,) = torch.autograd.grad(rk.bcl_loss(f_ref, labels, centers, backend="reference"), f_ref)
     torch.testing.assert_close(grad, expected)
 
 
 PRESETS = {
-    "supcon": lambda f, y, c, counts: rk.supcon_loss(f, y, num_classes=c.shape[0], backend="cpu"),
-    "bcl": lambda f, y, c, counts: rk.bcl_loss(f, y, c, backend="cpu"),
-    "rcl": lambda f, y, c, counts: rk.rcl_loss(f, y, c, counts, backend="cpu"),
-    "rcl_margin": lambda f, y, c, counts: rk.rcl_loss(f, y, c, counts, tail_margin=0.2,
-                                                        feature_scale=1.1, backend="cpu"),
-    "rcl_standalone": lambda f, y, c, counts: rk.rcl_loss(f, y, None, counts, backend="cpu"),
+    "supcon": lambda f, y, c, counts, **kw: rk.supcon_loss(f, y, num_classes=c.shape[0], **kw),
+    "bcl": lambda f, y, c, counts, **kw: rk.bcl_loss(f, y, c, **kw),
+    "rcl": lambda f, y, c, counts, **kw: rk.rcl_loss(f, y, c, counts, **kw),
+    "rcl_margin": lambda f, y, c, counts, **kw: rk.rcl_loss(f, y, c, counts, tail_margin=0.2,
+                                                              feature_scale=1.1, **kw),
+    "rcl_standalone": lambda f, y, c, counts, **kw: rk.rcl_loss(f, y, None, counts, **kw),
 }
 COMPILE_MODES = {
     "fullgraph": dict(fullgraph=True),
@@ -103,16 +107,17 @@ COMPILE_MODES = {
 }
 
 
+@pytest.mark.parametrize("algorithm", ["streaming", "tiled"])
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_torch_compile_every_preset(preset, grad, mode):
+def test_torch_compile_every_preset(preset, grad, mode, algorithm):
     gen = fresh_generator()
     features = random_features((24, 2, 16), gen).float()
     centers = random_features((6, 16), gen).float()
     labels = draw_labels("longtail", 24, 6, gen)
     counts = torch.arange(6, 0, -1).double() * 40
-    loss_fn = PRESETS[preset]
+    loss_fn = functools.partial(PRESETS[preset], backend="cpu", algorithm=algorithm)
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, backend="aot_eager", **COMPILE_MODES[mode])
 
@@ -138,7 +143,7 @@ def test_torch_compile_inductor_fullgraph():
     centers = random_features((10, 16), gen).float()
     labels = draw_labels("longtail", 32, 10, gen)
     counts = torch.arange(10, 0, -1).double() * 30
-    step = PRESETS["rcl_margin"]
+    step = functools.partial(PRESETS["rcl_margin"], backend="cpu", algorithm="tiled")
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     results = []
     for fn in (step, compiled):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     assert_within_rule,
+    backend_kwargs,
     backend_param,
     draw_labels,
     fresh_generator,
@@ -92,7 +93,7 @@ def loss_and_grads(features, labels, prototypes, kwargs, backend, dtype, device,
     tables = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     loss = rk.contrastive_loss(
         leaves[0], labels.to(device), leaves[1] if prototypes is not None else None,
-        backend=backend, reduction=reduction, **tables,
+        reduction=reduction, **backend_kwargs(backend), **tables,
     )
     weights = upstream_weights(reduction, features.shape[0] * features.shape[1])
     grads = torch.autograd.grad((loss * weights.to(loss)).sum(), leaves, allow_unused=True)
@@ -141,9 +142,12 @@ def test_triton_interpreted_matches_reference(backend, dtype, case):
     check_backend_against_reference(case, backend, dtype, "cpu")
 
 
+CPU_BACKENDS = [backend_param("cpu:streaming"), backend_param("cpu:tiled")]
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", [backend_param("cpu")])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_matches_reference(backend, dtype, case):
     check_backend_against_reference(case, backend, dtype, "cpu")
 
@@ -159,7 +163,7 @@ GPU_CASES = CASES + [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", [backend_param("triton", "cuda"), backend_param("cuda", "cuda")])
 def test_gpu_backends_match_reference(backend, dtype, case):
-    if backend == "triton" and dtype == torch.float64:
+    if backend.startswith("triton") and dtype == torch.float64:
         pytest.skip("the Triton backend takes no float64")
     check_backend_against_reference(case, backend, dtype, "cuda")
 
@@ -179,7 +183,7 @@ def test_gpu_float32_follows_matmul_precision(backend, precision):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-@pytest.mark.parametrize("backend", [backend_param("cpu")])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_reductions_match_reference(backend, reduction):
     check_backend_against_reference(CASES[5], backend, torch.float32, "cpu", reduction)
     check_backend_against_reference(CASES[2], backend, torch.float64, "cpu", reduction)

@@ -38,15 +38,18 @@ def lse_args(dtype=torch.float64, n=12, d=10, num_classes=4):
 # (forward op, backward op, extra forward args, extra backward args, dtypes, available here)
 KERNEL_OPS = {
     "cpu": ("cpu_lse_forward", "cpu_lse_backward", (), (), [torch.float64, torch.float32]),
+    # block_rows = 5: several row blocks at these sizes.
+    "cpu:tiled": ("tiled_lse_forward", "tiled_lse_backward", (5,), (5,), [torch.float64, torch.float32]),
     "triton": ("triton_lse_forward", "triton_lse_backward", (False,), (False,), [torch.float32]),
 }
+KERNEL_BACKENDS = [backend_param("cpu"), backend_param("cpu:tiled"), backend_param("triton")]
 
 
 def op(name):
     return getattr(torch.ops.rcl_kernels, name).default
 
 
-@pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("triton")])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck_kernel_ops(backend):
     forward, backward, fwd_extra, bwd_extra, dtypes = KERNEL_OPS[backend]
     for dtype in dtypes:
@@ -57,7 +60,14 @@ def test_opcheck_kernel_ops(backend):
         torch.library.opcheck(op(backward), (torch.rand_like(lse), *args, lse, 0, 3.0, *bwd_extra))
 
 
-@pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("triton")])
+def test_opcheck_tiled_forward_backward():
+    for dtype in (torch.float64, torch.float32):
+        args = lse_args(dtype)
+        weights = torch.rand(args[0].shape[0], dtype=args[4].dtype)
+        torch.library.opcheck(op("tiled_lse_forward_backward"), (weights, *args, 0, 3.0, 5))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fake_kernels_check_shapes(backend):
     """Under FakeTensorMode the ops run their fake kernels, which must refuse what the real
     kernels refuse (shapes, dtypes) instead of returning outputs of a made-up shape."""
@@ -85,8 +95,10 @@ def test_fake_kernels_check_shapes(backend):
                 op(forward)(*args, 0, 3.0, *fwd_extra)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("algorithm", ["streaming", "tiled"])
 @pytest.mark.parametrize("prototypes", [True, False])
-def test_gradcheck_cpu_float64(prototypes):
+def test_gradcheck_cpu_float64(prototypes, algorithm, reduction):
     gen = fresh_generator()
     features = random_features((5, 2, 6), gen).requires_grad_()
     centers = random_features((3, 6), gen).requires_grad_()
@@ -96,7 +108,7 @@ def test_gradcheck_cpu_float64(prototypes):
     def loss(f, c):
         return rk.contrastive_loss(f, labels, c if prototypes else None, temperature=0.3,
                                    class_averaging=prototypes, logit_bias=bias, margins=margins,
-                                   backend="cpu", reduction="none")
+                                   backend="cpu", algorithm=algorithm, reduction=reduction)
 
     assert torch.autograd.gradcheck(loss, (features, centers))
 
@@ -112,24 +124,30 @@ def test_torch_func_grad_matches_autograd():
     torch.testing.assert_close(grad_fn(features), f.grad)
 
 
-def test_cpu_backend_is_deterministic():
+@pytest.mark.parametrize("algorithm", ["streaming", "tiled"])
+def test_cpu_backend_is_deterministic(algorithm):
+    """Bitwise equal run to run. The streaming kernel also across thread counts (every output
+    tile has one owner); the tiled one leaves its GEMMs to MKL, whose threads may split a
+    reduction, so it repeats exactly at a given thread count."""
     gen = fresh_generator()
     features = random_features((700, 2, 64), gen).float()
     centers = random_features((30, 64), gen).float()
     labels = draw_labels("longtail", 700, 30, gen)
+    threads = (1, torch.get_num_threads(), 1) if algorithm == "streaming" else (1, 1, 2, 2)
     runs = []
-    for threads in (1, torch.get_num_threads(), 1):
+    for count in threads:
         previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(count)
         try:
             f, c = features.clone().requires_grad_(), centers.clone().requires_grad_()
-            loss = rk.bcl_loss(f, labels, c, backend="cpu")
+            loss = rk.bcl_loss(f, labels, c, backend="cpu", algorithm=algorithm)
             loss.backward()
-            runs.append((loss, f.grad, c.grad))
+            runs.append((count, (loss, f.grad, c.grad)))
         finally:
             torch.set_num_threads(previous)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
+    for count, result in runs[1:]:
+        reference = next(r for n, r in runs if n == count or algorithm == "streaming")
+        for a, b in zip(reference, result):
             assert torch.equal(a, b)
 
 
@@ -139,25 +157,69 @@ def test_cpu_backend_is_deterministic():
     num_classes=st.integers(1, 12), draw=st.sampled_from(["uniform", "longtail", "one_class", "few_present"]),
     prototypes=st.booleans(), class_averaging=st.booleans(), with_tables=st.booleans(),
     scale=st.floats(0.5, 20.0), self_check_seed=st.integers(0, 2**31 - 1),
+    algorithm=st.sampled_from(["streaming", "tiled"]), reduction=st.sampled_from(["none", "mean"]),
 )
 def test_property_cpu_equals_reference_float64(batch, views, dim, num_classes, draw, prototypes,
-                                               class_averaging, with_tables, scale, self_check_seed):
+                                               class_averaging, with_tables, scale, self_check_seed,
+                                               algorithm, reduction):
     gen = torch.Generator().manual_seed(self_check_seed)
     features = random_features((batch, views, dim), gen, normalize=False)
     centers = random_features((num_classes, dim), gen, normalize=False) if prototypes else None
     labels = draw_labels(draw, batch, num_classes, gen)
     kwargs = dict(temperature=1.0 / scale, class_averaging=class_averaging, num_classes=num_classes,
-                  reduction="none")
+                  reduction=reduction)
     if with_tables:
         kwargs.update(logit_bias=torch.randn(num_classes, generator=gen, dtype=torch.float64),
                       margins=torch.rand(num_classes, generator=gen, dtype=torch.float64))
     results = []
-    for backend in ("reference", "cpu"):
+    for backend in ({"backend": "reference"}, {"backend": "cpu", "algorithm": algorithm}):
         leaves = [features.clone().requires_grad_()] + ([centers.clone().requires_grad_()] if prototypes else [])
         loss = rk.contrastive_loss(leaves[0], labels, leaves[1] if prototypes else None,
-                                   backend=backend, **kwargs)
+                                   **backend, **kwargs)
         weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64)
         grads = torch.autograd.grad((loss * weights).sum(), leaves)
         results.append((loss, *grads))
     for ours, truth in zip(results[1], results[0]):
         torch.testing.assert_close(ours, truth, rtol=1e-9, atol=1e-9)
+
+
+CPU_VARIANT_SCRIPT = """
+import json, sys, torch, rcl_kernels as rk
+torch.manual_seed(0)
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for dtype in (torch.float32, torch.float64):
+    f = torch.nn.functional.normalize(torch.randn(70, 2, 37, dtype=dtype), dim=-1).requires_grad_()
+    c = torch.nn.functional.normalize(torch.randn(9, 37, dtype=dtype), dim=-1).requires_grad_()
+    y = torch.randint(0, 9, (70,))
+    loss = rk.bcl_loss(f, y, c, backend="cpu", algorithm="tiled")
+    loss.backward()
+    out[str(dtype)] = [loss.item(), f.grad.double().norm().item(), c.grad.double().norm().item()]
+    f64, c64 = f.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    ref = rk.bcl_loss(f64, y, c64, backend="reference")
+    ref.backward()
+    out[str(dtype) + "-error"] = max(
+        abs(loss.item() - ref.item()) / abs(ref.item()),
+        ((f.grad.double() - f64.grad).norm() / f64.grad.norm()).item(),
+        ((c.grad.double() - c64.grad).norm() / c64.grad.norm()).item())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_tiled_cpu_epilogue_variants(capability):
+    """Each ISA variant of the tiled CPU epilogue (chosen like PyTorch's own kernels, from
+    ATEN_CPU_CAPABILITY or the CPU's features) against the float64 reference."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    result = subprocess.run([sys.executable, "-c", CPU_VARIANT_SCRIPT], env=env, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    if out["capability"].lower() != capability:
+        pytest.skip(f"this CPU runs {out['capability']}, not {capability}")
+    assert out["torch.float32-error"] < 1e-5
+    assert out["torch.float64-error"] < 1e-12

@@ -1,0 +1,320 @@
+// CPU side of the tiled algorithm (csrc/tiled/tiled_lse.h): the problem in the accumulation
+// dtype, the epilogue, and the registrations of the tiled ops for CPU tensors.
+//
+// The epilogue reads each row of scores once for the bias, the self mask and the running max, and
+// once more for the exponentials (the row is then in L1/L2). It is plain C++ that the compiler
+// vectorizes, compiled three times (AVX-512, AVX2 + FMA, baseline) through target attributes and
+// chosen at run time from PyTorch's own CPU capability (ATEN_CPU_CAPABILITY overrides it, which
+// the tests use to run every path). It calls no vendor math library: MKL's vector exp takes a slow
+// generic path on AMD CPUs, which made the streaming CPU kernel 4.5x slower on an EPYC.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include "tiled/tiled_lse.h"
+
+namespace rcl_kernels {
+namespace {
+
+#define RCL_INLINE inline __attribute__((always_inline))
+
+// The epilogue works on vectors of GCC's vector extension, Bytes wide (the variant's register
+// width: 64 for AVX-512, 32 for AVX2, 16 for the SSE2 baseline; a wider vector than the ISA has
+// is lowered badly, 10x slower for AVX2 in a microbenchmark): portable code whose lane arithmetic
+// is spelled out, so the compiler has nothing to prove before it vectorizes.
+template <typename T, int Bytes>
+struct Lanes {
+  static constexpr int kWidth = Bytes / int(sizeof(T));
+  typedef T V __attribute__((vector_size(Bytes)));
+  using UInt = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  typedef UInt U __attribute__((vector_size(Bytes)));
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Int I __attribute__((vector_size(Bytes)));
+  typedef int32_t Labels __attribute__((vector_size(Bytes / (sizeof(T) / 4))));
+};
+
+template <typename To, typename From>
+RCL_INLINE To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// `count` ≤ kWidth elements from p (the rest `fill`), and back.
+template <typename V, typename E>
+RCL_INLINE V load(const E* p, int64_t count, E fill) {
+  constexpr int kWidth = sizeof(V) / sizeof(E);
+  if (count == kWidth) return bit_cast<V>(*reinterpret_cast<const E(*)[kWidth]>(p));
+  E buffer[kWidth];
+  for (int i = 0; i < kWidth; ++i) buffer[i] = i < count ? p[i] : fill;
+  return bit_cast<V>(buffer);
+}
+template <typename V, typename E>
+RCL_INLINE void store(E* p, const V& v, int64_t count) {
+  if (count == int64_t(sizeof(V) / sizeof(E))) {
+    std::memcpy(p, &v, sizeof(V));  // a constant size: one vector store, not a memcpy call
+  } else {
+    std::memcpy(p, &v, size_t(count) * sizeof(E));
+  }
+}
+
+// e^x, with 0 below e^kCutoff: the arguments are logits shifted by their row's max or lse (≤ 0),
+// and flushing what is below e^-80 (float) keeps denormals out of the GEMMs that read the
+// probabilities (a denormal operand is orders of magnitude slower) while the sums, which hold a
+// term ≥ 1, cannot see it. x = n·ln2 + r with |r| ≤ ln2/2; e^r by its Taylor polynomial (degree 7
+// for float: error < 6e-9 relative; 13 for double: < 5e-18); 2^n built in the exponent bits by
+// adding a rounding constant, so no float-to-int conversion is needed (NaN stays NaN).
+template <typename T>
+struct ExpTraits;
+template <>
+struct ExpTraits<float> {
+  static constexpr float kCutoff = -80.0f;
+  static constexpr float kTiny = 1e-35f;  // ≈ e^-80.6: smaller probabilities are flushed to 0
+  static constexpr float kRound = 12582912.0f;  // 1.5·2^23: x + kRound − kRound rounds x
+  static constexpr float kBias = 127.0f;
+  static constexpr int kMantissa = 23;
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606820309417232e-6f;
+  static constexpr int kDegree = 7;
+};
+template <>
+struct ExpTraits<double> {
+  static constexpr double kCutoff = -600.0;
+  static constexpr double kTiny = 1e-260;  // ≈ e^-598.6
+  static constexpr double kRound = 6755399441055744.0;  // 1.5·2^52
+  static constexpr double kBias = 1023.0;
+  static constexpr int kMantissa = 52;
+  static constexpr double kLn2Hi = 0.693147180369123816490, kLn2Lo = 1.90821492927058770002e-10;
+  static constexpr int kDegree = 13;
+};
+
+template <typename T, int Bytes>
+RCL_INLINE typename Lanes<T, Bytes>::V exp_shifted(typename Lanes<T, Bytes>::V x) {
+  using E = ExpTraits<T>;
+  using L = Lanes<T, Bytes>;
+  using V = typename L::V;
+  constexpr T kLog2e = T(1.44269504088896340736);
+  const V cutoff = V{} + E::kCutoff;
+  const V clamped = x < cutoff ? cutoff : x;  // NaN stays NaN (the comparison is false)
+  const V n = (clamped * kLog2e + E::kRound) - E::kRound;
+  const V r = (clamped - n * E::kLn2Hi) - n * E::kLn2Lo;
+  // Σ_{i ≤ degree} r^i / i! by Horner's rule (the coefficients fold to constants).
+  T factor = T(1);
+  for (int i = 2; i <= E::kDegree; ++i) factor /= T(i);  // 1 / degree!
+  V poly = V{} + factor;
+  for (int i = E::kDegree; i >= 1; --i) {
+    factor *= T(i);  // 1 / (i − 1)!
+    poly = poly * r + factor;
+  }
+  // (n + bias) lands in the low mantissa bits of (n + bias + kRound); shifting them up by the
+  // mantissa width leaves exactly the exponent field of 2^n.
+  const typename L::U bits = bit_cast<typename L::U>(n + (E::kBias + E::kRound)) << E::kMantissa;
+  return x < cutoff ? V{} : poly * bit_cast<V>(bits);
+}
+
+// One block of rows of the epilogue (tiled_lse.h), for rows [row_begin, row_end) of the block.
+template <typename T, int Bytes>
+RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_begin,
+                              int64_t row_end, T* scores, T* lse, bool compute_lse,
+                              bool probabilities) {
+  using L = Lanes<T, Bytes>;
+  using V = typename L::V;
+  constexpr int W = L::kWidth;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t m = p.k.size(0);
+  const int32_t* col_labels = p.col_labels.data_ptr<int32_t>();
+  const int32_t* row_labels = p.row_labels.data_ptr<int32_t>();
+  const T* col_bias = p.col_bias.data_ptr<T>();
+  const T* row_bias = p.row_bias.data_ptr<T>();
+  const T scale = static_cast<T>(p.scale);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    T* t = scores + r * m;
+    const int32_t label = row_labels[r0 + r];
+    const T same_bias = row_bias[r0 + r];
+    const int64_t self = r0 + r + p.self_offset;
+    // t = scale·s + (same class ? row bias : column bias), the self column −inf.
+    auto logits = [&](int64_t c, int64_t count) {
+      const auto labels = load<typename L::Labels>(col_labels + c, count, int32_t(-1));
+      const auto same = __builtin_convertvector(labels == label, typename L::I);
+      return load<V>(t + c, count, T(0)) * scale +
+             (same ? V{} + same_bias : load<V>(col_bias + c, count, T(0)));
+    };
+    const T given_lse = compute_lse ? T(0) : lse[r];
+    if (!compute_lse) {
+      // Probabilities from the given lse in one pass; rows with lse = −inf have every logit −inf:
+      // shifting by +inf floors them to 0.
+      const T shift = given_lse == kNegInf ? std::numeric_limits<T>::infinity() : given_lse;
+      for (int64_t c = 0; c < m; c += W) {
+        const int64_t count = std::min<int64_t>(W, m - c);
+        store(t + c, exp_shifted<T, Bytes>(logits(c, count) - shift), count);
+      }
+      if (self >= 0 && self < m) t[self] = T(0);
+      continue;
+    }
+    V max = V{} + kNegInf;
+    for (int64_t c = 0; c < m; c += W) {
+      const int64_t count = std::min<int64_t>(W, m - c);
+      store(t + c, logits(c, count), count);
+    }
+    if (self >= 0 && self < m) t[self] = kNegInf;
+    for (int64_t c = 0; c < m; c += W) {
+      const V v = load<V>(t + c, std::min<int64_t>(W, m - c), kNegInf);
+      max = v > max ? v : max;  // a NaN logit is skipped here and poisons the sum below
+    }
+    T row_max = kNegInf;
+    for (int i = 0; i < W; ++i) row_max = max[i] > row_max ? max[i] : row_max;
+    const T shift = row_max == kNegInf ? T(0) : row_max;  // a row with no column: e^−inf = 0
+    V sum{};
+    for (int64_t c = 0; c < m; c += W) {
+      const int64_t count = std::min<int64_t>(W, m - c);
+      const V e = exp_shifted<T, Bytes>(load<V>(t + c, count, kNegInf) - shift);
+      if (probabilities) store(t + c, e, count);  // e^(t − max), scaled to p below
+      sum += e;
+    }
+    T row_sum = 0;
+    for (int i = 0; i < W; ++i) row_sum += sum[i];
+    lse[r] = row_max == kNegInf ? kNegInf : row_max + std::log(row_sum);
+    if (!probabilities) continue;
+    // p = e^(t − max) / sum (0 for a row without columns), flushed below kTiny: no denormals
+    // into the GEMMs.
+    const T inverse = row_sum > 0 ? T(1) / row_sum : T(0);
+    const V tiny = V{} + ExpTraits<T>::kTiny;
+    for (int64_t c = 0; c < m; c += W) {
+      const int64_t count = std::min<int64_t>(W, m - c);
+      const V value = load<V>(t + c, count, T(0)) * inverse;
+      store(t + c, value < tiny ? V{} : value, count);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RCL_CPU_VARIANTS 1
+#define RCL_DEFINE_VARIANT(name, target, bytes)                                                    \
+  template <typename T>                                                                            \
+  target void name(const tiled::Problem& p, int64_t r0, int64_t begin, int64_t end, T* scores,   \
+                   T* lse, bool compute_lse, bool probabilities) {                                 \
+    epilogue_rows<T, bytes>(p, r0, begin, end, scores, lse, compute_lse, probabilities);           \
+  }
+RCL_DEFINE_VARIANT(rows_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))), 64)
+RCL_DEFINE_VARIANT(rows_avx2, __attribute__((target("avx2,fma"))), 32)
+#undef RCL_DEFINE_VARIANT
+#endif
+
+template <typename T>
+void rows_baseline(const tiled::Problem& p, int64_t r0, int64_t begin, int64_t end, T* scores,
+                   T* lse, bool compute_lse, bool probabilities) {
+  epilogue_rows<T, 16>(p, r0, begin, end, scores, lse, compute_lse, probabilities);
+}
+
+template <typename T>
+using RowsFn = void (*)(const tiled::Problem&, int64_t, int64_t, int64_t, T*, T*, bool, bool);
+
+// The widest variant PyTorch itself uses on this CPU (at::get_cpu_capability honours
+// ATEN_CPU_CAPABILITY and checks the CPU's features, whatever its vendor).
+template <typename T>
+RowsFn<T> rows_for_this_cpu() {
+#ifdef RCL_CPU_VARIANTS
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") return &rows_avx512<T>;
+  if (capability == "AVX2") return &rows_avx2<T>;
+#endif
+  return &rows_baseline<T>;
+}
+
+void cpu_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::Tensor& lse,
+                  bool compute_lse, at::Tensor& probabilities) {
+  // On the CPU the operands are in the accumulation dtype, so probabilities alias the scores.
+  TORCH_INTERNAL_ASSERT(!probabilities.defined() || probabilities.data_ptr() == scores.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "tiled_lse_cpu_epilogue", [&] {
+    static const RowsFn<scalar_t> rows = rows_for_this_cpu<scalar_t>();
+    scalar_t* s = scores.data_ptr<scalar_t>();
+    scalar_t* l = lse.data_ptr<scalar_t>();
+    const bool with_p = probabilities.defined();
+    at::parallel_for(0, scores.size(0), 8, [&](int64_t begin, int64_t end) {
+      rows(p, r0, begin, end, s, l, compute_lse, with_p);
+    });
+  });
+}
+
+// The op's inputs in the accumulation dtype (float, or double for float64): the CPU GEMMs run
+// there, and the labels as int32 so that the same-class select vectorizes with 32-bit compares.
+tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                           const at::Tensor& col_labels, const at::Tensor& row_bias,
+                           const at::Tensor& col_bias, int64_t self_offset, double scale) {
+  TORCH_CHECK(z.dim() == 2 && k.dim() == 2 && z.size(1) == k.size(1),
+              "tiled_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
+  TORCH_CHECK(z.scalar_type() == k.scalar_type() && at::isFloatingType(z.scalar_type()),
+              "tiled_lse: z and k must share a floating dtype");
+  TORCH_CHECK(row_labels.numel() == z.size(0) && row_bias.numel() == z.size(0),
+              "tiled_lse: row_labels and row_bias must have N = ", z.size(0), " entries");
+  TORCH_CHECK(col_labels.numel() == k.size(0) && col_bias.numel() == k.size(0),
+              "tiled_lse: col_labels and col_bias must have M = ", k.size(0), " entries");
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto prep = [](const at::Tensor& t, at::ScalarType dtype) {
+    return t.detach().to(dtype).contiguous();
+  };
+  tiled::Problem p;
+  p.z = prep(z, acc);
+  p.k = prep(k, acc);
+  p.row_labels = prep(row_labels, at::kInt);
+  p.col_labels = prep(col_labels, at::kInt);
+  p.row_bias = prep(row_bias, acc);
+  p.col_bias = prep(col_bias, acc);
+  p.self_offset = self_offset;
+  p.scale = scale;
+  p.acc = acc;
+  return p;
+}
+
+// The kernel sits below autograd (registered for the CPU key); ATen calls inside at::parallel_for
+// workers and the GEMMs must not go through it again.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+at::Tensor tiled_forward_cpu(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                             const at::Tensor& col_labels, const at::Tensor& row_bias,
+                             const at::Tensor& col_bias, int64_t self_offset, double scale,
+                             int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  return tiled::forward(p, &cpu_epilogue, block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor> tiled_backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
+    int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
+              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
+  return tiled::backward(p, &cpu_epilogue, lse, grad_lse, block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward_backward_cpu(
+    const at::Tensor& weights, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  TORCH_CHECK(weights.numel() == z.size(0),
+              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
+  return tiled::forward_backward(p, &cpu_epilogue, weights, block_rows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
+  m.impl("tiled_lse_forward", &tiled_forward_cpu);
+  m.impl("tiled_lse_backward", &tiled_backward_cpu);
+  m.impl("tiled_lse_forward_backward", &tiled_forward_backward_cpu);
+}
+
+}  // namespace rcl_kernels
