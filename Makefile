@@ -61,12 +61,13 @@ bench: install
 NVCC_TORCH_DEFS := -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 CUDA_BINDINGS := $(wildcard csrc/cuda/*.cpp)
+HOST_EMU_TESTS := host_emu_test tiled_epilogue_test
 CHECK_STUB := build/check-cuda-stub
 check-cuda:
 	@test -n "$(NVCC)" || { echo "check-cuda: nvcc not found"; exit 1; }
 	@for f in $(CU_SOURCES); do \
 	  echo "nvcc $(foreach a,$(CUDA_ARCHS),sm_$(a)) $$f"; \
-	  $(NVCC) -std=c++17 -O3 --use_fast_math $(NVCC_TORCH_DEFS) --threads 0 \
+	  $(NVCC) -std=c++20 -O3 --use_fast_math $(NVCC_TORCH_DEFS) --threads 0 \
 	    $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
 	    -Icsrc -c $$f -o /dev/null || exit 1; \
 	done
@@ -83,8 +84,10 @@ check-cuda:
 	  done; done; \
 	fi
 	@echo "host emulation of the CUDA kernels (csrc/cuda/host_emu): every dtype path vs a dense formula"
-	@mkdir -p build && $(NVCC) -std=c++20 -O2 -Xcompiler -pthread -Icsrc \
-	  csrc/cuda/host_emu/host_emu_test.cpp -o build/host_emu_test && build/host_emu_test
+	@mkdir -p build && for t in $(HOST_EMU_TESTS); do \
+	  $(NVCC) -std=c++20 -O2 -Xcompiler -pthread -Icsrc csrc/cuda/host_emu/$$t.cpp -o build/$$t && \
+	  build/$$t || exit 1; \
+	done
 
 clean:
 	rm -rf build *.egg-info rcl_kernels/*.so $(VENV)

@@ -49,6 +49,7 @@ class Kernels:
     forward: Callable
     backward: Callable
     forward_backward: Callable | None = None
+    max_dim: int | None = None  # largest feature dimension the kernels take
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,6 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     availability: Callable[[torch.device | None], str | None]
     kernels: Mapping[str, Kernels] = field(default_factory=dict)  # per algorithm; {} = reference
-    max_dim: int | None = None
 
     @property
     def fused(self) -> bool:
@@ -83,8 +83,18 @@ class Backend:
         """Why this backend cannot run on this machine (on `device`), or None."""
         return self.availability(device)
 
+    def algorithm_reasons(self, problem: Problem, algorithm: str) -> list[str]:
+        """Why this backend's `algorithm` cannot run `problem` (beyond device and dtype)."""
+        kernels = self.kernels.get(algorithm)
+        if kernels is None:
+            return [f"it has the algorithms {self.algorithms or '(none)'}, not {algorithm!r}"]
+        if kernels.max_dim is not None and problem.dim > kernels.max_dim:
+            return [f"its {algorithm} kernels take feature dims d <= {kernels.max_dim}, got d={problem.dim}"]
+        return []
+
     def not_supported_reasons(self, problem: Problem, algorithm: str = "auto") -> list[str]:
-        """Every reason this backend cannot run `problem` with `algorithm`; empty when it can."""
+        """Every reason this backend cannot run `problem` with `algorithm` ("auto": with any of
+        its algorithms); empty when it can."""
         reasons = []
         if problem.device.type not in self.device_types:
             reasons.append(f"it runs on {'/'.join(self.device_types)} tensors, got {problem.device.type}")
@@ -94,11 +104,15 @@ class Backend:
                 reasons.append(reason)
         if problem.dtype not in self.dtypes:
             reasons.append(f"it takes {dtype_names(self.dtypes)}, got {dtype_name(problem.dtype)}")
-        if self.max_dim is not None and problem.dim > self.max_dim:
-            reasons.append(f"it takes feature dims d <= {self.max_dim}, got d={problem.dim}")
-        if algorithm != "auto" and algorithm not in self.kernels:
-            reasons.append(f"it has the algorithms {self.algorithms or '(none)'}, not {algorithm!r}")
+        if algorithm != "auto":
+            reasons += self.algorithm_reasons(problem, algorithm)
+        elif self.fused and self.default_algorithm(problem) is None:
+            reasons += [r for name in self.algorithms for r in self.algorithm_reasons(problem, name)]
         return reasons
+
+    def default_algorithm(self, problem: Problem) -> str | None:
+        """The first algorithm (in the measured order of `kernels`) that can run `problem`."""
+        return next((a for a in self.algorithms if not self.algorithm_reasons(problem, a)), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,10 +238,11 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", ("cpu", "cuda"), FLOATING, lambda device: None),
         Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason,
                 {"streaming": Kernels(_cpu_forward, _cpu_backward), "tiled": _TILED}),
-        Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason,
-                {"streaming": Kernels(_cuda_forward, _cuda_backward)},
-                # The launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
-                max_dim=4096),
+        Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, {
+            # The streaming launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
+            "streaming": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
+            "tiled": _TILED,
+        }),
         # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).
         Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
                 _triton_unavailable_reason,
@@ -280,6 +295,10 @@ def _describe(refusals: dict[str, list[str]]) -> str:
 
 
 def _fallback_to_reference(problem: Problem, refusals: dict[str, list[str]]) -> tuple[Backend, None]:
+    reference_reasons = BACKENDS["reference"].not_supported_reasons(problem)
+    if reference_reasons:
+        refusals["reference"] = reference_reasons
+        raise ValueError(f"backend='auto': no backend can run this input ({_describe(refusals)})")
     need = reference_bytes(problem.rows, problem.columns, problem.dtype)
     if need > REFERENCE_MEMORY_BUDGET_BYTES:
         raise ValueError(
@@ -322,4 +341,4 @@ def select_backend(
         raise ValueError(f"backend={name!r} cannot run this input: {'; '.join(reasons)}")
     if not backend.fused:
         return backend, None
-    return backend, backend.algorithms[0] if algorithm == "auto" else algorithm
+    return backend, backend.default_algorithm(problem) if algorithm == "auto" else algorithm

@@ -247,15 +247,9 @@ void cpu_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::T
 // there, and the labels as int32 so that the same-class select vectorizes with 32-bit compares.
 tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
                            const at::Tensor& col_labels, const at::Tensor& row_bias,
-                           const at::Tensor& col_bias, int64_t self_offset, double scale) {
-  TORCH_CHECK(z.dim() == 2 && k.dim() == 2 && z.size(1) == k.size(1),
-              "tiled_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
-  TORCH_CHECK(z.scalar_type() == k.scalar_type() && at::isFloatingType(z.scalar_type()),
-              "tiled_lse: z and k must share a floating dtype");
-  TORCH_CHECK(row_labels.numel() == z.size(0) && row_bias.numel() == z.size(0),
-              "tiled_lse: row_labels and row_bias must have N = ", z.size(0), " entries");
-  TORCH_CHECK(col_labels.numel() == k.size(0) && col_bias.numel() == k.size(0),
-              "tiled_lse: col_labels and col_bias must have M = ", k.size(0), " entries");
+                           const at::Tensor& col_bias, int64_t self_offset, double scale,
+                           int64_t block_rows) {
+  tiled::check_arguments(z, k, row_labels, col_labels, row_bias, col_bias, block_rows);
   const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto prep = [](const at::Tensor& t, at::ScalarType dtype) {
     return t.detach().to(dtype).contiguous();
@@ -282,7 +276,8 @@ at::Tensor tiled_forward_cpu(const at::Tensor& z, const at::Tensor& k, const at:
                              const at::Tensor& col_bias, int64_t self_offset, double scale,
                              int64_t block_rows) {
   const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                             block_rows);
   return tiled::forward(p, &cpu_epilogue, block_rows);
 }
 
@@ -292,7 +287,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_backward_cpu(
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
     int64_t block_rows) {
   const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                             block_rows);
   TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
               "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
   return tiled::backward(p, &cpu_epilogue, lse, grad_lse, block_rows);
@@ -303,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward_backward_cpu(
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
   const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
+  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                             block_rows);
   TORCH_CHECK(weights.numel() == z.size(0),
               "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
   return tiled::forward_backward(p, &cpu_epilogue, weights, block_rows);

@@ -48,15 +48,10 @@ Workspace make_workspace(const Problem& p, int64_t block_rows, bool with_probabi
   return w;
 }
 
-void check_block_rows(int64_t block_rows) {
-  TORCH_CHECK(block_rows >= 1, "tiled_lse: block_rows must be >= 1, got ", block_rows);
-}
-
 // One pass over every row block; `weights` defined: also the gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue epilogue,
                                                    at::Tensor lse, bool compute_lse,
                                                    const at::Tensor& weights, int64_t block_rows) {
-  check_block_rows(block_rows);
   const int64_t n = p.z.size(0), m = p.k.size(0);
   const bool gradient = weights.defined();
   block_rows = std::max<int64_t>(1, std::min(block_rows, n));
@@ -95,6 +90,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
 }
 
 }  // namespace
+
+void check_arguments(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                     const at::Tensor& col_labels, const at::Tensor& row_bias,
+                     const at::Tensor& col_bias, int64_t block_rows) {
+  TORCH_CHECK(z.dim() == 2 && k.dim() == 2 && z.size(1) == k.size(1),
+              "tiled_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
+  TORCH_CHECK(z.scalar_type() == k.scalar_type() && at::isFloatingType(z.scalar_type()),
+              "tiled_lse: z and k must share a floating dtype, got ", z.scalar_type(), " and ",
+              k.scalar_type());
+  TORCH_CHECK(row_labels.numel() == z.size(0) && row_bias.numel() == z.size(0),
+              "tiled_lse: row_labels and row_bias must have N = ", z.size(0), " entries");
+  TORCH_CHECK(col_labels.numel() == k.size(0) && col_bias.numel() == k.size(0),
+              "tiled_lse: col_labels and col_bias must have M = ", k.size(0), " entries");
+  for (const at::Tensor* t : {&k, &row_labels, &col_labels, &row_bias, &col_bias}) {
+    TORCH_CHECK(t->device() == z.device(), "tiled_lse: every argument must be on z's device ",
+                z.device(), ", got one on ", t->device());
+  }
+  TORCH_CHECK(block_rows >= 1, "tiled_lse: block_rows must be >= 1, got ", block_rows);
+}
 
 at::Tensor forward(const Problem& p, Epilogue epilogue, int64_t block_rows) {
   at::Tensor lse = at::empty({p.z.size(0)}, p.z.options().dtype(p.acc));

@@ -32,6 +32,11 @@ struct Problem {
 using Epilogue = void (*)(const Problem& problem, int64_t r0, at::Tensor& scores, at::Tensor& lse,
                           bool compute_lse, at::Tensor& probabilities);
 
+// The argument contract of the tiled ops (csrc/ops.cpp), checked before any device work.
+void check_arguments(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                     const at::Tensor& col_labels, const at::Tensor& row_bias,
+                     const at::Tensor& col_bias, int64_t block_rows);
+
 // lse [N] of every anchor.
 at::Tensor forward(const Problem& problem, Epilogue epilogue, int64_t block_rows);
 

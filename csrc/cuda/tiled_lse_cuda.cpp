@@ -1,0 +1,120 @@
+// CUDA side of the tiled algorithm (csrc/tiled/tiled_lse.h): the problem in the input dtype (the
+// cuBLAS GEMMs take bf16/fp16 operands with fp32 output), the epilogue kernel of
+// tiled_epilogue.cu on the current stream, and the registrations of the tiled ops for CUDA tensors.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/tiled_epilogue.cuh"
+#include "tiled/tiled_lse.h"
+
+namespace rcl_kernels {
+namespace {
+
+rcl_cuda::ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return rcl_cuda::ElemType::kFloat32;
+    case at::kDouble:
+      return rcl_cuda::ElemType::kFloat64;
+    case at::kBFloat16:
+      return rcl_cuda::ElemType::kBFloat16;
+    case at::kHalf:
+      return rcl_cuda::ElemType::kFloat16;
+    default:
+      TORCH_CHECK(false, "tiled_lse: z must be float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+void cuda_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::Tensor& lse,
+                   bool compute_lse, at::Tensor& probabilities) {
+  rcl_cuda::TiledEpilogue args;
+  args.scores = scores.data_ptr();
+  args.lse = lse.data_ptr();
+  args.probabilities = probabilities.defined() ? probabilities.data_ptr() : nullptr;
+  args.row_labels = p.row_labels.data_ptr<int64_t>();
+  args.col_labels = p.col_labels.data_ptr<int64_t>();
+  args.row_bias = p.row_bias.data_ptr();
+  args.col_bias = p.col_bias.data_ptr();
+  args.rows = scores.size(0);
+  args.m = scores.size(1);
+  args.r0 = r0;
+  args.self_offset = p.self_offset;
+  args.scale = p.scale;
+  args.compute_lse = compute_lse;
+  args.type = elem_type(p.z.scalar_type());
+  C10_CUDA_CHECK(rcl_cuda::launch_tiled_epilogue(args, c10::cuda::getCurrentCUDAStream()));
+}
+
+tiled::Problem cuda_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                            const at::Tensor& col_labels, const at::Tensor& row_bias,
+                            const at::Tensor& col_bias, int64_t self_offset, double scale,
+                            int64_t block_rows) {
+  tiled::check_arguments(z, k, row_labels, col_labels, row_bias, col_bias, block_rows);
+  TORCH_CHECK(z.is_cuda(), "tiled_lse (CUDA): z must be a CUDA tensor, got ", z.device());
+  elem_type(z.scalar_type());  // refuses other dtypes before any work
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  tiled::Problem p;
+  p.z = z.detach().contiguous();
+  p.k = k.detach().contiguous();
+  p.row_labels = row_labels.to(at::kLong).contiguous();
+  p.col_labels = col_labels.to(at::kLong).contiguous();
+  p.row_bias = row_bias.detach().to(acc).contiguous();
+  p.col_bias = col_bias.detach().to(acc).contiguous();
+  p.self_offset = self_offset;
+  p.scale = scale;
+  p.acc = acc;
+  return p;
+}
+
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+at::Tensor tiled_forward_cuda(const at::Tensor& z, const at::Tensor& k,
+                              const at::Tensor& row_labels, const at::Tensor& col_labels,
+                              const at::Tensor& row_bias, const at::Tensor& col_bias,
+                              int64_t self_offset, double scale, int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                              block_rows);
+  const c10::cuda::CUDAGuard guard(z.device());
+  return tiled::forward(p, &cuda_epilogue, block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor> tiled_backward_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
+    int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                              block_rows);
+  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
+              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
+  const c10::cuda::CUDAGuard guard(z.device());
+  return tiled::backward(p, &cuda_epilogue, lse, grad_lse, block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward_backward_cuda(
+    const at::Tensor& weights, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
+  const BelowAutograd below_autograd;
+  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                              block_rows);
+  TORCH_CHECK(weights.numel() == z.size(0),
+              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
+  const c10::cuda::CUDAGuard guard(z.device());
+  return tiled::forward_backward(p, &cuda_epilogue, weights, block_rows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
+  m.impl("tiled_lse_forward", &tiled_forward_cuda);
+  m.impl("tiled_lse_backward", &tiled_backward_cuda);
+  m.impl("tiled_lse_forward_backward", &tiled_forward_backward_cuda);
+}
+
+}  // namespace rcl_kernels

@@ -1,0 +1,93 @@
+"""The backend registry: capability tables, refusals that list every reason, and auto's choice
+(issue 10), read from the Backend objects without needing the hardware they describe."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from rcl_kernels import backends
+from rcl_kernels.backends import BACKENDS, Problem, select_backend
+
+
+def problem(device="cpu", dtype=torch.float32, rows=64, columns=128, dim=16):
+    return Problem(torch.device(device), dtype, rows, columns, dim)
+
+
+def test_cuda_streaming_refuses_a_dim_above_its_limit_with_the_reason():
+    """Issue 9.2: d = 5000 on the cuda backend crashed the process; now the capability table
+    names d and the limit, and the tiled algorithm (no limit) still takes it."""
+    cuda = BACKENDS["cuda"]
+    big = problem("cuda", dim=5000)
+    assert any("d <= 4096, got d=5000" in r for r in cuda.algorithm_reasons(big, "streaming"))
+    assert cuda.algorithm_reasons(big, "tiled") == []
+    assert cuda.default_algorithm(big) == "tiled"
+    assert cuda.default_algorithm(problem("cuda", dim=4096)) == "streaming"
+    reasons = cuda.not_supported_reasons(big, "streaming")
+    assert any("d=5000" in r for r in reasons)
+    if not torch.cuda.is_available():  # every reason is listed, not just the first
+        assert any("CUDA" in r for r in reasons)
+
+
+def test_refusals_list_every_reason():
+    triton = BACKENDS["triton"]
+    reasons = triton.not_supported_reasons(problem("meta", torch.float64), "tiled")
+    assert len(reasons) == 3, reasons
+    assert any("meta" in r for r in reasons)
+    assert any("float64" in r for r in reasons)
+    assert any("'tiled'" in r for r in reasons)
+
+
+def test_explicit_backend_raises_with_every_reason():
+    with pytest.raises(ValueError, match="backend='triton'.*float64"):
+        select_backend("triton", "auto", problem(dtype=torch.float64), allow_tf32=False)
+    with pytest.raises(ValueError, match="algorithm"):
+        select_backend("cpu", "fastest", problem(), allow_tf32=False)
+
+
+def test_auto_on_cpu_picks_the_measured_fused_backend():
+    backend, algorithm = select_backend("auto", "auto", problem(), allow_tf32=False)
+    assert (backend.name, algorithm) == ("cpu", "streaming")
+    backend, algorithm = select_backend("auto", "tiled", problem(), allow_tf32=False)
+    assert (backend.name, algorithm) == ("cpu", "tiled")
+
+
+def test_auto_on_cuda_follows_the_measured_crossover():
+    """The order comes from the H100 run (shared/gpu-runs/2026-11-26-h100.md): the reference
+    wins up to N·M = 512·8654, triton above it, cuda for fp32 "highest"."""
+    order = backends._auto_order
+    assert order(problem("cuda", rows=512, columns=8654), False)[0] == ("reference", None)
+    assert order(problem("cuda", torch.bfloat16, rows=8192, columns=9192), False)[0][0] == "triton"
+    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=False)[0][0] == "cuda"
+    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=True)[0][0] == "triton"
+
+
+def test_auto_warns_once_before_falling_back_and_raises_above_the_budget(monkeypatch):
+    """When no fused backend takes an input, auto says why each refused before it runs the N x M
+    reference, and refuses when the reference would not fit its memory budget."""
+    for name in ("cpu", "triton"):
+        off = dataclasses.replace(BACKENDS[name], availability=lambda device: "switched off by the test")
+        monkeypatch.setitem(BACKENDS, name, off)
+    backends._warn_once.cache_clear()
+    small = problem(rows=100, columns=100)
+    with pytest.warns(RuntimeWarning, match="falls back to the N x M reference.*cpu: switched off"):
+        backend, _ = select_backend("auto", "auto", small, allow_tf32=False)
+    assert backend.name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        select_backend("auto", "auto", small, allow_tf32=False)
+    huge = problem(rows=65536, columns=66536)
+    with pytest.raises(ValueError, match="GiB.*budget.*backend='reference'"):
+        select_backend("auto", "auto", huge, allow_tf32=False)
+    backend, _ = select_backend("reference", "auto", huge, allow_tf32=False)  # explicit: runs
+    assert backend.name == "reference"
+    with pytest.raises(ValueError, match="algorithm='tiled'"):
+        select_backend("auto", "tiled", small, allow_tf32=False)  # a forced algorithm never falls back
+
+
+def test_auto_raises_when_not_even_the_reference_can_run():
+    with pytest.raises(ValueError, match="no backend can run.*reference: it runs on cpu/cuda"):
+        select_backend("auto", "auto", problem("meta"), allow_tf32=False)
