@@ -958,85 +958,113 @@ def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scal
     return lse
 
 
+@dataclass(frozen=True)
+class _Backward:
+    """The backward's inputs in kernel layout; each pass below launches one kernel on them (the
+    benchmark times the passes one by one)."""
+
+    g: torch.Tensor  # grad_lse in fp32
+    z: torch.Tensor
+    k: torch.Tensor
+    row_labels: torch.Tensor
+    col_labels: torch.Tensor
+    row_bias: torch.Tensor
+    col_bias: torch.Tensor
+    lse: torch.Tensor
+    self_offset: int
+    scale: float
+    allow_tf32: bool
+    variant: Variant
+
+    @staticmethod
+    def of(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+           allow_tf32, variant) -> "_Backward":
+        return _Backward(grad_lse.to(torch.float32).contiguous(), _kernel_layout(z),
+                         _kernel_layout(k), row_labels.contiguous(), col_labels.contiguous(),
+                         row_bias.contiguous(), col_bias.contiguous(), lse.contiguous(),
+                         int(self_offset), float(scale), allow_tf32, Variant.of(variant))
+
+    def kernel_args(self, *outputs) -> tuple:
+        """Tensor arguments of the dz/dk/one-pass kernels: inputs, lse, g, then `outputs`."""
+        return (self.z, self.k, self.row_labels, self.col_labels, self.row_bias, self.col_bias,
+                self.lse, self.g, *outputs)
+
+    def scalars(self, reduce_per_split: int) -> tuple:
+        n, d = self.z.shape
+        return (n, self.k.shape[0], d, reduce_per_split, self.self_offset, self.scale)
+
+    def meta(self, kernel: str) -> dict:
+        return dict(**_common_args(self.z, self.k), **variant_meta(kernel, self.variant,
+                                                                   self.z.shape[1]),
+                    INPUT_PRECISION=_input_precision(self.z.dtype, self.allow_tf32,
+                                                     self.variant))
+
+    def gmax(self) -> torch.Tensor:
+        """max |g|, by which the dk products divide g (see the module docstring)."""
+        return self.g.abs().amax().reshape(1)
+
+
+def _dz_pass(b: _Backward, splits=None, config=None) -> torch.Tensor:
+    """dz: row-parallel; the columns split when row blocks x d chunks do not fill the GPU."""
+    (n, d), m, device = b.z.shape, b.k.shape[0], b.z.device
+    block_d = _block_d(d, b.z.dtype)
+    d_chunks = _cdiv(d, block_d)
+    cols_per_split, splits = _splits("dz", _cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, 4 * n * d,
+                                     device, splits)
+    out = _alloc((splits, n, d), device, torch.float32)
+    grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, splits)  # noqa: E731
+    _launch("dz", kernel_configs("dz", b.variant, d), grid,
+            (*b.kernel_args(out), *b.scalars(cols_per_split)),
+            dict(b.meta("dz"), BLOCK_D=block_d), config)
+    # Fixed-order sum of the partials: deterministic.
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def _dk_pass(b: _Backward, splits=None, config=None) -> torch.Tensor:
+    """dk: column-parallel; the rows split when needed (M ≫ N is the usual case, so rarely)."""
+    (n, d), m, device = b.z.shape, b.k.shape[0], b.z.device
+    block_d = _block_d(d, b.z.dtype)
+    d_chunks = _cdiv(d, block_d)
+    rows_per_split, splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, 4 * m * d,
+                                     device, splits)
+    out = _alloc((splits, m, d), device, torch.float32)
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, splits)  # noqa: E731
+    _launch("dk", kernel_configs("dk", b.variant, d), grid,
+            (*b.kernel_args(b.gmax(), out), *b.scalars(rows_per_split)),
+            dict(b.meta("dk"), BLOCK_D=block_d), config)
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def _one_pass(b: _Backward, splits=None, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dz, dk by the one-pass kernel: dz accumulates in place (zeroed first), dk in the same
+    row-split partials as the two-pass dk kernel."""
+    (n, d), m, device = b.z.shape, b.k.shape[0], b.z.device
+    rows_per_split, splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK), n, 4 * m * d, device,
+                                     splits)
+    dz = _alloc((n, d), device, torch.float32).zero_()
+    dk_out = _alloc((splits, m, d), device, torch.float32)
+    # One turn counter per row block of the smallest BLOCK_M of any config (16).
+    sem = torch.zeros((_cdiv(n, 16),), device=device, dtype=torch.int32)
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]) * splits,)  # noqa: E731
+    _launch("one_pass", kernel_configs("one_pass", b.variant, d), grid,
+            (*b.kernel_args(b.gmax(), dz, dk_out, sem), *b.scalars(rows_per_split)),
+            b.meta("one_pass"), config)
+    return dz, (dk_out[0] if splits == 1 else dk_out.sum(0))
+
+
 def _backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
               allow_tf32, variant=Variant(), dz_splits=None, dk_splits=None, dz_config=None,
               dk_config=None, one_pass_config=None):
     n, d = z.shape
     m = k.shape[0]
-    device = z.device
     if n == 0 or m == 0 or d == 0:
-        return (torch.zeros((n, d), device=device, dtype=torch.float32),
-                torch.zeros((m, d), device=device, dtype=torch.float32))
-    g = grad_lse.to(torch.float32).contiguous()
-    lse = lse.contiguous()
-    row_labels, col_labels = row_labels.contiguous(), col_labels.contiguous()
-    z, k = _kernel_layout(z), _kernel_layout(k)
-    row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
-
-    precision = _input_precision(z.dtype, allow_tf32, variant)
+        return (torch.zeros((n, d), device=z.device, dtype=torch.float32),
+                torch.zeros((m, d), device=z.device, dtype=torch.float32))
+    b = _Backward.of(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse,
+                     self_offset, scale, allow_tf32, variant)
     if backward_kernels(variant, d, z.dtype, allow_tf32) == ("one_pass",):
-        return _backward_one_pass(g, z, k, row_labels, col_labels, row_bias, col_bias, lse,
-                                  self_offset, scale, precision, variant, dk_splits,
-                                  one_pass_config)
-    block_d = _block_d(d, z.dtype)
-    d_chunks = _cdiv(d, block_d)
-    meta = dict(**_common_args(z, k), BLOCK_D=block_d, INPUT_PRECISION=precision,
-                **variant_meta("dz", variant, d))
-
-    # dz: row-parallel; split the columns when the row blocks x d chunks do not fill the GPU.
-    cols_per_split, dz_splits = _splits("dz", _cdiv(n, _NOMINAL_BLOCK) * d_chunks, m, 4 * n * d,
-                                        device, dz_splits)
-    dz_out = _alloc((dz_splits, n, d), device, torch.float32)
-    grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, dz_splits)  # noqa: E731
-    _launch(
-        "dz", kernel_configs("dz", variant, d), grid,
-        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, dz_out,
-         n, m, d, cols_per_split, int(self_offset), float(scale)),
-        meta, dz_config,
-    )
-    # Fixed-order sum of the partials: deterministic.
-    dz = dz_out[0] if dz_splits == 1 else dz_out.sum(0)
-
-    # dk: column-parallel; split the rows when needed (M ≫ N is the usual case, so rarely).
-    rows_per_split, dk_splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK) * d_chunks, n, 4 * m * d,
-                                        device, dk_splits)
-    dk_out = _alloc((dk_splits, m, d), device, torch.float32)
-    gmax = g.abs().amax().reshape(1)
-    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, dk_splits)  # noqa: E731
-    _launch(
-        "dk", kernel_configs("dk", variant, d), grid,
-        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dk_out,
-         n, m, d, rows_per_split, int(self_offset), float(scale)),
-        meta, dk_config,
-    )
-    dk = dk_out[0] if dk_splits == 1 else dk_out.sum(0)
-    return dz, dk
-
-
-def _backward_one_pass(g, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                       scale, precision, variant, row_splits=None, config=None):
-    """dz, dk by the one-pass kernel: dz accumulates in place (zeroed first), dk in the same
-    row-split partials as the two-pass dk kernel."""
-    n, d = z.shape
-    m = k.shape[0]
-    device = z.device
-    rows_per_split, splits = _splits("dk", _cdiv(m, _NOMINAL_BLOCK), n, 4 * m * d, device,
-                                     row_splits)
-    dz = _alloc((n, d), device, torch.float32).zero_()
-    dk_out = _alloc((splits, m, d), device, torch.float32)
-    # One turn counter per row block of the smallest BLOCK_M of any config (16).
-    sem = torch.zeros((_cdiv(n, 16),), device=device, dtype=torch.int32)
-    gmax = g.abs().amax().reshape(1)
-    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]) * splits,)  # noqa: E731
-    _launch(
-        "one_pass", kernel_configs("one_pass", variant, d), grid,
-        (z, k, row_labels, col_labels, row_bias, col_bias, lse, g, gmax, dz, dk_out, sem,
-         n, m, d, rows_per_split, int(self_offset), float(scale)),
-        dict(**_common_args(z, k), INPUT_PRECISION=precision,
-             **variant_meta("one_pass", variant, d)),
-        config,
-    )
-    return dz, (dk_out[0] if splits == 1 else dk_out.sum(0))
+        return _one_pass(b, dk_splits, one_pass_config)
+    return _dz_pass(b, dz_splits, dz_config), _dk_pass(b, dk_splits, dk_config)
 
 
 def lse_forward(z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
