@@ -5,6 +5,7 @@ Each preset documents where its choices come from; the table in README.md sums t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -60,6 +61,38 @@ def _classes(num_classes, prototypes, tables, all_labels):
 @torch.compiler.assume_constant_result
 def _float32_matmul_allows_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
+
+
+def _autocast_disabled(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _backend_loss(impl, algorithm, anchors, anchor_labels, columns, column_labels, *, self_offset,
+                  num_classes, scale, logit_bias, margins, class_averaging, allow_tf32, reduction):
+    """The reduced loss from `impl`'s kernels (fused) or the N x M reference formula, in the
+    accumulation dtype."""
+    if impl.fused:
+        tables = fused.class_tables(anchor_labels, column_labels, logit_bias, margins, num_classes,
+                                    class_averaging, accumulation_dtype(anchors.dtype), anchors.device)
+        loss = fused.loss(
+            impl.kernels[algorithm], anchors, anchor_labels,
+            None if columns is anchors else columns.contiguous(), column_labels,
+            self_offset=self_offset, num_classes=num_classes, scale=scale, tables=tables,
+            allow_tf32=allow_tf32, reduction=reduction,
+        )
+    else:
+        zeros = torch.zeros(num_classes, dtype=anchors.dtype, device=anchors.device)
+        losses, has_positive = reference.per_anchor_loss(
+            anchors, anchor_labels, columns, column_labels, self_offset=self_offset,
+            num_classes=num_classes, scale=scale,
+            bias=zeros if logit_bias is None else logit_bias,
+            margin=zeros if margins is None else margins,
+            class_averaging=class_averaging,
+        )
+        loss = fused.reduce(losses, has_positive, reduction)
+    return loss.to(accumulation_dtype(anchors.dtype))
 
 
 def _non_finite_poison(*tensors: torch.Tensor | None) -> torch.Tensor:
@@ -132,28 +165,15 @@ def contrastive_loss(
     allow_tf32 = anchors.dtype == torch.float32 and _float32_matmul_allows_tf32()
     problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0], anchors.shape[1])
     impl, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
-    scale = feature_scale**2 / temperature
-    anchors = anchors.contiguous()
-    if impl.fused:
-        tables = fused.class_tables(anchor_labels, column_labels, logit_bias, margins, num_classes,
-                                    class_averaging, accumulation_dtype(anchors.dtype), anchors.device)
-        loss = fused.loss(
-            impl.kernels[algorithm], anchors, anchor_labels,
-            None if columns is anchors else columns.contiguous(), column_labels,
-            self_offset=self_offset, num_classes=num_classes, scale=scale, tables=tables,
+    # The loss runs in the dtype of its inputs whatever autocast says, on every backend alike (the
+    # reference's matmul would otherwise be autocast and the kernels would not).
+    with _autocast_disabled(anchors.device.type):
+        loss = _backend_loss(
+            impl, algorithm, anchors.contiguous(), anchor_labels, columns, column_labels,
+            self_offset=self_offset, num_classes=num_classes, scale=feature_scale**2 / temperature,
+            logit_bias=logit_bias, margins=margins, class_averaging=class_averaging,
             allow_tf32=allow_tf32, reduction=reduction,
         )
-    else:
-        zeros = torch.zeros(num_classes, dtype=anchors.dtype, device=anchors.device)
-        losses, has_positive = reference.per_anchor_loss(
-            anchors, anchor_labels, columns, column_labels, self_offset=self_offset,
-            num_classes=num_classes, scale=scale,
-            bias=zeros if logit_bias is None else logit_bias,
-            margin=zeros if margins is None else margins,
-            class_averaging=class_averaging,
-        )
-        loss = fused.reduce(losses, has_positive, reduction)
-    loss = loss.to(accumulation_dtype(anchors.dtype))
     # A factor of exactly 1 (or NaN) rather than a selection: the gradient still flows, and comes
     # out NaN for a non-finite input as for built-ins, whichever input it was.
     loss = loss * (1 + _non_finite_poison(columns, logit_bias, margins).to(loss.dtype))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import draw_labels, fresh_generator, random_features
+from helpers import backend_kwargs, draw_labels, fresh_generator, random_features
 
 import rcl_kernels as rk
 
@@ -264,3 +264,21 @@ def test_labels_out_of_range_are_caught_under_torch_compile(batch):
     compiled(features, labels, centers)
     with pytest.raises(RuntimeError, match="labels: expected class indices"):
         compiled(features, labels + 4, centers)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu:streaming", "cpu:tiled"])
+def test_autocast_does_not_change_the_loss(batch, backend):
+    """The loss runs in the dtype its inputs come in, under autocast as without it, on every
+    backend (the reference's matmul would otherwise run in bf16 and the kernels in fp32)."""
+    features, labels, centers = batch
+    kwargs = backend_kwargs(backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        f = features.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = rk.bcl_loss(f, labels, centers.to(dtype), **kwargs)
+        (grad_inside,) = torch.autograd.grad(inside, f)
+        outside = rk.bcl_loss(f, labels, centers.to(dtype), **kwargs)
+        (grad_outside,) = torch.autograd.grad(outside, f)
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+        torch.testing.assert_close(grad_inside, grad_outside, rtol=0, atol=0)
