@@ -601,6 +601,38 @@ def test_one_pass_runs_one_kernel(variant, monkeypatch):
     assert launched == ["forward", "one_pass"]
 
 
+@pytest.mark.triton_interpret
+def test_config_benchmark_smoke(tmp_path):
+    """bench/triton_configs.py runs end to end under the interpreter and writes one row per
+    config (and one autotuned row) of every kernel each variant runs, kernels shared by variants
+    once."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    variants = ["default", "one-pass", "3xtf32"]
+    script = Path(__file__).resolve().parents[1] / "bench" / "triton_configs.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out), "--dtypes",
+                    "bf16", "fp32", "--variants", *variants], check=True, timeout=600,
+                   capture_output=True)
+    rows = json.loads(out.read_text())
+    for row in rows:
+        assert row["median_ms"] > 0 and "error" not in row, row
+        for field in ("kernel", "variant", "config", "shape", "dtype", "device", "commit"):
+            assert row[field], (field, row)
+    d = 48  # the smoke shape's
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for name in variants:
+            for kernel in ("forward", *T.backward_kernels(name, d, dtype)):
+                timed = [r["config"] for r in rows if r["dtype"] == dtype_name
+                         and r["kernel"] == kernel and name in r["variant"].split(",")]
+                configs = T.kernel_configs(kernel, name, d)
+                assert len(timed) == len(configs) + 1 and timed[-1] == "autotune", (
+                    dtype_name, name, kernel, timed)
+
+
 def test_variant_presets_and_errors():
     assert T.Variant.of("default") == T.Variant()
     assert T.Variant.of(T.VARIANTS["forward-all"]) is T.VARIANTS["forward-all"]

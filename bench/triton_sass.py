@@ -1,0 +1,246 @@
+"""Compile the Triton LSE kernels for sm_90 without a GPU and report what the code became.
+
+For each kernel, variant, dtype/precision and autotune config: whether `tl.dot` lowered to Hopper
+warpgroup MMA (`wgmma.mma_async` in the PTX, HGMMA in the SASS) or to Ampere-style `mma.sync`
+(HMMA) or FMA, and the registers, spills and shared memory ptxas reports. Choosing configs still
+needs GPU timings (bench/triton_configs.py); this shows which ones compile to wgmma and which
+spill.
+
+    python bench/triton_sass.py                      # the default plan, a table on stdout
+    python bench/triton_sass.py --out bench/results/triton-sass.txt --json rows.json
+    python bench/triton_sass.py --kernels forward --variants default forward-all --dtypes bf16
+
+Needs triton with its bundled ptxas and cuobjdump (CUDA toolkit); no GPU, no TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# Compiling needs the real jit functions (not interpreted ones) and a fresh cache, so that ptxas
+# runs (and logs its resource usage) for every kernel.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcl-triton-sass-")
+# Triton 3.9 warns that its FMA-fusion default will change; compile with the current default.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rcl_kernels import triton_lse as T  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {  # name -> (torch dtype, allow_tf32)
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "tf32": (torch.float32, True),
+    "fp32": (torch.float32, False),
+}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+SHAPES = {  # name -> (N, M, d): BCL at N = 32,768 (C = 1000), BCL on iNaturalist (C = 8142)
+    "bcl-n32768-d128": (32768, 33768, 128),
+    "bcl-n32768-d256": (32768, 33768, 256),
+    "inat-n512-d1024": (512, 8654, 1024),
+}
+KERNELS = ("forward", "dz", "dk", "one_pass")
+
+
+def pointer_type(param: str, dtype: torch.dtype) -> str:
+    if param in ("z_ptr", "k_ptr"):
+        return "*" + TRITON_TYPES[dtype]
+    if param.endswith("lab_ptr"):
+        return "*i64"
+    if param == "sem_ptr":
+        return "*i32"
+    return "*fp32"
+
+
+def problem_values(kernel: str, n: int, m: int, d: int) -> dict:
+    """The scalar arguments a launch at this size passes (one split: the large-N case)."""
+    return dict(N=n, M=m, D=d, cols_per_split=m, rows_per_split=n, self_offset=0, scale=10.0,
+                stride_zm=d, stride_km=d, N_KEY=T._bucket(n), M_KEY=T._bucket(m))
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one kernel/variant/dtype/config for sm_90; return its row of the report."""
+    kernel, variant, dtype_name, shape_name, config_index = (
+        job["kernel"], job["variant"], job["dtype"], job["shape"], job["config"])
+    dtype, allow_tf32 = DTYPES[dtype_name]
+    n, m, d = SHAPES[shape_name]
+    config = T.kernel_configs(kernel, variant, d)[config_index]
+    fn = T._KERNELS[kernel][0]
+    values = problem_values(kernel, n, m, d)
+    constexprs = dict(config.kwargs,
+                      INPUT_PRECISION=T._input_precision(dtype, allow_tf32, T.Variant.of(variant)),
+                      **T.variant_meta(kernel, variant, d))
+    if kernel == "forward":
+        constexprs["WRITE_LSE"] = True
+    elif kernel in ("dz", "dk"):
+        constexprs["BLOCK_D"] = T._block_d(d, dtype)
+    for name, rule in T._HEURISTICS[kernel].items():  # D_PAD, EVEN_*: as the launch computes them
+        constexprs[name] = rule({**values, **constexprs})
+    signature, attrs = {}, {}
+    for index, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_type(name, dtype)
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0 and values[name] != 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
+               shape=shape_name, config=config_label(config))
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    except Exception as error:  # a config that does not compile is a finding, not a crash
+        row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return row
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    ptx = compiled.asm["ptx"]
+    row.update(ptx_wgmma=ptx.count("wgmma.mma_async"), ptx_mma_sync=ptx.count("mma.sync"),
+               ptx_cvt_rna_tf32=ptx.count("cvt.rna.tf32.f32"))
+    row.update(sass_counts(compiled.asm["cubin"]))
+    row.update(ptxas_usage(log.getvalue()))
+    row["shared_bytes"] = compiled.metadata.shared
+    return row
+
+
+def config_label(config) -> str:
+    kw = config.kwargs
+    tile = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
+    return f"{tile}-w{config.num_warps}-s{config.num_stages}"
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """HGMMA (Hopper warpgroup MMA), HMMA (mma.sync) and FFMA instructions in the SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool("cuobjdump"), "-sass", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    return dict(sass_hgmma=len(re.findall(r"\bHGMMA\.", sass)),
+                sass_hmma=len(re.findall(r"\bHMMA\.", sass)),
+                sass_ffma=len(re.findall(r"\bFFMA\b", sass)))
+
+
+def ptxas_usage(log: str) -> dict:
+    """Registers and spills from ptxas -v (Triton runs it with -v and prints the log when asked)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spills.group(1)) if spills else None,
+                spill_loads=int(spills.group(2)) if spills else None)
+
+
+def tool(name: str) -> str:
+    """A CUDA binary: the one bundled with triton, else the one on PATH."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    found = str(bundled) if bundled.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"triton_sass: {name} not found (bundled with triton or on PATH)")
+    return found
+
+
+def plan(kernels, variants, dtypes, shapes) -> list[dict]:
+    """One job per distinct compiled kernel: variants whose flags for a kernel are the same (the
+    backward kernels ignore the forward-only ones) share a row, named by all of them."""
+    jobs = {}
+    for shape in shapes:
+        d = SHAPES[shape][2]
+        for kernel in kernels:
+            for variant in variants:
+                meta = tuple(sorted(T.variant_meta(kernel, variant, d).items()))
+                for dtype in dtypes:
+                    runs = ("forward", *T.backward_kernels(variant, d, *DTYPES[dtype]))
+                    if kernel not in runs:
+                        continue
+                    precision = T._input_precision(*DTYPES[dtype], T.Variant.of(variant))
+                    for index, config in enumerate(T.kernel_configs(kernel, variant, d)):
+                        key = (shape, kernel, meta, dtype, precision, config_label(config))
+                        if key in jobs:
+                            jobs[key]["variants"].append(variant)
+                        else:
+                            jobs[key] = dict(kernel=kernel, variant=variant, variants=[variant],
+                                             dtype=dtype, shape=shape, config=index)
+    return list(jobs.values())
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["shape", "kernel", "variant", "dtype", "config", "ptx_wgmma", "sass_hgmma",
+               "sass_hmma", "registers", "spill_stores", "spill_loads", "shared_bytes",
+               "ptx_cvt_rna_tf32", "compile_s", "error"]
+    table = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)
+
+
+def header() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "rcl_kernels/triton_lse.py"],
+                           capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    return (f"# triton {triton.__version__}, target sm_90 (compile only, no GPU), commit "
+            f"{commit}{' + uncommitted triton_lse.py' if dirty else ''}\n"
+            f"# ptx_wgmma / sass_hgmma: Hopper warpgroup MMA; sass_hmma: mma.sync; registers and "
+            f"spills (bytes) from ptxas -v; shared_bytes from Triton's metadata\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--variants", nargs="+",
+                        default=["default", "exp2-lean", "forward-all", "one-pass",
+                                 "one-pass-atomic", "3xtf32"],
+                        choices=sorted(T.VARIANTS))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "tf32", "fp32"],
+                        choices=sorted(DTYPES))
+    parser.add_argument("--shapes", nargs="+", default=["bcl-n32768-d128", "inat-n512-d1024"],
+                        choices=sorted(SHAPES))
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    tool("cuobjdump")
+    triton.knobs.nvidia.dump_ptxas_log = True
+    jobs = plan(args.kernels, args.variants, args.dtypes, args.shapes)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_one, jobs))
+    text = header() + format_table(rows) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
