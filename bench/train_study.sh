@@ -25,7 +25,7 @@
 # STUDY_CPU_LIMIT_TEST (1000) test images, one run after another, no timing table.
 #
 # Knobs (environment): OUT / STUDY_OUT, FMNIST_DIR (default: .study/fashion-mnist, else
-# /usr/share/datasets/fashion-mnist), PYTHON, STUDY_MODE (auto|gpu|cpu), STUDY_BUDGET_S (480,
+# /usr/share/datasets/fashion-mnist), PYTHON (default .venv/bin/python, else python3), STUDY_MODE (auto|gpu|cpu), STUDY_BUDGET_S (480,
 # the whole script on a GPU), STUDY_EPOCHS, STUDY_TARGET_EPOCHS, STUDY_PARALLEL, STUDY_SEEDS
 # ("0 1 2"), STUDY_BATCH (256), STUDY_LOSS_BACKEND (triton on a GPU: the fused loss; auto would
 # pick the reference at batch 256), STUDY_THROUGHPUT (1 on a GPU: the timing table first, its
@@ -34,7 +34,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${PYTHON:-}"
+[[ -z "$PY" && -x .venv/bin/python ]] && PY=.venv/bin/python  # the project's venv (make install)
+PY="${PY:-$(command -v python3)}"  # the GPU machine: its python3 holds PyTorch
 STUDY="$ROOT/.study"
 
 if [[ "${1:-}" == prepare ]]; then
