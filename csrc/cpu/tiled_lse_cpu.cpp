@@ -267,51 +267,12 @@ tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::T
   return p;
 }
 
-// The kernel sits below autograd (registered for the CPU key); ATen calls inside at::parallel_for
-// workers and the GEMMs must not go through it again.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
-at::Tensor tiled_forward_cpu(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
-                             const at::Tensor& col_labels, const at::Tensor& row_bias,
-                             const at::Tensor& col_bias, int64_t self_offset, double scale,
-                             int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                             block_rows);
-  return tiled::forward(p, &cpu_epilogue, block_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor> tiled_backward_cpu(
-    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
-    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
-    int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                             block_rows);
-  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
-              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
-  return tiled::backward(p, &cpu_epilogue, lse, grad_lse, block_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward_backward_cpu(
-    const at::Tensor& weights, const at::Tensor& z, const at::Tensor& k,
-    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cpu_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                             block_rows);
-  TORCH_CHECK(weights.numel() == z.size(0),
-              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
-  return tiled::forward_backward(p, &cpu_epilogue, weights, block_rows);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
-  m.impl("tiled_lse_forward", &tiled_forward_cpu);
-  m.impl("tiled_lse_backward", &tiled_backward_cpu);
-  m.impl("tiled_lse_forward_backward", &tiled_forward_backward_cpu);
+  m.impl("tiled_lse_forward", &tiled::forward_op<&cpu_problem, &cpu_epilogue>);
+  m.impl("tiled_lse_backward", &tiled::backward_op<&cpu_problem, &cpu_epilogue>);
+  m.impl("tiled_lse_forward_backward", &tiled::forward_backward_op<&cpu_problem, &cpu_epilogue>);
 }
 
 }  // namespace rcl_kernels

@@ -11,24 +11,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "masked_lse_kernels.cuh"
+#include "cuda/elem_type.h"
+#include "cuda/masked_lse_kernels.cuh"
 
 namespace {
-
-rcl_cuda::ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return rcl_cuda::ElemType::kFloat32;
-    case at::kDouble:
-      return rcl_cuda::ElemType::kFloat64;
-    case at::kBFloat16:
-      return rcl_cuda::ElemType::kBFloat16;
-    case at::kHalf:
-      return rcl_cuda::ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
-}
 
 // dtype of row_bias, col_bias, lse and grad_lse for features of dtype t.
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -89,7 +75,7 @@ rcl_cuda::LseProblem make_problem(const Inputs& in, int64_t self_offset, double 
   p.d = in.z.size(1);
   p.self_offset = self_offset;
   p.scale = scale;
-  p.type = elem_type(in.z.scalar_type());
+  p.type = rcl_kernels::elem_type(in.z.scalar_type());
   p.allow_tf32 = allow_tf32;
   return p;
 }

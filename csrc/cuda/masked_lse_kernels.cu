@@ -24,12 +24,10 @@
 
 // RCL_HOST_EMULATION: a test harness compiles this file as host C++ with threads standing in for
 // a block (only the CUDA-core policies; see csrc/cuda/README.md). Normal builds use CUDA proper.
+#include "launch.cuh"
 #ifndef RCL_HOST_EMULATION
 #include <mma.h>
 #define RCL_HAVE_WMMA 1
-#define RCL_DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
-#define RCL_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 #endif
 
 #include <algorithm>

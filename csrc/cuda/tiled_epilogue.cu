@@ -10,11 +10,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
-#ifndef RCL_HOST_EMULATION
-#define RCL_DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
-#define RCL_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
-#endif
+#include "launch.cuh"
 
 namespace rcl_cuda {
 namespace {

@@ -7,29 +7,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/elem_type.h"
 #include "cuda/tiled_epilogue.cuh"
 #include "tiled/tiled_lse.h"
 
 namespace rcl_kernels {
 namespace {
 
-rcl_cuda::ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return rcl_cuda::ElemType::kFloat32;
-    case at::kDouble:
-      return rcl_cuda::ElemType::kFloat64;
-    case at::kBFloat16:
-      return rcl_cuda::ElemType::kBFloat16;
-    case at::kHalf:
-      return rcl_cuda::ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, "tiled_lse: z must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
 void cuda_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::Tensor& lse,
                    bool compute_lse, at::Tensor& probabilities) {
+  const c10::cuda::CUDAGuard guard(scores.device());
   rcl_cuda::TiledEpilogue args;
   args.scores = scores.data_ptr();
   args.lse = lse.data_ptr();
@@ -69,52 +56,12 @@ tiled::Problem cuda_problem(const at::Tensor& z, const at::Tensor& k, const at::
   return p;
 }
 
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
-at::Tensor tiled_forward_cuda(const at::Tensor& z, const at::Tensor& k,
-                              const at::Tensor& row_labels, const at::Tensor& col_labels,
-                              const at::Tensor& row_bias, const at::Tensor& col_bias,
-                              int64_t self_offset, double scale, int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                              block_rows);
-  const c10::cuda::CUDAGuard guard(z.device());
-  return tiled::forward(p, &cuda_epilogue, block_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor> tiled_backward_cuda(
-    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
-    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
-    int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                              block_rows);
-  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
-              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
-  const c10::cuda::CUDAGuard guard(z.device());
-  return tiled::backward(p, &cuda_epilogue, lse, grad_lse, block_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward_backward_cuda(
-    const at::Tensor& weights, const at::Tensor& z, const at::Tensor& k,
-    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
-  const BelowAutograd below_autograd;
-  const auto p = cuda_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                              block_rows);
-  TORCH_CHECK(weights.numel() == z.size(0),
-              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
-  const c10::cuda::CUDAGuard guard(z.device());
-  return tiled::forward_backward(p, &cuda_epilogue, weights, block_rows);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
-  m.impl("tiled_lse_forward", &tiled_forward_cuda);
-  m.impl("tiled_lse_backward", &tiled_backward_cuda);
-  m.impl("tiled_lse_forward_backward", &tiled_forward_backward_cuda);
+  m.impl("tiled_lse_forward", &tiled::forward_op<&cuda_problem, &cuda_epilogue>);
+  m.impl("tiled_lse_backward", &tiled::backward_op<&cuda_problem, &cuda_epilogue>);
+  m.impl("tiled_lse_forward_backward", &tiled::forward_backward_op<&cuda_problem, &cuda_epilogue>);
 }
 
 }  // namespace rcl_kernels

@@ -53,4 +53,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(const Problem& p
                                                                  const at::Tensor& weights,
                                                                  int64_t block_rows);
 
+// The op wrappers every device registers (csrc/ops.cpp schemas), from its way of preparing the
+// problem and its epilogue. Below autograd: the ops are registered for device keys.
+using MakeProblem = Problem (*)(const at::Tensor& z, const at::Tensor& k,
+                                const at::Tensor& row_labels, const at::Tensor& col_labels,
+                                const at::Tensor& row_bias, const at::Tensor& col_bias,
+                                int64_t self_offset, double scale, int64_t block_rows);
+
+template <MakeProblem make_problem, Epilogue epilogue>
+at::Tensor forward_op(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                      const at::Tensor& col_labels, const at::Tensor& row_bias,
+                      const at::Tensor& col_bias, int64_t self_offset, double scale,
+                      int64_t block_rows) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return forward(make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                              block_rows),
+                 epilogue, block_rows);
+}
+
+template <MakeProblem make_problem, Epilogue epilogue>
+std::tuple<at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
+    int64_t block_rows) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
+                                 scale, block_rows);
+  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
+              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
+  return backward(p, epilogue, lse, grad_lse, block_rows);
+}
+
+template <MakeProblem make_problem, Epilogue epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(
+    const at::Tensor& weights, const at::Tensor& z, const at::Tensor& k,
+    const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, int64_t self_offset, double scale, int64_t block_rows) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
+                                 scale, block_rows);
+  TORCH_CHECK(weights.numel() == z.size(0),
+              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
+  return forward_backward(p, epilogue, weights, block_rows);
+}
+
 }  // namespace rcl_kernels::tiled
