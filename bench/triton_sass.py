@@ -29,10 +29,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# Compiling needs the real jit functions (not interpreted ones) and a fresh cache, so that ptxas
-# runs (and logs its resource usage) for every kernel.
+# Compiling needs the real jit functions (not interpreted ones), and a fresh cache for every
+# compile (compile_one), so that ptxas runs and logs its resource usage for every kernel, also
+# for the same kernel at another shape.
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcl-triton-sass-")
 # Triton 3.9 warns that its FMA-fusion default will change; compile with the current default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -111,6 +111,7 @@ def compile_one(job: dict) -> dict:
     row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
                shape=shape_name, config=config_label(config))
     log = io.StringIO()
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcl-triton-sass-")
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
@@ -137,7 +138,7 @@ def config_label(config) -> str:
 
 
 def sass_counts(cubin: bytes) -> dict:
-    """HGMMA (Hopper warpgroup MMA), HMMA (mma.sync) and FFMA instructions in the SASS."""
+    """HGMMA (Hopper warpgroup MMA), HMMA (mma.sync), FFMA and all instructions in the SASS."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -145,7 +146,8 @@ def sass_counts(cubin: bytes) -> dict:
                               capture_output=True, text=True).stdout
     return dict(sass_hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                 sass_hmma=len(re.findall(r"\bHMMA\.", sass)),
-                sass_ffma=len(re.findall(r"\bFFMA\b", sass)))
+                sass_ffma=len(re.findall(r"\bFFMA\b", sass)),
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)))
 
 
 def ptxas_usage(log: str) -> dict:
@@ -192,8 +194,8 @@ def plan(kernels, variants, dtypes, shapes) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     columns = ["shape", "kernel", "variant", "dtype", "config", "ptx_wgmma", "sass_hgmma",
-               "sass_hmma", "registers", "spill_stores", "spill_loads", "shared_bytes",
-               "ptx_cvt_rna_tf32", "compile_s", "error"]
+               "sass_hmma", "sass_instructions", "registers", "spill_stores", "spill_loads",
+               "shared_bytes", "ptx_cvt_rna_tf32", "compile_s", "error"]
     table = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

@@ -272,12 +272,14 @@ if triton is not None:
             return tl.exp(x)
 
     @triton.jit
-    def _load_tile(ptr, stride, mask_r, ncols, ROWS: tl.constexpr, COLS: tl.constexpr,
+    def _load_tile(ptr, stride, mask_r, col0, ncols, ROWS: tl.constexpr, COLS: tl.constexpr,
                    EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
-        """[ROWS, COLS] tile of a row-major matrix (unit column stride) at `ptr`; rows outside
-        mask_r and columns ≥ ncols read 0. EVEN_R / EVEN_C: that mask is known to be all true."""
-        ptrs = ptr + tl.arange(0, ROWS)[:, None] * stride + tl.arange(0, COLS)[None, :]
-        mask_c = tl.arange(0, COLS) < ncols
+        """Columns [col0, col0 + COLS) of ROWS rows of a row-major matrix (unit column stride)
+        whose first row is at `ptr`; rows outside mask_r and columns ≥ ncols read 0.
+        EVEN_R / EVEN_C: that mask is known to be all true."""
+        offs_c = col0 + tl.arange(0, COLS)
+        ptrs = ptr + tl.arange(0, ROWS)[:, None] * stride + offs_c[None, :]
+        mask_c = offs_c < ncols
         if EVEN_R and EVEN_C:
             return tl.load(ptrs)
         elif EVEN_R:
@@ -313,8 +315,8 @@ if triton is not None:
         arithmetic small and the loads vectorized."""
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            a = _load_tile(z_blk + k0, stride_zm, mask_m, D - k0, BLOCK_M, BLOCK_K, EVEN_M, EVEN_D)
-            b = _load_tile(k_blk + k0, stride_km, mask_n, D - k0, BLOCK_N, BLOCK_K, EVEN_N, EVEN_D)
+            a = _load_tile(z_blk, stride_zm, mask_m, k0, D, BLOCK_M, BLOCK_K, EVEN_M, EVEN_D)
+            b = _load_tile(k_blk, stride_km, mask_n, k0, D, BLOCK_N, BLOCK_K, EVEN_N, EVEN_D)
             acc = _mma(a, tl.trans(b), acc, INPUT_PRECISION)
         return acc
 
@@ -393,7 +395,7 @@ if triton is not None:
             qscale = scale * 1.4426950408889634  # one multiply turns a dot into log2 units
         z_blk = z_ptr + _row_offset(row0, stride_zm)
         if RESIDENT_Z:  # the whole [BLOCK_M, d] row tile, loaded once for every column tile
-            z_res = _load_tile(z_blk, stride_zm, mask_m, D, BLOCK_M, D_PAD, EVEN_M, EVEN_D)
+            z_res = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, D_PAD, EVEN_M, EVEN_D)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -404,7 +406,7 @@ if triton is not None:
             mask_n = offs_n < col_end
             k_blk = k_ptr + _row_offset(n0, stride_km)
             if RESIDENT_Z:
-                k_t = _load_tile(k_blk, stride_km, mask_n, D, BLOCK_N, D_PAD, EVEN_N, EVEN_D)
+                k_t = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, D_PAD, EVEN_N, EVEN_D)
                 dots = _mma(z_res, tl.trans(k_t), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
                             INPUT_PRECISION)
             else:
@@ -505,15 +507,15 @@ if triton is not None:
             t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
             p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
-            kv = _load_tile(k_blk + d0, stride_km, mask_n, D - d0, BLOCK_N, BLOCK_D, False, False)
+            kv = _load_tile(k_blk, stride_km, mask_n, d0, D, BLOCK_N, BLOCK_D, False, False)
             acc = _mma(_cast(p, kv.dtype), kv, acc, INPUT_PRECISION)
 
         # g is constant along the row, so it is applied once here in fp32.
         acc = acc * (g * scale)[:, None]
-        out_blk = out_ptr + _split_offset(pid_s, N, row0, D) + d0
+        out_blk = out_ptr + _split_offset(pid_s, N, row0, D)
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                 acc, mask=mask_m[:, None] & (offs_d < D)[None, :])
+        tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + offs_d[None, :], acc,
+                 mask=mask_m[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
     def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_ptr,
@@ -560,14 +562,14 @@ if triton is not None:
             t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
             w = _exp(t - lse[:, None], EXP2) * g[:, None]
-            zv = _load_tile(z_blk + d0, stride_zm, mask_m, D - d0, BLOCK_M, BLOCK_D, False, False)
+            zv = _load_tile(z_blk, stride_zm, mask_m, d0, D, BLOCK_M, BLOCK_D, False, False)
             acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
 
         acc = acc * (scale / ginv)
-        out_blk = out_ptr + _split_offset(pid_s, M, col0, D) + d0
+        out_blk = out_ptr + _split_offset(pid_s, M, col0, D)
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                 acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
+        tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], acc,
+                 mask=mask_n[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
     def _add_dz(dz_ptr, sem_ptr, m0, mask_m, D, contribution, pid_n,
@@ -619,7 +621,7 @@ if triton is not None:
         qscale = scale
         if EXP2:
             qscale = scale * 1.4426950408889634
-        k_res = _load_tile(k_ptr + _row_offset(col0, stride_km), stride_km, mask_n, D, BLOCK_N,
+        k_res = _load_tile(k_ptr + _row_offset(col0, stride_km), stride_km, mask_n, 0, D, BLOCK_N,
                            D_PAD, EVEN_N, EVEN_D)
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
@@ -635,7 +637,7 @@ if triton is not None:
                                               EXP2)
             lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
             g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-            z_t = _load_tile(z_ptr + _row_offset(m0, stride_zm), stride_zm, mask_m, D, BLOCK_M,
+            z_t = _load_tile(z_ptr + _row_offset(m0, stride_zm), stride_zm, mask_m, 0, D, BLOCK_M,
                              D_PAD, EVEN_M, EVEN_D)
             dots = _mma(z_t, tl.trans(k_res), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
                         INPUT_PRECISION)

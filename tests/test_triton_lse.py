@@ -502,7 +502,8 @@ def test_kernel_partials_stay_in_budget(monkeypatch):
         return alloc(shape, device, dtype)
 
     monkeypatch.setattr(T, "_alloc", spy)
-    inp, g = make_inputs(40, 300, 48, torch.float32)
+    # Enough columns for several splits of at least MIN_TILES_PER_SPLIT split-aligned tiles.
+    inp, g = make_inputs(40, 16 * T._SPLIT_ALIGN + 5, 48, torch.float32)
     check_against_oracle(inp, g, torch.float32, False)
     # [splits, rows, d] buffers with more than one split hold partials (one split: the output).
     partials = [shape for shape in shapes if len(shape) == 3 and shape[0] > 1]
