@@ -79,8 +79,8 @@ from . import planner
 # TRITON_INTERPRET later does not change them; unavailable_reason says so).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRETED", "VARIANTS", "Variant", "lse_backward", "lse_forward",
-           "unavailable_reason"]
+__all__ = ["INTERPRETED", "VARIANTS", "Variant", "backward_kernels", "kernel_configs",
+           "lse_backward", "lse_forward", "unavailable_reason", "variant_meta"]
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -688,8 +688,11 @@ if triton is not None:
         _cfg(128, 64, 64, 8, 3),
         _cfg(128, 128, 32, 8, 3),
     ]
-    # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines (issue 11), kept
-    # where ptxas reports no spills for sm_90 (bench/results/triton-sass-*.txt).
+    # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines (issue 11). ptxas for
+    # sm_90 (bench/results/triton-sass-*.txt): no spills for bf16/fp16/TF32; fp32 FMA spills
+    # (kilobytes with a resident Z tile), and TF32 with a resident Z tile needs more shared
+    # memory than an SM has for 128 x 128 and 64 x 128 x 4 stages: the autotuner drops what
+    # fails to launch and times the rest.
     _FWD_WIDE_CONFIGS = [
         _cfg(128, 128, 64, 8, 3),
         _cfg(128, 128, 64, 8, 4),
