@@ -99,38 +99,8 @@ def kernel_call(T, kernel, inputs, grad, lse, allow_tf32, variant, config):
     return lambda: run(b, None, config)
 
 
-def config_label(config) -> str:
-    if config is None:
-        return "autotune"
-    kw = config.kwargs
-    tile = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
-    return f"{tile}-w{config.num_warps}-s{config.num_stages}"
-
-
-def jobs(T, args, shape, dtype_name):
-    """(kernel, [variant names], config or None) for every distinct kernel build of this shape and
-    dtype; config None: the autotuned kernel, after its configs."""
-    import torch
-
-    d = SHAPES[shape][2]
-    dtype = getattr(torch, DTYPES[dtype_name][0])
-    allow_tf32 = DTYPES[dtype_name][1]
-    found = {}
-    for name in args.variants or list(T.VARIANTS):
-        variant = T.Variant.of(name)
-        runs = ("forward", *T.backward_kernels(variant, d, dtype, allow_tf32))
-        for kernel in (k for k in args.kernels if k in runs):
-            configs = T.kernel_configs(kernel, variant, d)
-            build = (kernel, tuple(sorted(T.variant_meta(kernel, variant, d).items())),
-                     T._input_precision(dtype, allow_tf32, variant))
-            for config in [*configs, None]:
-                label = config_label(config)
-                key = (*build, label if config else tuple(map(config_label, configs)))
-                if key in found:
-                    found[key][1].append(name)
-                else:
-                    found[key] = (kernel, [name], config)
-    return list(found.values())
+def config_label(T, config) -> str:
+    return "autotune" if config is None else T.config_label(config)
 
 
 def time_call(fn, args, smoke) -> dict:
@@ -179,12 +149,14 @@ def main(argv=None) -> int:
         allow_tf32 = DTYPES[dtype_name][1]
         inputs, grad = make_inputs(shape, dtype_name, device)
         lse = T._forward(**inputs, allow_tf32=allow_tf32)
-        for kernel, variants, config in jobs(T, args, shape, dtype_name):
+        builds = T.kernel_builds(args.variants or list(T.VARIANTS), d, inputs["z"].dtype,
+                                 allow_tf32, args.kernels, autotuned=True)
+        for kernel, variants, config in builds:
             if time.monotonic() - start > args.budget_s:
                 skipped += 1
                 continue
             variant = T.Variant.of(variants[0])
-            row = dict(kernel=kernel, variant=",".join(variants), config=config_label(config),
+            row = dict(kernel=kernel, variant=",".join(variants), config=config_label(T, config),
                        shape=shape, N=n, M=m, d=d, C=c, dtype=dtype_name,
                        precision=T._input_precision(inputs["z"].dtype, allow_tf32, variant),
                        **common)

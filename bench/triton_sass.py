@@ -109,7 +109,7 @@ def compile_one(job: dict) -> dict:
             if values[name] % 16 == 0 and values[name] != 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
-               shape=shape_name, config=config_label(config))
+               shape=shape_name, config=T.config_label(config))
     log = io.StringIO()
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcl-triton-sass-")
     start = time.perf_counter()
@@ -129,12 +129,6 @@ def compile_one(job: dict) -> dict:
     row.update(ptxas_usage(log.getvalue()))
     row["shared_bytes"] = compiled.metadata.shared
     return row
-
-
-def config_label(config) -> str:
-    kw = config.kwargs
-    tile = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
-    return f"{tile}-w{config.num_warps}-s{config.num_stages}"
 
 
 def sass_counts(cubin: bytes) -> dict:
@@ -169,27 +163,17 @@ def tool(name: str) -> str:
 
 
 def plan(kernels, variants, dtypes, shapes) -> list[dict]:
-    """One job per distinct compiled kernel: variants whose flags for a kernel are the same (the
-    backward kernels ignore the forward-only ones) share a row, named by all of them."""
-    jobs = {}
+    """One job per distinct compiled kernel (triton_lse.kernel_builds), named by every variant
+    that runs it."""
+    jobs = []
     for shape in shapes:
-        d = SHAPES[shape][2]
-        for kernel in kernels:
-            for variant in variants:
-                meta = tuple(sorted(T.variant_meta(kernel, variant, d).items()))
-                for dtype in dtypes:
-                    runs = ("forward", *T.backward_kernels(variant, d, *DTYPES[dtype]))
-                    if kernel not in runs:
-                        continue
-                    precision = T._input_precision(*DTYPES[dtype], T.Variant.of(variant))
-                    for index, config in enumerate(T.kernel_configs(kernel, variant, d)):
-                        key = (shape, kernel, meta, dtype, precision, config_label(config))
-                        if key in jobs:
-                            jobs[key]["variants"].append(variant)
-                        else:
-                            jobs[key] = dict(kernel=kernel, variant=variant, variants=[variant],
-                                             dtype=dtype, shape=shape, config=index)
-    return list(jobs.values())
+        for dtype in dtypes:
+            for kernel, names, config in T.kernel_builds(variants, SHAPES[shape][2],
+                                                         *DTYPES[dtype], kernels):
+                index = T.kernel_configs(kernel, names[0], SHAPES[shape][2]).index(config)
+                jobs.append(dict(kernel=kernel, variant=names[0], variants=names, dtype=dtype,
+                                 shape=shape, config=index))
+    return jobs
 
 
 def format_table(rows: list[dict]) -> str:

@@ -79,8 +79,9 @@ from . import planner
 # TRITON_INTERPRET later does not change them; unavailable_reason says so).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRETED", "VARIANTS", "Variant", "backward_kernels", "kernel_configs",
-           "lse_backward", "lse_forward", "unavailable_reason", "variant_meta"]
+__all__ = ["INTERPRETED", "VARIANTS", "Variant", "backward_kernels", "config_label",
+           "kernel_builds", "kernel_configs", "lse_backward", "lse_forward", "unavailable_reason",
+           "variant_meta"]
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -913,6 +914,34 @@ def kernel_configs(kernel: str, variant: Variant | str = "default", d: int = 128
     if kernel == "one_pass":
         return list(_ONE_PASS_CONFIGS)
     raise ValueError(f"kernel must be one of forward, dz, dk, one_pass, got {kernel!r}")
+
+
+def kernel_builds(variants, d: int, dtype: torch.dtype, allow_tf32: bool,
+                  kernels=("forward", "dz", "dk", "one_pass"), autotuned: bool = False) -> list:
+    """(kernel, [variant names], config) for every distinct kernel build the named variants run
+    at feature size d, dtype and allow_tf32: variants whose flags and product precision are the
+    same for a kernel (the backward ignores the forward-only flags) share a build. autotuned:
+    after a kernel's configs, (kernel, variants, None) for the kernel autotuned over them."""
+    builds = {}
+    for name in variants:
+        variant = Variant.of(name)
+        runs = ("forward", *backward_kernels(variant, d, dtype, allow_tf32))
+        for kernel in (k for k in kernels if k in runs):
+            configs = kernel_configs(kernel, variant, d)
+            build = (kernel, tuple(sorted(variant_meta(kernel, variant, d).items())),
+                     _input_precision(dtype, allow_tf32, variant))
+            keys = [config_label(c) for c in configs]
+            for config, key in zip([*configs, None] if autotuned else configs,
+                                   [*keys, tuple(keys)]):
+                builds.setdefault((*build, key), (kernel, [], config))[1].append(name)
+    return list(builds.values())
+
+
+def config_label(config) -> str:
+    """A config as BLOCK_MxBLOCK_N[xBLOCK_K]-w<warps>-s<stages> (benchmark and report rows)."""
+    tile = "x".join(str(config.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+                    if b in config.kwargs)
+    return f"{tile}-w{config.num_warps}-s{config.num_stages}"
 
 
 def _launch(name, configs, grid, args, kwargs, config):
