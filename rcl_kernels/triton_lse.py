@@ -19,7 +19,8 @@ Kernels
 - dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
   Both are deterministic: every program owns its output tile, split partials are summed by torch
   in a fixed order.
-- one pass (a variant, d ≤ 256): program = (column block, row split) with K and dk in registers;
+- one pass (a variant; tensor-core products, d ≤ 256): program = (column block, row split) with
+  K and dk in registers;
   S and P once per tile for both products; dz added across column blocks in column order
   (semaphores, deterministic) or by atomics.
 Variants (`Variant`, presets in VARIANTS; the default is the form timed on the H100): logits in
@@ -43,10 +44,11 @@ makes its exp NaN, so the running sumexp and hence lse become NaN whatever the r
 
 Tiling and tuning: rows are read with any stride but d with unit stride (a view with another
 feature stride is copied once); offsets of a row or split (row · stride, which passes 2^31 at
-N = 2^21 anchors) are 64-bit, offsets inside a tile 32-bit. On the
-GPU each kernel autotunes over a few configs (chosen from ptxas register/spill reports for sm_90)
-keyed on d, the dtypes, the dot precision and power-of-two buckets of N and M;
-RCL_KERNELS_TRITON_AUTOTUNE=0 (read at import) keeps the first config only. Under the interpreter
+N = 2^21 anchors) are 64-bit, offsets inside a tile 32-bit. On the GPU each kernel autotunes
+over a few configs (chosen from ptxas register/spill reports for sm_90, bench/triton_sass.py;
+bench/triton_configs.py times each) keyed on d, the dtypes, the product precision, the variant's
+flags and power-of-two buckets of N and M; RCL_KERNELS_TRITON_AUTOTUNE=0 (read at import) keeps
+the first config only. Under the interpreter
 one small fixed config is used so that tests exercise several tiles, d chunks and splits.
 
 The module imports without Triton; `unavailable_reason` says why the kernels cannot run.
