@@ -57,11 +57,12 @@ bench: install
 # C++17 where those headers still allow it; a CPU-only torch wheel lacks
 # c10/cuda/impl/cuda_cmake_macros.h (a CMake-generated, effectively empty header), so an empty
 # stand-in is put on the include path after the real ones. Last, the kernels run on the host under
-# a thread-per-CUDA-thread emulation (wmma with its documented semantics) against a dense formula.
+# a thread-per-CUDA-thread emulation (wmma with its documented semantics; mma.sync, ldmatrix and
+# cp.async with the PTX ISA's per-lane layouts) against a dense formula.
 NVCC_TORCH_DEFS := -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 CUDA_BINDINGS := $(wildcard csrc/cuda/*.cpp)
-HOST_EMU_TESTS := host_emu_test tiled_epilogue_test
+HOST_EMU_TESTS := host_emu_test tiled_epilogue_test mma_lse_test
 CHECK_STUB := build/check-cuda-stub
 check-cuda:
 	@test -n "$(NVCC)" || { echo "check-cuda: nvcc not found"; exit 1; }

@@ -56,6 +56,14 @@ TORCH_LIBRARY(rcl_kernels, m) {
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale, bool allow_tf32, int row_pass_splits, int col_pass_splits) -> (Tensor, Tensor)");
   m.def(
+      "cuda_mma_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32, "
+      "int col_splits) -> Tensor");
+  m.def(
+      "cuda_mma_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
+      "float scale, bool allow_tf32, int splits) -> (Tensor, Tensor)");
+  m.def(
       "tiled_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
       "Tensor row_bias, Tensor col_bias, int self_offset, float scale, int block_rows) -> Tensor");
   m.def(
