@@ -81,13 +81,14 @@ def _fake_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_
 def triton_lse_forward(
     z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor,
     row_bias: torch.Tensor, col_bias: torch.Tensor, self_offset: int, scale: float,
-    allow_tf32: bool,
+    allow_tf32: bool, variant: str,
 ) -> torch.Tensor:
     from . import triton_lse
 
     check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias)
     return triton_lse.lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
+        variant=variant,
     )
 
 
@@ -95,14 +96,14 @@ def triton_lse_forward(
 def triton_lse_backward(
     grad_lse: torch.Tensor, z: torch.Tensor, k: torch.Tensor, row_labels: torch.Tensor,
     col_labels: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor, lse: torch.Tensor,
-    self_offset: int, scale: float, allow_tf32: bool,
+    self_offset: int, scale: float, allow_tf32: bool, variant: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import triton_lse
 
     check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse)
     return triton_lse.lse_backward(
         grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32,
+        allow_tf32, variant=variant,
     )
 
 

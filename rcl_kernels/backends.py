@@ -13,6 +13,7 @@ more than REFERENCE_MEMORY_BUDGET_BYTES.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -204,12 +205,36 @@ def _cuda_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, 
     )
 
 
+# Kernel variants that no GPU has timed yet are opt-in through the environment, read once here (the
+# measured kernels stay the default): RCL_KERNELS_TRITON_VARIANT names one of triton_lse.VARIANTS.
+TRITON_VARIANT = os.environ.get("RCL_KERNELS_TRITON_VARIANT", "default")
+
+
+def _triton_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                    allow_tf32):
+    return torch.ops.rcl_kernels.triton_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
+        TRITON_VARIANT,
+    )
+
+
+def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                     scale, allow_tf32):
+    return torch.ops.rcl_kernels.triton_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        allow_tf32, TRITON_VARIANT,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Availability on this machine.
 # --------------------------------------------------------------------------------------------------
 def _triton_unavailable_reason(device: torch.device | None) -> str | None:
     from . import triton_lse  # imports triton lazily itself; this import never fails
 
+    if TRITON_VARIANT not in triton_lse.VARIANTS:
+        return (f"RCL_KERNELS_TRITON_VARIANT={TRITON_VARIANT!r} is not one of "
+                f"{sorted(triton_lse.VARIANTS)}")
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return triton_lse.unavailable_reason(device)
@@ -246,10 +271,7 @@ BACKENDS: dict[str, Backend] = {
         # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).
         Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
                 _triton_unavailable_reason,
-                {"streaming": Kernels(
-                    torch.ops.rcl_kernels.triton_lse_forward,
-                    torch.ops.rcl_kernels.triton_lse_backward,
-                )}),
+                {"streaming": Kernels(_triton_forward, _triton_backward)}),
     )
 }
 

@@ -91,3 +91,48 @@ def test_auto_warns_once_before_falling_back_and_raises_above_the_budget(monkeyp
 def test_auto_raises_when_not_even_the_reference_can_run():
     with pytest.raises(ValueError, match="no backend can run.*reference: it runs on cpu/cuda"):
         select_backend("auto", "auto", problem("meta"), allow_tf32=False)
+
+
+VARIANT_SCRIPT = """
+import torch, rcl_kernels as rk
+torch.manual_seed(0)
+# bf16: the one-pass backward applies to tensor-core dtypes (fp32 keeps the two-pass kernels).
+f = torch.nn.functional.normalize(torch.randn(24, 2, 20), dim=-1).bfloat16().requires_grad_()
+c = torch.nn.functional.normalize(torch.randn(5, 20), dim=-1).bfloat16()
+y = torch.randint(0, 5, (24,))
+try:
+    loss = rk.bcl_loss(f, y, c, backend="triton")
+except ValueError as error:
+    print("refused:", error)
+else:
+    loss.backward()
+    f64 = f.detach().double().requires_grad_()
+    ref = rk.bcl_loss(f64, y, c.double(), backend="reference")
+    ref.backward()
+    print("error:", max(abs(loss.item() - ref.item()), (f.grad.double() - f64.grad).abs().max().item()))
+"""
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", ["one-pass", "exp2-lean-resident", "no-such-variant"])
+def test_triton_variant_is_chosen_by_environment(variant):
+    """RCL_KERNELS_TRITON_VARIANT selects an untimed Triton variant for the whole process; a name
+    that is not a variant makes the backend refuse with the variable named."""
+    import os
+    import subprocess
+    import sys
+
+    if rk_backends_triton_reason() is not None:
+        pytest.skip(f"triton: {rk_backends_triton_reason()}")
+    env = {**os.environ, "RCL_KERNELS_TRITON_VARIANT": variant}
+    out = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    if variant == "no-such-variant":
+        assert "RCL_KERNELS_TRITON_VARIANT='no-such-variant'" in out.stdout
+    else:
+        assert float(out.stdout.split("error:")[1]) < 3e-2  # bf16 inputs, float64 truth
+
+
+def rk_backends_triton_reason():
+    return BACKENDS["triton"].unavailable_reason(torch.device("cpu"))

@@ -40,7 +40,8 @@ KERNEL_OPS = {
     "cpu": ("cpu_lse_forward", "cpu_lse_backward", (), (), [torch.float64, torch.float32]),
     # block_rows = 5: several row blocks at these sizes.
     "cpu:tiled": ("tiled_lse_forward", "tiled_lse_backward", (5,), (5,), [torch.float64, torch.float32]),
-    "triton": ("triton_lse_forward", "triton_lse_backward", (False,), (False,), [torch.float32]),
+    "triton": ("triton_lse_forward", "triton_lse_backward", (False, "default"), (False, "default"),
+               [torch.float32]),
 }
 KERNEL_BACKENDS = [backend_param("cpu"), backend_param("cpu:tiled"), backend_param("triton")]
 
