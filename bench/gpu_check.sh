@@ -24,9 +24,10 @@
 #   GPU_CHECK_BUDGET_S   total seconds (default 540)
 #   GPU_CHECK_FUSED      fused implementations benchmarked (default
 #                        triton,cuda,cuda:streaming,cuda:tiled,auto; bench/cases.py's syntax)
-#   GPU_CHECK_VARIANTS   more implementations added to those, e.g. kernel variants chosen by
-#                        environment variables: 'triton{RCL_KERNELS_TRITON_BACKWARD=one_pass}'
-#   GPU_CHECK_TRITON_CONFIGS_ARGS  arguments of bench/triton_configs.py (default: none)
+#   GPU_CHECK_VARIANTS   the untimed kernel variants benchmarked beside them, chosen by
+#                        environment variables (default: the Triton presets forward-all, one-pass
+#                        and 3xtf32 through RCL_KERNELS_TRITON_VARIANT; empty: none)
+#   GPU_CHECK_TRITON_CONFIGS_ARGS  more arguments of bench/triton_configs.py
 #   GPU_CHECK_ARCHIVE    also pack <OUT> into this .tar.gz, a path outside OUT (for a machine
 #                        that hands back few files)
 #   TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0, so the build compiles one architecture)
@@ -39,7 +40,9 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 FUSED="${GPU_CHECK_FUSED:-triton,cuda,cuda:streaming,cuda:tiled,auto}"
-[[ -n "${GPU_CHECK_VARIANTS:-}" ]] && FUSED="$FUSED,$GPU_CHECK_VARIANTS"
+TRITON_VARIANTS="triton{RCL_KERNELS_TRITON_VARIANT=forward-all},triton{RCL_KERNELS_TRITON_VARIANT=one-pass},triton{RCL_KERNELS_TRITON_VARIANT=3xtf32}"
+VARIANTS="${GPU_CHECK_VARIANTS-$TRITON_VARIANTS}"
+[[ -n "$VARIANTS" ]] && FUSED="$FUSED,$VARIANTS"
 START=$(date +%s)
 SUMMARY_TSV="$OUT/summary.tsv"
 printf 'step\tstatus\trc\tseconds\tlog\n' >"$SUMMARY_TSV"
@@ -159,15 +162,13 @@ bench n1m-bf16 120 --shapes 1048576:128:1000 --dtypes bf16 --modes fwdbwd --warm
   --rep-ms 1 --backends "triton,cuda"
 
 # ---------------------------------------------------------------- 6. Triton configs
-# Issue 11: each autotune config's time per kernel and shape (bench/triton_configs.py, written
-# beside this script; it runs only where it exists): its default plan, its table in the step's
-# log; GPU_CHECK_TRITON_CONFIGS_ARGS adds arguments.
-if [[ -f bench/triton_configs.py ]]; then
-  # shellcheck disable=SC2086  # a list of words on purpose
-  run_step triton-configs 90 "$PY" bench/triton_configs.py ${GPU_CHECK_TRITON_CONFIGS_ARGS:-}
-else
-  note_step triton-configs "not run" "bench/triton_configs.py does not exist at this commit"
-fi
+# Issue 11: each autotune config's time per kernel and variant at N = 32,768 bf16
+# (bench/triton_configs.py; its whole plan takes 8-10 minutes, a session of its own:
+# --budget-s 600); GPU_CHECK_TRITON_CONFIGS_ARGS adds arguments.
+# shellcheck disable=SC2086  # a list of words on purpose
+run_step triton-configs 90 "$PY" bench/triton_configs.py --out "$OUT/triton-configs.json" \
+  --budget-s 75 --shapes bcl-n32768-d128 --dtypes bf16 \
+  --variants default forward-all one-pass one-pass-atomic ${GPU_CHECK_TRITON_CONFIGS_ARGS:-}
 
 # ---------------------------------------------------------------- 7. compute-sanitizer
 SANITIZER="$(command -v compute-sanitizer || true)"
