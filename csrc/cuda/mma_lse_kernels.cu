@@ -32,6 +32,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "launch.cuh"
 #ifndef RCL_HOST_EMULATION
 #include "mma_ptx.cuh"
 #endif
@@ -381,13 +382,7 @@ __device__ __forceinline__ void pv_smem(typename C::Acc (&o)[NO][4], const typen
 
 template <typename Acc>
 struct Common {
-  const void* z;
-  const void* k;
-  const int64_t* row_labels;
-  const int64_t* col_labels;
-  const Acc* row_bias;
-  const Acc* col_bias;
-  int64_t n, m, d, self_offset;
+  LseProblem p;   // pointers and sizes as the caller gave them (biases in Acc)
   Acc scale;
   Acc scale2;     // scale·log2(e): logits in base-2 units, exp2 throughout
   int vec_bytes;  // cp.async width for rows of z and k (16, 8, 4), 0: synchronous copies
@@ -522,6 +517,75 @@ __device__ __forceinline__ void copy_meta(T* dst, const T* src, int64_t i, int64
   }
 }
 
+template <typename A, int N>
+__device__ __forceinline__ void zero(A (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = A(0);
+}
+
+// The cp.async ring of a block: stage q's loads are issued kStages - 1 stages before its use;
+// issue(q) fills slot q % kStages, use(q) runs once stage q is visible to the whole block.
+template <class C, class Issue, class Use>
+__device__ __forceinline__ void pipeline(int64_t stages, Issue&& issue, Use&& use) {
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < stages) issue(int64_t(s));
+    rcl_mma::cp_async_commit();
+  }
+  for (int64_t q = 0; q < stages; ++q) {
+    rcl_mma::cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // stage q visible to all; everyone is done with the slot refilled next
+    if (q + C::kStages - 1 < stages) issue(q + C::kStages - 1);
+    rcl_mma::cp_async_commit();
+    use(q);
+  }
+  rcl_mma::cp_async_wait<0>();
+}
+
+// Index, label and base-2 bias of this lane's two accumulator rows: g and g + 8 of the 16 its warp
+// owns from `first` on (label -1, bias 0 past len; such rows are masked).
+template <typename Acc>
+struct LaneRows {
+  int64_t idx[2], lab[2];
+  Acc bias2[2];
+};
+template <typename Acc>
+__device__ __forceinline__ LaneRows<Acc> lane_rows(int64_t first, int64_t len,
+                                                   const int64_t* labels, const void* bias) {
+  LaneRows<Acc> r;
+  const int g = lane_id() >> 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r.idx[h] = first + g + 8 * h;
+    const bool ok = r.idx[h] < len;
+    r.lab[h] = ok ? labels[r.idx[h]] : int64_t(-1);
+    r.bias2[h] = ok ? static_cast<const Acc*>(bias)[r.idx[h]] * Acc(kLog2e) : Acc(0);
+  }
+  return r;
+}
+
+// This block's work item, from the counter in the order blocks start (see the file comment).
+__device__ __forceinline__ int64_t take_work_item(char* slot, int* counter) {
+  if (threadIdx.x == 0) *reinterpret_cast<int*>(slot) = rcl_mma::take_work(counter);
+  __syncthreads();
+  return *reinterpret_cast<const int*>(slot);
+}
+
+// body() by the whole block once *sem == turn, then *sem = turn + 1 (when `ordered`).
+template <class F>
+__device__ __forceinline__ void in_turn(int* sem, int turn, bool ordered, F&& body) {
+  if (ordered) {
+    if (threadIdx.x == 0) rcl_mma::sem_wait(sem, turn);
+    __syncthreads();
+  }
+  body();
+  if (ordered) {
+    __syncthreads();  // every thread's writes precede the release
+    if (threadIdx.x == 0) rcl_mma::sem_release(sem, turn + 1);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward
 
@@ -555,91 +619,67 @@ __global__ void __launch_bounds__(C::kThreads) mma_lse_forward_kernel(FwdArgs<ty
   using Acc = typename C::Acc;
   using L = FwdLayout<C>;
   constexpr int NT = C::FWD_COLS / 8;
-  RCL_MMA_DYNAMIC_SMEM(smem);
-  const Common<Acc>& c = a.c;
-  const int tid = threadIdx.x, warp = tid >> 5, g = lane_id() >> 2, t = lane_id() & 3;
+  RCL_DYNAMIC_SMEM(smem);
+  const LseProblem& p = a.c.p;
+  const Acc* col_bias = static_cast<const Acc*>(p.col_bias);
+  const int tid = threadIdx.x, warp = tid >> 5, t = lane_id() & 3;
   const Acc ninf = -inf_v<Acc>();
 
-  int64_t w = blockIdx.x;
-  if (a.splits > 1) {  // the merge waits for lower splits: take work items in start order
-    if (tid == 0) *reinterpret_cast<int*>(smem + L::work) = rcl_mma::take_work(a.counter);
-    __syncthreads();
-    w = *reinterpret_cast<const int*>(smem + L::work);
-  }
+  // Split s of a row tile merges after split s - 1: take work items in start order.
+  const int64_t w = a.splits > 1 ? take_work_item(smem + L::work, a.counter) : blockIdx.x;
   const int64_t rt = w % a.row_tiles;
   const int split = int(w / a.row_tiles);
   const int64_t row0 = rt * C::FWD_ROWS;
   const int64_t t_begin = split * a.tiles_per_split;
-  const int64_t t_end = min64(ceil_div64(c.m, C::FWD_COLS), t_begin + a.tiles_per_split);
-  const int nd = int(max64(1, ceil_div64(c.d, C::DK)));
+  const int64_t t_end = min64(ceil_div64(p.m, C::FWD_COLS), t_begin + a.tiles_per_split);
+  const int nd = int(max64(1, ceil_div64(p.d, C::DK)));
   const bool resident = nd <= C::kStages;  // Z chunk ci stays in slot ci for the whole block
-  const int64_t stages = max64(0, t_end - t_begin) * nd;
 
-  const In* z = static_cast<const In*>(c.z);
-  const In* k = static_cast<const In*>(c.k);
+  const In* z = static_cast<const In*>(p.z);
+  const In* k = static_cast<const In*>(p.k);
   In* own = reinterpret_cast<In*>(smem + L::own);
   In* stream = reinterpret_cast<In*>(smem + L::stream);
 
   auto issue = [&](int64_t q) {
     const int ci = int(q % nd), slot = int(q % C::kStages);
     const int64_t col0 = (t_begin + q / nd) * C::FWD_COLS;
-    load_chunk<C, C::FWD_COLS>(stream + slot * L::stream_elems, k, col0, c.m,
-                               int64_t(ci) * C::DK, c.d, c.vec_bytes);
+    load_chunk<C, C::FWD_COLS>(stream + slot * L::stream_elems, k, col0, p.m,
+                               int64_t(ci) * C::DK, p.d, a.c.vec_bytes);
     if (!resident || q < nd) {
-      load_chunk<C, C::FWD_ROWS>(own + (resident ? ci : slot) * L::own_elems, z, row0, c.n,
-                                 int64_t(ci) * C::DK, c.d, c.vec_bytes);
+      load_chunk<C, C::FWD_ROWS>(own + (resident ? ci : slot) * L::own_elems, z, row0, p.n,
+                                 int64_t(ci) * C::DK, p.d, a.c.vec_bytes);
     }
     if (ci == nd - 1) {  // the tile's column metadata, read after its last chunk
       char* ms = smem + L::meta + slot * L::meta_slot;
       for (int j = tid; j < 2 * C::FWD_COLS; j += C::kThreads) {
         if (j < C::FWD_COLS) {
-          copy_meta(reinterpret_cast<int64_t*>(ms) + j, c.col_labels, col0 + j, c.m);
+          copy_meta(reinterpret_cast<int64_t*>(ms) + j, p.col_labels, col0 + j, p.m);
         } else {
           const int jj = j - C::FWD_COLS;
-          copy_meta(reinterpret_cast<Acc*>(ms + C::FWD_COLS * sizeof(int64_t)) + jj, c.col_bias,
-                    col0 + jj, c.m);
+          copy_meta(reinterpret_cast<Acc*>(ms + C::FWD_COLS * sizeof(int64_t)) + jj, col_bias,
+                    col0 + jj, p.m);
         }
       }
     }
   };
 
-  // This lane's rows: g and g + 8 of the warp's 16.
-  int64_t rows[2], rlab[2];
-  Acc rbias2[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    rows[h] = row0 + warp * 16 + g + 8 * h;
-    const bool ok = rows[h] < c.n;
-    rlab[h] = ok ? c.row_labels[rows[h]] : int64_t(-1);
-    rbias2[h] = ok ? c.row_bias[rows[h]] * Acc(kLog2e) : Acc(0);
-  }
-  const bool warp_live = row0 + warp * 16 < c.n;
+  const auto rows = lane_rows<Acc>(row0 + warp * 16, p.n, p.row_labels, p.row_bias);
+  const bool warp_live = row0 + warp * 16 < p.n;
 
   Acc acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = Acc(0);
+  zero(acc);
   Acc run_max[2] = {ninf, ninf}, run_sum[2] = {Acc(0), Acc(0)};
   int saw_nan[2] = {0, 0};
 
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < stages) issue(s);
-    rcl_mma::cp_async_commit();
-  }
-  for (int64_t q = 0; q < stages; ++q) {
-    rcl_mma::cp_async_wait<C::kStages - 2>();
-    __syncthreads();  // stage q visible to all; everyone is done with the slot refilled next
-    if (q + C::kStages - 1 < stages) issue(q + C::kStages - 1);
-    rcl_mma::cp_async_commit();
+  pipeline<C>(max64(0, t_end - t_begin) * nd, issue, [&](int64_t q) {
     const int ci = int(q % nd), slot = int(q % C::kStages);
     const int64_t col0 = (t_begin + q / nd) * C::FWD_COLS;
     if (warp_live) {
       s_chunk<C, NT>(acc, own + (resident ? ci : slot) * L::own_elems + warp * 16 * C::LDK,
-                     stream + slot * L::stream_elems, groups_of_8(c.m - col0, NT),
-                     int(min64(C::DK, c.d - int64_t(ci) * C::DK)));
+                     stream + slot * L::stream_elems, groups_of_8(p.m - col0, NT),
+                     int(min64(C::DK, p.d - int64_t(ci) * C::DK)));
     }
-    if (ci != nd - 1) continue;
+    if (ci != nd - 1) return;
 
     // Tile done: logits in base 2, masked, folded into the running (max, sum) of each row.
     const char* ms = smem + L::meta + slot * L::meta_slot;
@@ -652,8 +692,9 @@ __global__ void __launch_bounds__(C::kThreads) mma_lse_forward_kernel(FwdArgs<ty
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, jl = 8 * n + 2 * t + (e & 1);
         const int64_t j = col0 + jl;
-        const bool valid = j < c.m && j != rows[h] + c.self_offset;
-        Acc x = acc[n][e] * c.scale2 + (clab[jl] == rlab[h] ? rbias2[h] : cbias[jl] * Acc(kLog2e));
+        const bool valid = j < p.m && j != rows.idx[h] + p.self_offset;
+        Acc x = acc[n][e] * a.c.scale2 +
+                (clab[jl] == rows.lab[h] ? rows.bias2[h] : cbias[jl] * Acc(kLog2e));
         saw_nan[h] |= int(valid && isnan(x));
         x = valid ? x : ninf;
         acc[n][e] = x;
@@ -665,20 +706,17 @@ __global__ void __launch_bounds__(C::kThreads) mma_lse_forward_kernel(FwdArgs<ty
       tile_max[h] = max_acc(tile_max[h], rcl_mma::shfl_xor(tile_max[h], 1));
       tile_max[h] = max_acc(tile_max[h], rcl_mma::shfl_xor(tile_max[h], 2));
       const Acc top = max_acc(run_max[h], tile_max[h]);
-      if (top > ninf) {  // exp2 only ever sees x − top ≤ 0
+      if (top > ninf) {  // exp2 only ever sees x - top <= 0
         Acc sum = run_sum[h] * exp2_acc(run_max[h] - top);
 #pragma unroll
-        for (int n = 0; n < NT; ++n) sum += exp2_acc(acc[n][2 * h] - top) + exp2_acc(acc[n][2 * h + 1] - top);
+        for (int n = 0; n < NT; ++n)
+          sum += exp2_acc(acc[n][2 * h] - top) + exp2_acc(acc[n][2 * h + 1] - top);
         run_sum[h] = sum;
         run_max[h] = top;
       }
     }
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] = Acc(0);
-  }
-  rcl_mma::cp_async_wait<0>();
+    zero(acc);
+  });
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -687,15 +725,12 @@ __global__ void __launch_bounds__(C::kThreads) mma_lse_forward_kernel(FwdArgs<ty
     saw_nan[h] |= rcl_mma::shfl_xor(saw_nan[h], 1);
     saw_nan[h] |= rcl_mma::shfl_xor(saw_nan[h], 2);
   }
-  if (a.splits > 1) {  // splits merge in split order
-    if (tid == 0) rcl_mma::sem_wait(a.sems + rt, split);
-    __syncthreads();
-  }
-  if (t == 0) {
+  in_turn(a.splits > 1 ? a.sems + rt : nullptr, split, a.splits > 1, [&] {  // in split order
+    if (t != 0) return;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t i = rows[h];
-      if (i >= c.n) continue;
+      const int64_t i = rows.idx[h];
+      if (i >= p.n) continue;
       Acc mx = saw_nan[h] ? nan_v<Acc>() : run_max[h], sum = run_sum[h];
       if (split > 0) merge_lse(rcl_mma::ldcg(a.ws_max + i), rcl_mma::ldcg(a.ws_sum + i), mx, sum);
       if (split == a.splits - 1) {
@@ -705,11 +740,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_lse_forward_kernel(FwdArgs<ty
         a.ws_sum[i] = sum;
       }
     }
-  }
-  if (a.splits > 1) {
-    __syncthreads();
-    if (tid == 0) rcl_mma::sem_release(a.sems + rt, split + 1);
-  }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -724,14 +755,13 @@ __global__ void __launch_bounds__(C::kThreads)
   using L = BwdLayout<C>;
   constexpr int NT = C::BWD_ROWS / 8;  // n-tiles of Sᵀ: the rows of a row tile
   constexpr int NO = C::DK / 8;        // n-tiles of dk: the d chunk
-  RCL_MMA_DYNAMIC_SMEM(smem);
-  const Common<Acc>& c = a.c;
+  RCL_DYNAMIC_SMEM(smem);
+  const LseProblem& p = a.c.p;
   const int tid = threadIdx.x, warp = tid >> 5, g = lane_id() >> 2, t = lane_id() & 3;
   const Acc ninf = -inf_v<Acc>();
 
-  if (tid == 0) *reinterpret_cast<int*>(smem + L::work) = rcl_mma::take_work(a.counter);
-  __syncthreads();
-  const int64_t w = *reinterpret_cast<const int*>(smem + L::work);
+  // Work items in start order: dz waits for lower column tiles, dk for lower splits.
+  const int64_t w = take_work_item(smem + L::work, a.counter);
   const int64_t ct = w % a.col_tiles;
   const int ch = int((w / a.col_tiles) % a.d_chunks);
   const int split = int(w / a.col_tiles / a.d_chunks);
@@ -743,10 +773,9 @@ __global__ void __launch_bounds__(C::kThreads)
   // Each row tile walks its d chunks from ch + 1 round to ch, so that chunk ch of Z (stream
   // slot) and of K (own slot) are in shared memory when S is complete.
   const int first = (ch + 1) % nd;
-  const int64_t stages = max64(0, t_end - t_begin) * nd;
 
-  const In* z = static_cast<const In*>(c.z);
-  const In* k = static_cast<const In*>(c.k);
+  const In* z = static_cast<const In*>(p.z);
+  const In* k = static_cast<const In*>(p.k);
   In* own = reinterpret_cast<In*>(smem + L::own);
   In* stream = reinterpret_cast<In*>(smem + L::stream);
   Op* ps = reinterpret_cast<Op*>(smem + L::ps);
@@ -754,11 +783,11 @@ __global__ void __launch_bounds__(C::kThreads)
   auto issue = [&](int64_t q) {
     const int ci = int((first + q % nd) % nd), slot = int(q % C::kStages);
     const int64_t row0 = (t_begin + q / nd) * C::BWD_ROWS;
-    load_chunk<C, C::BWD_ROWS>(stream + slot * L::stream_elems, z, row0, c.n,
-                               int64_t(ci) * C::DK, c.d, c.vec_bytes);
+    load_chunk<C, C::BWD_ROWS>(stream + slot * L::stream_elems, z, row0, p.n,
+                               int64_t(ci) * C::DK, p.d, a.c.vec_bytes);
     if (!resident || q < nd) {
-      load_chunk<C, C::BWD_COLS>(own + (resident ? ci : slot) * L::own_elems, k, col0, c.m,
-                                 int64_t(ci) * C::DK, c.d, c.vec_bytes);
+      load_chunk<C, C::BWD_COLS>(own + (resident ? ci : slot) * L::own_elems, k, col0, p.m,
+                                 int64_t(ci) * C::DK, p.d, a.c.vec_bytes);
     }
     if (q % nd == nd - 1) {  // the row tile's metadata, read after its last chunk
       char* ms = smem + L::meta + slot * L::meta_slot;
@@ -766,26 +795,18 @@ __global__ void __launch_bounds__(C::kThreads)
       for (int j = tid; j < 4 * C::BWD_ROWS; j += C::kThreads) {
         const int what = j / C::BWD_ROWS, r = j % C::BWD_ROWS;
         if (what == 0) {
-          copy_meta(reinterpret_cast<int64_t*>(ms) + r, c.row_labels, row0 + r, c.n);
+          copy_meta(reinterpret_cast<int64_t*>(ms) + r, p.row_labels, row0 + r, p.n);
         } else {
-          const Acc* src = what == 1 ? c.row_bias : what == 2 ? a.lse : a.g;
-          copy_meta(accs + (what - 1) * C::BWD_ROWS + r, src, row0 + r, c.n);
+          const Acc* src = what == 1 ? static_cast<const Acc*>(p.row_bias) : what == 2 ? a.lse : a.g;
+          copy_meta(accs + (what - 1) * C::BWD_ROWS + r, src, row0 + r, p.n);
         }
       }
     }
   };
 
-  // This lane's columns: g and g + 8 of the warp's 16 (the rows of Sᵀ).
-  int64_t cols[2], clab[2];
-  Acc cbias2[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    cols[h] = col0 + warp * 16 + g + 8 * h;
-    const bool ok = cols[h] < c.m;
-    clab[h] = ok ? c.col_labels[cols[h]] : int64_t(-2);
-    cbias2[h] = ok ? c.col_bias[cols[h]] * Acc(kLog2e) : Acc(0);
-  }
-  const bool warp_live = col0 + warp * 16 < c.m;
+  // This lane's columns (the rows of Sᵀ).
+  const auto cols = lane_rows<Acc>(col0 + warp * 16, p.m, p.col_labels, p.col_bias);
+  const bool warp_live = col0 + warp * 16 < p.m;
   // With 16-bit operands g·p is rounded to the input dtype: divide g by max|g| first (a tiny g,
   // e.g. a mean over many anchors, would underflow float16) and multiply it back in Acc.
   Acc g_norm = Acc(1);
@@ -796,34 +817,20 @@ __global__ void __launch_bounds__(C::kThreads)
   const Acc g_inv = Acc(1) / g_norm;
 
   Acc dk[NO][4], s[NT][4];
-#pragma unroll
-  for (int n = 0; n < NO; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = Acc(0);
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[n][e] = Acc(0);
+  zero(dk);
+  zero(s);
 
-  for (int st = 0; st < C::kStages - 1; ++st) {
-    if (st < stages) issue(st);
-    rcl_mma::cp_async_commit();
-  }
-  for (int64_t q = 0; q < stages; ++q) {
-    rcl_mma::cp_async_wait<C::kStages - 2>();
-    __syncthreads();  // stage q visible to all; everyone is done with the slot refilled next
-    if (q + C::kStages - 1 < stages) issue(q + C::kStages - 1);
-    rcl_mma::cp_async_commit();
+  pipeline<C>(max64(0, t_end - t_begin) * nd, issue, [&](int64_t q) {
     const int ci = int((first + q % nd) % nd), slot = int(q % C::kStages);
     const int64_t tile = t_begin + q / nd, row0 = tile * C::BWD_ROWS;
     const In* kc = own + (resident ? ci : slot) * L::own_elems;
     const In* zc = stream + slot * L::stream_elems;
-    const int row_groups = groups_of_8(c.n - row0, NT);
+    const int row_groups = groups_of_8(p.n - row0, NT);
     if (warp_live) {
       s_chunk<C, NT>(s, kc + warp * 16 * C::LDK, zc, row_groups,
-                     int(min64(C::DK, c.d - int64_t(ci) * C::DK)));
+                     int(min64(C::DK, p.d - int64_t(ci) * C::DK)));
     }
-    if (q % nd != nd - 1) continue;
+    if (q % nd != nd - 1) return;
 
     // Sᵀ of this row tile is complete, and ci == ch. Pᵀ in the accumulators:
     // s[n][e] = p(row 8n + 2t + (e & 1), column g + 8·(e >> 1) of the warp's 16).
@@ -837,11 +844,11 @@ __global__ void __launch_bounds__(C::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, rl = 8 * n + 2 * t + (e & 1);
-        const int64_t i = row0 + rl, j = cols[h];
+        const int64_t i = row0 + rl, j = cols.idx[h];
         const Acc lse = rlse[rl];
-        const bool valid = i < c.n && j < c.m && j != i + c.self_offset && !(lse == ninf);
+        const bool valid = i < p.n && j < p.m && j != i + p.self_offset && !(lse == ninf);
         const Acc x =
-            s[n][e] * c.scale2 + (clab[h] == rlab[rl] ? rbias[rl] * Acc(kLog2e) : cbias2[h]);
+            s[n][e] * a.c.scale2 + (cols.lab[h] == rlab[rl] ? rbias[rl] * Acc(kLog2e) : cols.bias2[h]);
         s[n][e] = valid ? exp2_acc(x - lse * Acc(kLog2e)) : Acc(0);
       }
     }
@@ -859,76 +866,59 @@ __global__ void __launch_bounds__(C::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] *= rg[8 * n + 2 * t + (e & 1)] * g_inv;
     }
-    if (warp_live) pv_regs<C, NT, NO>(dk, s, zc, row_groups, groups_of_8(c.d - dv0, NO));
+    if (warp_live) pv_regs<C, NT, NO>(dk, s, zc, row_groups, groups_of_8(p.d - dv0, NO));
     __syncthreads();  // P complete in shared memory
 
     // dz[rows, chunk ch] += scale·g ⊙ (P·K[columns, chunk ch]), in column-tile order.
     const int m0 = (warp % C::DZ_WM) * 16, n0 = (warp / C::DZ_WM) * C::DZ_NT * 8;
     Acc o[C::DZ_NT][4];
-#pragma unroll
-    for (int n = 0; n < C::DZ_NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[n][e] = Acc(0);
-    if (row0 + m0 < c.n) {
-      pv_smem<C, C::DZ_NT>(o, ps + m0, kc + n0, int(min64(C::BWD_COLS, max64(0, c.m - col0))),
-                           groups_of_8(c.d - dv0 - n0, C::DZ_NT));
+    zero(o);
+    if (row0 + m0 < p.n) {
+      pv_smem<C, C::DZ_NT>(o, ps + m0, kc + n0, int(min64(C::BWD_COLS, max64(0, p.m - col0))),
+                           groups_of_8(p.d - dv0 - n0, C::DZ_NT));
     }
-    int* sem = a.dz_sems + tile * nd + ch;
-    if (tid == 0) rcl_mma::sem_wait(sem, int(ct));
-    __syncthreads();
+    in_turn(a.dz_sems + tile * nd + ch, int(ct), true, [&] {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + g + 8 * h;
+        const int64_t i = row0 + r;
+        const Acc f = rg[r] * a.c.scale;
+#pragma unroll
+        for (int n = 0; n < C::DZ_NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t dv = dv0 + n0 + 8 * n + 2 * t + e;
+            if (i < p.n && dv < p.d) {
+              Acc* dst = a.dz + i * p.d + dv;
+              const Acc v = o[n][2 * h + e] * f;
+              *dst = ct == 0 ? v : rcl_mma::ldcg(dst) + v;
+            }
+          }
+        }
+      }
+    });
+    zero(s);
+  });
+
+  // dk[columns, chunk ch], the row splits in split order.
+  const Acc f = a.c.scale * g_norm;
+  in_turn(a.dk_sems + ct * nd + ch, split, a.splits > 1, [&] {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = m0 + g + 8 * h;
-      const int64_t i = row0 + r;
-      const Acc f = rg[r] * c.scale;
 #pragma unroll
-      for (int n = 0; n < C::DZ_NT; ++n) {
+      for (int n = 0; n < NO; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int64_t dv = dv0 + n0 + 8 * n + 2 * t + e;
-          if (i < c.n && dv < c.d) {
-            Acc* dst = a.dz + i * c.d + dv;
-            const Acc v = o[n][2 * h + e] * f;
-            *dst = ct == 0 ? v : rcl_mma::ldcg(dst) + v;
+          const int64_t dv = dv0 + 8 * n + 2 * t + e;
+          if (cols.idx[h] < p.m && dv < p.d) {
+            Acc* dst = a.dk + cols.idx[h] * p.d + dv;
+            const Acc v = dk[n][2 * h + e] * f;
+            *dst = split == 0 ? v : rcl_mma::ldcg(dst) + v;
           }
         }
       }
     }
-    __syncthreads();
-    if (tid == 0) rcl_mma::sem_release(sem, int(ct) + 1);
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = Acc(0);
-  }
-  rcl_mma::cp_async_wait<0>();
-
-  // dk[columns, chunk ch], the row splits in split order.
-  int* sem = a.dk_sems + ct * nd + ch;
-  if (a.splits > 1) {
-    if (tid == 0) rcl_mma::sem_wait(sem, split);
-    __syncthreads();
-  }
-  const Acc f = c.scale * g_norm;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t dv = dv0 + 8 * n + 2 * t + e;
-        if (cols[h] < c.m && dv < c.d) {
-          Acc* dst = a.dk + cols[h] * c.d + dv;
-          const Acc v = dk[n][2 * h + e] * f;
-          *dst = split == 0 ? v : rcl_mma::ldcg(dst) + v;
-        }
-      }
-    }
-  }
-  if (a.splits > 1) {
-    __syncthreads();
-    if (tid == 0) rcl_mma::sem_release(sem, split + 1);
-  }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -983,21 +973,8 @@ int vec_bytes(const LseProblem& p) {
 template <class C>
 Common<typename C::Acc> make_common(const LseProblem& p) {
   using Acc = typename C::Acc;
-  Common<Acc> c;
-  c.z = p.z;
-  c.k = p.k;
-  c.row_labels = p.row_labels;
-  c.col_labels = p.col_labels;
-  c.row_bias = static_cast<const Acc*>(p.row_bias);
-  c.col_bias = static_cast<const Acc*>(p.col_bias);
-  c.n = p.n;
-  c.m = p.m;
-  c.d = p.d;
-  c.self_offset = p.self_offset;
-  c.scale = static_cast<Acc>(p.scale);
-  c.scale2 = static_cast<Acc>(p.scale * kLog2e);
-  c.vec_bytes = vec_bytes<C>(p);
-  return c;
+  return Common<Acc>{p, static_cast<Acc>(p.scale), static_cast<Acc>(p.scale * kLog2e),
+                     vec_bytes<C>(p)};
 }
 
 size_t align16(size_t x) { return align_up(x, 16); }
@@ -1062,7 +1039,7 @@ cudaError_t forward_impl(const LseProblem& p, const MmaForwardPlan& plan, void* 
   }
   RCL_MMA_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_forward_kernel<C>, L::bytes));
   const dim3 grid{unsigned(plan.row_tiles * plan.splits), 1u, 1u};
-  RCL_MMA_LAUNCH(mma_lse_forward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
+  RCL_LAUNCH(mma_lse_forward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
   return rcl_mma::last_launch_error();
 }
 
@@ -1092,7 +1069,7 @@ cudaError_t backward_impl(const LseProblem& p, const MmaBackwardPlan& plan, cons
   RCL_MMA_RETURN_IF_ERROR(rcl_mma::memset_async(workspace, plan.workspace_bytes, stream));
   RCL_MMA_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_backward_kernel<C>, L::bytes));
   const dim3 grid{unsigned(plan.col_tiles * plan.d_chunks * plan.splits), 1u, 1u};
-  RCL_MMA_LAUNCH(mma_lse_backward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
+  RCL_LAUNCH(mma_lse_backward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
   return rcl_mma::last_launch_error();
 }
 

@@ -13,23 +13,21 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// D = A·B + D, fp32 accumulators. A: 4 registers of two 16-bit elements, B: 2 registers.
+// D = A·B + D, fp32 accumulators. A: 4 registers of two 16-bit elements (T: bf16 or f16), B: 2.
+#define RCL_MMA_16816(T)                                                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." T "." T                             \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"              \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 __device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  RCL_MMA_16816("bf16");
 }
 __device__ __forceinline__ void mma_16816_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                               uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  RCL_MMA_16816("f16");
 }
+#undef RCL_MMA_16816
 // A and B hold TF32 bit patterns (see to_tf32).
 __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                               uint32_t b1) {
@@ -120,7 +118,3 @@ inline cudaError_t memset_async(void* p, size_t bytes, cudaStream_t stream) {
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
 }  // namespace rcl_mma
-
-#define RCL_MMA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
-#define RCL_MMA_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)

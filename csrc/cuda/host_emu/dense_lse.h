@@ -1,24 +1,96 @@
-// The op as a dense double formula (csrc/ops.cpp), for the host-emulation tests: lse, dz and dk
-// of given inputs (already rounded to the kernel's input dtype), every step in double.
+// Inputs of the op and the op as a dense double formula (csrc/ops.cpp), for the host-emulation
+// tests: random inputs already in the kernel's input dtype, and lse, dz, dk of them with every
+// step in double.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <vector>
 
+#include "cuda/masked_lse_kernels.cuh"
+
 namespace dense_lse {
+
+template <typename T, typename Acc>
+struct Inputs {
+  int64_t n, m, d, self_offset;
+  double scale;
+  std::vector<T> z, k;               // [n, d], [m, d]
+  std::vector<int64_t> rl, cl;       // labels [n], [m]
+  std::vector<Acc> rb, cb, g;        // row bias [n], column bias [m], grad_lse [n]
+
+  // The kernels' view of these inputs.
+  rcl_cuda::LseProblem problem(rcl_cuda::ElemType type, bool allow_tf32) const {
+    rcl_cuda::LseProblem p;
+    p.z = z.data();
+    p.k = k.data();
+    p.row_labels = rl.data();
+    p.col_labels = cl.data();
+    p.row_bias = rb.data();
+    p.col_bias = cb.data();
+    p.n = n;
+    p.m = m;
+    p.d = d;
+    p.self_offset = self_offset;
+    p.scale = scale;
+    p.type = type;
+    p.allow_tf32 = allow_tf32;
+    return p;
+  }
+};
+
+// Unit-norm feature rows; when self_offset == 0, columns [0, min(n, m)) are the anchors
+// themselves (the self-contrast layout). Labels in 0..4, biases ~ N(0, 0.5²), g ~ N(0, 1);
+// nan_feature puts a NaN into z[n / 2].
+template <typename T, typename Acc>
+Inputs<T, Acc> random_inputs(int64_t n, int64_t m, int64_t d, int64_t self_offset, double scale,
+                             bool nan_feature, std::mt19937_64& rng) {
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int64_t> label(0, 4);
+  Inputs<T, Acc> in{n, m, d, self_offset, scale,
+                    std::vector<T>(static_cast<size_t>(n * d)), std::vector<T>(static_cast<size_t>(m * d)),
+                    std::vector<int64_t>(static_cast<size_t>(n)), std::vector<int64_t>(static_cast<size_t>(m)),
+                    std::vector<Acc>(static_cast<size_t>(n)), std::vector<Acc>(static_cast<size_t>(m)),
+                    std::vector<Acc>(static_cast<size_t>(n))};
+  auto fill_unit = [&](std::vector<T>& x, int64_t rows) {
+    std::vector<double> v(static_cast<size_t>(d));
+    for (int64_t r = 0; r < rows; ++r) {
+      double norm = 0;
+      for (auto& e : v) {
+        e = normal(rng);
+        norm += e * e;
+      }
+      norm = std::sqrt(norm);
+      for (int64_t e = 0; e < d; ++e) x[r * d + e] = T(v[e] / (norm > 0 ? norm : 1));
+    }
+  };
+  fill_unit(in.z, n);
+  fill_unit(in.k, m);
+  for (int64_t j = 0; j < std::min(n, m) && self_offset == 0; ++j)
+    for (int64_t e = 0; e < d; ++e) in.k[j * d + e] = in.z[j * d + e];
+  for (auto& x : in.rl) x = label(rng);
+  for (auto& x : in.cl) x = label(rng);
+  for (auto& x : in.rb) x = Acc(0.5 * normal(rng));
+  for (auto& x : in.cb) x = Acc(0.5 * normal(rng));
+  for (auto& x : in.g) x = Acc(normal(rng));
+  if (nan_feature && n > 0 && d > 0) in.z[static_cast<size_t>((n / 2) * d)] = T(std::nanf(""));
+  return in;
+}
 
 struct Result {
   std::vector<double> lse, dz, dk;
 };
 
 template <typename T, typename Acc>
-Result compute(int64_t n, int64_t m, int64_t d, int64_t self_offset, double scale,
-               const std::vector<T>& z, const std::vector<T>& k, const std::vector<int64_t>& rl,
-               const std::vector<int64_t>& cl, const std::vector<Acc>& rb,
-               const std::vector<Acc>& cb, const std::vector<Acc>& g) {
+Result compute(const Inputs<T, Acc>& in) {
+  const int64_t n = in.n, m = in.m, d = in.d, self_offset = in.self_offset;
+  const double scale = in.scale;
+  const auto &z = in.z, &k = in.k;
+  const auto &rl = in.rl, &cl = in.cl;
+  const auto &rb = in.rb, &cb = in.cb, &g = in.g;
   const double ninf = -std::numeric_limits<double>::infinity();
   Result out{std::vector<double>(size_t(n)), std::vector<double>(size_t(n * d), 0.0),
              std::vector<double>(size_t(m * d), 0.0)};

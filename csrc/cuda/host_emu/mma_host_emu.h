@@ -383,8 +383,9 @@ inline void clear_globals() { globals.clear(); }
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
-#define RCL_MMA_DYNAMIC_SMEM(name) char* name = emu::cur->block->smem
-#define RCL_MMA_LAUNCH(kernel, grid, block, smem, stream, ...)                          \
+// The launch macros of csrc/cuda/launch.cuh, emulated.
+#define RCL_DYNAMIC_SMEM(name) char* name = emu::cur->block->smem
+#define RCL_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
   emu::launch(reinterpret_cast<const void*>(&kernel), dim3(grid), unsigned(block), size_t(smem), \
               [&] { kernel(__VA_ARGS__); })
 
@@ -481,20 +482,21 @@ inline void mma_16816(const emu::LaneIn* in, emu::LaneOut* out, ToFloat to_float
 
 }  // namespace detail
 
-inline void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu::LaneIn in{kMma16816Bf16, {a[0], a[1], a[2], a[3], b0, b1}, {d[0], d[1], d[2], d[3]}, nullptr};
-  const auto out = emu::collective(in, [](const emu::LaneIn* i, emu::LaneOut* o) {
-    detail::mma_16816(i, o, detail::bf16_bits_to_float);
-  });
+namespace detail {
+template <int OP, float (*TO_FLOAT)(uint16_t)>
+inline void mma_16816_lanes(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::LaneIn in{OP, {a[0], a[1], a[2], a[3], b0, b1}, {d[0], d[1], d[2], d[3]}, nullptr};
+  const auto out = emu::collective(
+      in, [](const emu::LaneIn* i, emu::LaneOut* o) { mma_16816(i, o, TO_FLOAT); });
   for (int e = 0; e < 4; ++e) d[e] = out.f[e];
 }
+}  // namespace detail
 
+inline void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  detail::mma_16816_lanes<kMma16816Bf16, detail::bf16_bits_to_float>(d, a, b0, b1);
+}
 inline void mma_16816_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu::LaneIn in{kMma16816F16, {a[0], a[1], a[2], a[3], b0, b1}, {d[0], d[1], d[2], d[3]}, nullptr};
-  const auto out = emu::collective(in, [](const emu::LaneIn* i, emu::LaneOut* o) {
-    detail::mma_16816(i, o, detail::f16_bits_to_float);
-  });
-  for (int e = 0; e < 4; ++e) d[e] = out.f[e];
+  detail::mma_16816_lanes<kMma16816F16, detail::f16_bits_to_float>(d, a, b0, b1);
 }
 
 inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -94,49 +94,12 @@ void launch_both(const rcl_cuda::LseProblem& p, const rcl_cuda::MmaForwardPlan& 
 template <typename T, typename Acc = T>
 bool run(const Case& c, ElemType type, bool tf32, double tol_lse, double tol_grad,
          std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  std::uniform_int_distribution<int64_t> label(0, 4);
-  std::vector<T> z(size_t(c.n * c.d)), k(size_t(c.m * c.d));
-  std::vector<Acc> rb(size_t(c.n)), cb(size_t(c.m)), g(size_t(c.n));
-  std::vector<int64_t> rl(size_t(c.n)), cl(size_t(c.m));
-  auto fill_unit = [&](std::vector<T>& x, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
-      double norm = 0;
-      std::vector<double> v(size_t(c.d));
-      for (auto& e : v) {
-        e = normal(rng);
-        norm += e * e;
-      }
-      norm = std::sqrt(norm);
-      for (int64_t e = 0; e < c.d; ++e) x[r * c.d + e] = T(v[e] / (norm > 0 ? norm : 1));
-    }
-  };
-  fill_unit(z, c.n);
-  fill_unit(k, c.m);
-  // Columns [0, min(n, m)) are the anchors themselves (self-contrast layout).
-  for (int64_t j = 0; j < std::min(c.n, c.m) && c.self_offset == 0; ++j)
-    for (int64_t e = 0; e < c.d; ++e) k[j * c.d + e] = z[j * c.d + e];
-  for (auto& x : rl) x = label(rng);
-  for (auto& x : cl) x = label(rng);
-  for (auto& x : rb) x = Acc(0.5 * normal(rng));
-  for (auto& x : cb) x = Acc(0.5 * normal(rng));
-  for (auto& x : g) x = Acc(normal(rng));
-  if (c.nan_feature && c.n > 0 && c.d > 0) z[size_t((c.n / 2) * c.d)] = T(std::nanf(""));
-
-  rcl_cuda::LseProblem p;
-  p.z = z.data();
-  p.k = k.data();
-  p.row_labels = rl.data();
-  p.col_labels = cl.data();
-  p.row_bias = rb.data();
-  p.col_bias = cb.data();
-  p.n = c.n;
-  p.m = c.m;
-  p.d = c.d;
-  p.self_offset = c.self_offset;
-  p.scale = c.scale;
-  p.type = type;
-  p.allow_tf32 = tf32;
+  const auto in = dense_lse::random_inputs<T, Acc>(c.n, c.m, c.d, c.self_offset, c.scale,
+                                                   c.nan_feature, rng);
+  const auto &z = in.z, &k = in.k;
+  const auto &rl = in.rl, &cl = in.cl;
+  const auto &rb = in.rb, &cb = in.cb, &g = in.g;
+  const rcl_cuda::LseProblem p = in.problem(type, tf32);
 
   emu::clear_globals();
   emu::register_global(z.data(), z.size() * sizeof(T));
@@ -147,7 +110,7 @@ bool run(const Case& c, ElemType type, bool tf32, double tol_lse, double tol_gra
   emu::register_global(cb.data(), cb.size() * sizeof(Acc));
   emu::register_global(g.data(), g.size() * sizeof(Acc));
 
-  const auto ref = dense_lse::compute(c.n, c.m, c.d, c.self_offset, c.scale, z, k, rl, cl, rb, cb, g);
+  const auto ref = dense_lse::compute(in);
   // The binding hands max|g| to the 16-bit paths only.
   Acc gmax = 0;
   for (auto v : g) gmax = std::max(gmax, std::abs(v));
