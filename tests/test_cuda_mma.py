@@ -14,7 +14,6 @@ without the ops compiled into rcl_kernels._C.
 
 from __future__ import annotations
 
-import re
 import textwrap
 
 import pytest
@@ -221,22 +220,13 @@ def test_gradcheck_float64():
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad calls (and calls with a large d), each in a subprocess: test_cuda_lse's runner, this child.
+# Bad calls (and calls with a large d), each in a subprocess: test_cuda_lse's runner and verdicts,
+# with a child script of test_cuda_lse's set-up and loop over the names it is given, and these calls.
 # --------------------------------------------------------------------------------------------------
-_MMA_CALLS_CHILD = textwrap.dedent(r"""
-    import json, sys
-    import torch
-    import rcl_kernels._C  # noqa: F401
-
-    ops = torch.ops.rcl_kernels
-    dev = "cuda"
-    randn = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
-    z, k = randn(4, 8), randn(6, 8)
-    rl = torch.zeros(4, dtype=torch.long, device=dev)
-    cl = torch.zeros(6, dtype=torch.long, device=dev)
-    rb, cb = torch.zeros(4, device=dev), torch.zeros(6, device=dev)
-    lse, g = torch.zeros(4, device=dev), torch.ones(4, device=dev)
-
+_CHILD = base._BAD_CALLS_CHILD
+_CALL_SETUP = _CHILD[:_CHILD.index("def fwd(")]  # imports, ops, small CUDA inputs
+_CALL_LOOP = _CHILD[_CHILD.index("for name in sys.argv[1:]:"):]
+_MMA_CALLS_CHILD = _CALL_SETUP + textwrap.dedent(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
         return ops.cuda_mma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
@@ -280,16 +270,7 @@ _MMA_CALLS_CHILD = textwrap.dedent(r"""
         "grad_lse_shape": lambda: bwd(g=g[:3]),
         "valid_call_after_errors": lambda: bwd(lse=fwd(splits=2**40), splits=2**40),
     }
-    for name in sys.argv[1:]:
-        print(json.dumps({"begin": name}), flush=True)
-        try:
-            calls[name]()
-            torch.cuda.synchronize()
-            error = None
-        except Exception as e:  # noqa: BLE001  (the verdict is the message)
-            error = f"{type(e).__name__}: {e}"
-        print(json.dumps({"call": name, "error": error}), flush=True)
-""")
+""") + _CALL_LOOP
 
 # call -> regex its error must match (None: must succeed).
 MMA_CALLS = {
@@ -317,14 +298,5 @@ MMA_CALLS = {
 
 def test_bad_calls_raise_and_large_d_runs(monkeypatch):
     monkeypatch.setattr(base, "_BAD_CALLS_CHILD", _MMA_CALLS_CHILD)
-    verdicts = base.run_calls_in_subprocesses(list(MMA_CALLS))
-    failures = []
-    for name, pattern in MMA_CALLS.items():
-        kind, detail = verdicts[name]
-        if kind == "killed":
-            failures.append(f"{name}: the process was {detail}")
-        elif pattern is None and detail is not None:
-            failures.append(f"{name}: expected success, got {detail}")
-        elif pattern is not None and (detail is None or not re.search(pattern, detail)):
-            failures.append(f"{name}: expected an error matching {pattern!r}, got {detail}")
-    assert not failures, "\n".join(failures)
+    monkeypatch.setattr(base, "BAD_CALLS", MMA_CALLS)
+    base.test_input_validation_messages()

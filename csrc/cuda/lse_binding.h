@@ -8,24 +8,12 @@
 
 #include <ATen/ATen.h>
 
-#include "masked_lse_kernels.cuh"
+#include "cuda/elem_type.h"
+#include "cuda/masked_lse_kernels.cuh"
 
 namespace rcl_cuda_binding {
 
-inline rcl_cuda::ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return rcl_cuda::ElemType::kFloat32;
-    case at::kDouble:
-      return rcl_cuda::ElemType::kFloat64;
-    case at::kBFloat16:
-      return rcl_cuda::ElemType::kBFloat16;
-    case at::kHalf:
-      return rcl_cuda::ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
-}
+using rcl_kernels::elem_type;
 
 // dtype of row_bias, col_bias, lse and grad_lse for features of dtype t.
 inline at::ScalarType acc_dtype(at::ScalarType t) {

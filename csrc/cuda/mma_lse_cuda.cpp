@@ -20,15 +20,21 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "lse_binding.h"
-#include "mma_lse_kernels.cuh"
+#include "cuda/lse_binding.h"
+#include "cuda/mma_lse_kernels.cuh"
 
 namespace {
 
 using namespace rcl_cuda_binding;
 
-// mma.sync on bf16 / TF32 and cp.async need sm_80; the shared memory of a block must fit.
-void check_device(const char* op, const at::Tensor& z, size_t smem_bytes) {
+// After the argument checks, the device: mma.sync on bf16 / TF32 and cp.async need sm_80, and a
+// block's shared memory (per pass and dtype path) must fit.
+void check_device(const char* op, const at::Tensor& z, bool allow_tf32,
+                  size_t (*smem_bytes)(const rcl_cuda::LseProblem&)) {
+  rcl_cuda::LseProblem kind;
+  kind.type = elem_type(z.scalar_type());
+  kind.allow_tf32 = allow_tf32;
+  const size_t needed = smem_bytes(kind);
   const int dev = z.device().index();
   int major = 0, minor = 0, smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -36,7 +42,7 @@ void check_device(const char* op, const at::Tensor& z, size_t smem_bytes) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer, ", z.device(),
               " is ", major, ".", minor);
-  TORCH_CHECK(size_t(smem_optin) >= smem_bytes, op, ": needs ", smem_bytes,
+  TORCH_CHECK(size_t(smem_optin) >= needed, op, ": needs ", needed,
               " bytes of shared memory per block for ", z.scalar_type(), ", ", z.device(),
               " allows ", smem_optin);
 }
@@ -52,10 +58,7 @@ at::Tensor cuda_mma_lse_forward(const at::Tensor& z, const at::Tensor& k,
   check_splits(op, "col_splits", col_splits);
 
   const c10::cuda::CUDAGuard guard(z.device());
-  rcl_cuda::LseProblem kind;
-  kind.type = elem_type(z.scalar_type());
-  kind.allow_tf32 = allow_tf32;
-  check_device(op, z, rcl_cuda::mma_forward_smem_bytes(kind));
+  check_device(op, z, allow_tf32, &rcl_cuda::mma_forward_smem_bytes);
   const Inputs in(z, k, row_labels, col_labels, row_bias, col_bias);
   at::Tensor lse = at::empty({z.size(0)}, z.options().dtype(acc_dtype(z.scalar_type())));
   if (z.size(0) == 0) return lse;
@@ -81,10 +84,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_mma_lse_backward(
   check_splits(op, "splits", splits);
 
   const c10::cuda::CUDAGuard guard(z.device());
-  rcl_cuda::LseProblem kind;
-  kind.type = elem_type(z.scalar_type());
-  kind.allow_tf32 = allow_tf32;
-  check_device(op, z, rcl_cuda::mma_backward_smem_bytes(kind));
+  check_device(op, z, allow_tf32, &rcl_cuda::mma_backward_smem_bytes);
   const Inputs in(z, k, row_labels, col_labels, row_bias, col_bias);
   // Autograd may hand an expanded (stride-0) or lower-precision gradient: make it dense, in Acc.
   const at::Tensor g = grad_lse.to(acc).contiguous();
