@@ -23,19 +23,15 @@ import test_cuda_lse as base
 
 
 def _mma_kernels_unavailable() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import rcl_kernels._C  # noqa: F401  (loading the library registers the ops)
-    except Exception as error:  # ImportError, or a broken build
-        return f"rcl_kernels._C cannot be imported ({type(error).__name__}: {error})"
+    if base._REASON is not None:  # no GPU, no extension, or one built without CUDA
+        return base._REASON
     try:
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
             "rcl_kernels::cuda_mma_lse_forward", "CUDA")
     except RuntimeError as error:  # an extension built before the op existed
         return f"rcl_kernels._C has no cuda_mma_lse_forward ({error}); rebuild it with `make install`"
     if not has_kernel:
-        return "rcl_kernels._C was built without the CUDA kernels"
+        return "rcl_kernels._C was built without the mma.sync kernels"
     if torch.cuda.get_device_capability() < (8, 0):
         return "the mma.sync kernels need compute capability 8.0 or newer"
     return None

@@ -419,37 +419,33 @@ struct BwdArgs {
 
 constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-template <class C>
-struct FwdLayout {
+// Shared memory of a block (byte offsets): kStages slots of its own operand's chunk (OWN_ROWS rows
+// of LDK) and of the streamed operand's (STREAM_ROWS rows), kStages slots of the streamed tile's
+// metadata, P (P_BYTES, backward only) and the work-item slot.
+template <class C, int OWN_ROWS, int STREAM_ROWS, size_t META_BYTES, size_t P_BYTES>
+struct Layout {
   using In = typename C::In;
-  using Acc = typename C::Acc;
-  static constexpr int own_elems = C::FWD_ROWS * C::LDK;     // one Z chunk
-  static constexpr int stream_elems = C::FWD_COLS * C::LDK;  // one K chunk
-  // Column metadata of a tile: labels [FWD_COLS] (int64), then biases [FWD_COLS] (Acc).
-  static constexpr size_t meta_slot = align_up(C::FWD_COLS * (sizeof(int64_t) + sizeof(Acc)), 128);
+  static constexpr int own_elems = OWN_ROWS * C::LDK;
+  static constexpr int stream_elems = STREAM_ROWS * C::LDK;
+  static constexpr size_t meta_slot = align_up(META_BYTES, 128);
   static constexpr size_t own = 0;
   static constexpr size_t stream = own + C::kStages * size_t(own_elems) * sizeof(In);
   static constexpr size_t meta = stream + C::kStages * size_t(stream_elems) * sizeof(In);
-  static constexpr size_t work = meta + C::kStages * meta_slot;
+  static constexpr size_t ps = meta + C::kStages * meta_slot;
+  static constexpr size_t work = ps + align_up(P_BYTES, 128);
   static constexpr size_t bytes = align_up(work + 16, 128);
 };
-
+// Forward: Z chunks own, K chunks streamed; column metadata = labels [FWD_COLS] (int64), then
+// biases [FWD_COLS] (Acc).
 template <class C>
-struct BwdLayout {
-  using In = typename C::In;
-  using Acc = typename C::Acc;
-  static constexpr int own_elems = C::BWD_COLS * C::LDK;     // one K chunk
-  static constexpr int stream_elems = C::BWD_ROWS * C::LDK;  // one Z chunk
-  // Row metadata of a tile: labels [BWD_ROWS] (int64), then bias, lse, g [BWD_ROWS] (Acc).
-  static constexpr size_t meta_slot =
-      align_up(C::BWD_ROWS * (sizeof(int64_t) + 3 * sizeof(Acc)), 128);
-  static constexpr size_t own = 0;
-  static constexpr size_t stream = own + C::kStages * size_t(own_elems) * sizeof(In);
-  static constexpr size_t meta = stream + C::kStages * size_t(stream_elems) * sizeof(In);
-  static constexpr size_t ps = meta + C::kStages * meta_slot;  // P [BWD_COLS][LDP] (Op)
-  static constexpr size_t work = ps + align_up(size_t(C::BWD_COLS) * C::LDP * sizeof(typename C::Op), 128);
-  static constexpr size_t bytes = align_up(work + 16, 128);
-};
+using FwdLayout = Layout<C, C::FWD_ROWS, C::FWD_COLS,
+                         C::FWD_COLS * (sizeof(int64_t) + sizeof(typename C::Acc)), 0>;
+// Backward: K chunks own, Z chunks streamed; row metadata = labels [BWD_ROWS] (int64), then bias,
+// lse, g [BWD_ROWS] (Acc); P [BWD_COLS][LDP] (Op).
+template <class C>
+using BwdLayout = Layout<C, C::BWD_COLS, C::BWD_ROWS,
+                         C::BWD_ROWS * (sizeof(int64_t) + 3 * sizeof(typename C::Acc)),
+                         size_t(C::BWD_COLS) * C::LDP * sizeof(typename C::Op)>;
 
 // Zero of BYTES bytes at dst (shared memory, aligned to BYTES).
 template <int BYTES>
