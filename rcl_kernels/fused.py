@@ -59,34 +59,59 @@ def class_tables(labels, col_labels, bias, margin, num_classes, class_averaging,
     return ClassTables(same_class[labels], other_class[col_labels], counts[labels] - 1, positive_bias)
 
 
-def _positive_sums(z, k, labels, col_labels, self_offset, num_classes):
-    """Σ_{j∈Pos(i)} k_j for every anchor, as S_{y_i} − k_self(i), in the accumulation dtype."""
-    k_acc = k.to(accumulation_dtype(k.dtype))
-    class_sums = k_acc.new_zeros(num_classes, k.shape[1])
-    class_sums.index_add_(0, col_labels, k_acc)
-    return class_sums[labels] - k_acc[self_offset : self_offset + z.shape[0]]
+# The glue walks N x d and M x d in chunks of this many elements, so that its float32 temporaries
+# stay a few MB whatever N (at N = 32,768, d = 128 the whole-tensor form held 82 MiB above the
+# inputs and gradients in forward + backward; chunked: see tests/test_memory.py).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(rows: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _class_sums(k, col_labels, num_classes, acc):
+    """S_c = Σ_{j: l_j = c} k_j [C, d] in the accumulation dtype."""
+    sums = torch.zeros(num_classes, k.shape[1], dtype=acc, device=k.device)
+    for start, end in _chunks(k.shape[0], k.shape[1]):
+        sums.index_add_(0, col_labels[start:end], k[start:end].to(acc))
+    return sums
+
+
+def _positive_sums(class_sums, k, labels, self_offset, start, end):
+    """Σ_{j∈Pos(i)} k_j = S_{y_i} − k_self(i) for the anchors start .. end − 1."""
+    self_rows = k[self_offset + start : self_offset + end].to(class_sums.dtype)
+    return class_sums[labels[start:end]] - self_rows
 
 
 def _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale):
     """L_i = lse_i − mean_{j∈Pos(i)} t_ij, and 0 where an anchor has no positive."""
-    positive_sums = _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
-    positive_mean = (
-        scale * (z.to(lse.dtype) * positive_sums).sum(dim=1) / tables.n_positive.clamp(min=1)
-        + tables.positive_bias
-    )
+    class_sums = _class_sums(columns, col_labels, num_classes, lse.dtype)
+    positive_dots = torch.cat([
+        (z[start:end].to(lse.dtype) * _positive_sums(class_sums, columns, labels, self_offset,
+                                                     start, end)).sum(dim=1)
+        for start, end in _chunks(z.shape[0], z.shape[1])
+    ]) if z.shape[0] else lse.new_zeros(0)
+    positive_mean = scale * positive_dots / tables.n_positive.clamp(min=1) + tables.positive_bias
     return torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
 
 
 def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, n_positive,
                             self_offset, num_classes, scale):
-    """The gradients of −Σ_i weights_i·mean_{j∈Pos(i)} t_ij added to the log-sum-exp's (dz, dk)."""
+    """Adds the gradients of −Σ_i weights_i·mean_{j∈Pos(i)} t_ij to the log-sum-exp's (dz, dk),
+    in place, chunk by chunk."""
     h = (weights * scale / n_positive.clamp(min=1))[:, None]
-    dz = dz - h * _positive_sums(z, columns, labels, col_labels, self_offset, num_classes)
-    weighted_z = h * z.to(dz.dtype)
-    weighted_class_sums = weighted_z.new_zeros(num_classes, z.shape[1])
-    weighted_class_sums.index_add_(0, labels, weighted_z)
-    dk = dk - weighted_class_sums[col_labels]
-    dk.narrow(0, self_offset, z.shape[0]).add_(weighted_z)
+    class_sums = _class_sums(columns, col_labels, num_classes, dz.dtype)
+    weighted_class_sums = torch.zeros_like(class_sums)  # U_c = Σ_{i: y_i = c} h_i z_i
+    for start, end in _chunks(z.shape[0], z.shape[1]):
+        h_rows = h[start:end]
+        positive = _positive_sums(class_sums, columns, labels, self_offset, start, end)
+        dz[start:end].sub_(h_rows * positive)
+        weighted_z = h_rows * z[start:end].to(dz.dtype)
+        weighted_class_sums.index_add_(0, labels[start:end], weighted_z)
+        dk[self_offset + start : self_offset + end].add_(weighted_z)
+    for start, end in _chunks(dk.shape[0], dk.shape[1]):
+        dk[start:end].sub_(weighted_class_sums[col_labels[start:end]])
     return dz, dk
 
 
