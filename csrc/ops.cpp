@@ -21,6 +21,9 @@
 //   cuda_lse_*  the CUDA streaming kernels (csrc/cuda/), with the split counts of
 //               rcl_kernels/planner.py; allow_tf32 asks for TF32 tensor-core products on float32
 //               inputs (float32 matmul precision "high"/"medium");
+//   cuda_mma_lse_* the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu): one kernel per pass, any d,
+//               one backward split count; fp32 without allow_tf32 runs 3xTF32 (untimed; the
+//               cuda backend's streaming variant "mma");
 //   tiled_lse_* the tiled algorithm (csrc/tiled/): ATen GEMMs into a workspace of block_rows rows
 //               of scores and one device epilogue per block, for CPU and CUDA tensors alike. Its
 //               GEMMs follow PyTorch's float32 matmul precision themselves.

@@ -1,6 +1,7 @@
 """torch.library glue of the kernel ops (schemas and math: csrc/ops.cpp).
 
-* `rcl_kernels::cpu_lse_*`, `rcl_kernels::cuda_lse_*` and `rcl_kernels::tiled_lse_*` are C++ ops
+* `rcl_kernels::cpu_lse_*`, `rcl_kernels::cuda_lse_*`, `rcl_kernels::cuda_mma_lse_*` and
+  `rcl_kernels::tiled_lse_*` are C++ ops
   of rcl_kernels._C (their schemas always exist; the CUDA kernels when the extension was built with
   nvcc);
 * `rcl_kernels::triton_lse_*` are Python custom ops over the Triton kernels.
@@ -109,7 +110,8 @@ def triton_lse_backward(
 
 _PREFIXES = ["rcl_kernels::triton_lse"]
 if EXTENSION_ERROR is None:
-    _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse", "rcl_kernels::tiled_lse"]
+    _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse", "rcl_kernels::cuda_mma_lse",
+                  "rcl_kernels::tiled_lse"]
     torch.library.register_fake("rcl_kernels::tiled_lse_forward_backward")(_fake_forward_backward)
 for _prefix in _PREFIXES:
     torch.library.register_fake(f"{_prefix}_forward")(_fake_forward)

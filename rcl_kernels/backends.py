@@ -226,6 +226,46 @@ def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse
     )
 
 
+def _cuda_mma_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(forward rows, forward columns, backward columns, backward rows, d chunk) of a block of the
+    mma.sync kernels (csrc/cuda/README.md, "Dtype paths and tiles")."""
+    if dtype == torch.float64:
+        return 64, 64, 64, 32, 32
+    return (128, 64, 128, 64, 64) if dtype == torch.float32 else (128, 64, 128, 64, 128)
+
+
+def _cuda_mma_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                      allow_tf32):
+    rows, cols, _, _, _ = _cuda_mma_tiles(z.dtype)
+    # Their partials do not grow with the split count (merged behind a semaphore).
+    splits = planner.reduction_splits(-(-z.shape[0] // rows), -(-k.shape[0] // cols),
+                                      device=z.device, max_splits=128)
+    return torch.ops.rcl_kernels.cuda_mma_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
+    )
+
+
+def _cuda_mma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                       scale, allow_tf32):
+    _, _, cols, rows, chunk = _cuda_mma_tiles(z.dtype)
+    splits = planner.reduction_splits(-(-k.shape[0] // cols) * -(-z.shape[1] // chunk),
+                                      -(-z.shape[0] // rows), device=z.device, max_splits=16)
+    return torch.ops.rcl_kernels.cuda_mma_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        allow_tf32, splits,
+    )
+
+
+# The cuda backend's streaming kernels: wmma (timed on the H100) or mma.sync (untimed: one pass,
+# any d), by RCL_KERNELS_CUDA_VARIANT, read once here.
+CUDA_VARIANT = os.environ.get("RCL_KERNELS_CUDA_VARIANT", "wmma")
+_CUDA_STREAMING = {
+    # The wmma launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
+    "wmma": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
+    "mma": Kernels(_cuda_mma_forward, _cuda_mma_backward),
+}
+
+
 # --------------------------------------------------------------------------------------------------
 # Availability on this machine.
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +285,8 @@ def _cpu_unavailable_reason(device: torch.device | None) -> str | None:
 
 
 def _cuda_unavailable_reason(device: torch.device | None) -> str | None:
+    if CUDA_VARIANT not in _CUDA_STREAMING:
+        return f"RCL_KERNELS_CUDA_VARIANT={CUDA_VARIANT!r} is not one of {sorted(_CUDA_STREAMING)}"
     if _ops.EXTENSION_ERROR is not None:
         return _ops.EXTENSION_ERROR
     if not _ops.compiled_kernel_for("cuda_lse_forward", "CUDA"):
@@ -264,8 +306,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason,
                 {"streaming": Kernels(_cpu_forward, _cpu_backward), "tiled": _TILED}),
         Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, {
-            # The streaming launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
-            "streaming": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
+            "streaming": _CUDA_STREAMING.get(CUDA_VARIANT, _CUDA_STREAMING["wmma"]),
             "tiled": _TILED,
         }),
         # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).

@@ -136,3 +136,28 @@ def test_triton_variant_is_chosen_by_environment(variant):
 
 def rk_backends_triton_reason():
     return BACKENDS["triton"].unavailable_reason(torch.device("cpu"))
+
+
+def test_cuda_variant_is_chosen_by_environment():
+    """RCL_KERNELS_CUDA_VARIANT=mma swaps the cuda backend's streaming kernels for the untimed
+    mma.sync ones (no d limit); the default stays the timed wmma kernels; a bad name refuses."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from rcl_kernels.backends import BACKENDS; import torch; "
+              "print(BACKENDS['cuda'].kernels['streaming'].max_dim, "
+              "BACKENDS['cuda'].unavailable_reason(torch.device('cuda')))")
+    results = {}
+    for variant in ("", "mma", "bogus"):
+        env = dict(os.environ)
+        env.pop("RCL_KERNELS_CUDA_VARIANT", None)
+        if variant:
+            env["RCL_KERNELS_CUDA_VARIANT"] = variant
+        out = subprocess.run([sys.executable, "-c", script], env=env, text=True,
+                             capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        results[variant] = out.stdout.strip()
+    assert results[""].startswith("4096")
+    assert results["mma"].startswith("None")
+    assert "RCL_KERNELS_CUDA_VARIANT='bogus'" in results["bogus"]

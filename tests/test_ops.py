@@ -68,13 +68,21 @@ def test_opcheck_tiled_forward_backward():
         torch.library.opcheck(op("tiled_lse_forward_backward"), (weights, *args, 0, 3.0, 5))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+# The fake kernels run without the device, so the CUDA ops' fakes are checked here too.
+FAKE_OPS = {
+    **KERNEL_OPS,
+    "cuda": ("cuda_lse_forward", "cuda_lse_backward", (False, 2), (False, 2, 2), []),
+    "cuda-mma": ("cuda_mma_lse_forward", "cuda_mma_lse_backward", (False, 2), (False, 2), []),
+}
+
+
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "cuda", "cuda-mma"])
 def test_fake_kernels_check_shapes(backend):
     """Under FakeTensorMode the ops run their fake kernels, which must refuse what the real
     kernels refuse (shapes, dtypes) instead of returning outputs of a made-up shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    forward, backward, fwd_extra, bwd_extra, _ = KERNEL_OPS[backend]
+    forward, backward, fwd_extra, bwd_extra, _ = FAKE_OPS[backend]
     z, k, labels, col_labels, row_bias, col_bias = lse_args(torch.float32)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (z, k, labels, col_labels, row_bias, col_bias)]
