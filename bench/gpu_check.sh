@@ -26,7 +26,8 @@
 #                        triton,cuda,cuda:streaming,cuda:tiled,auto; bench/cases.py's syntax)
 #   GPU_CHECK_VARIANTS   the untimed kernel variants benchmarked beside them, chosen by
 #                        environment variables (default: the Triton presets forward-all, one-pass
-#                        and 3xtf32 through RCL_KERNELS_TRITON_VARIANT; empty: none)
+#                        and 3xtf32 through RCL_KERNELS_TRITON_VARIANT, and the cuda backend's
+#                        mma.sync kernels through RCL_KERNELS_CUDA_VARIANT=mma; empty: none)
 #   GPU_CHECK_TRITON_CONFIGS_ARGS  more arguments of bench/triton_configs.py
 #   GPU_CHECK_ARCHIVE    also pack <OUT> into this .tar.gz, a path outside OUT (for a machine
 #                        that hands back few files)
@@ -40,8 +41,8 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 FUSED="${GPU_CHECK_FUSED:-triton,cuda,cuda:streaming,cuda:tiled,auto}"
-TRITON_VARIANTS="triton{RCL_KERNELS_TRITON_VARIANT=forward-all},triton{RCL_KERNELS_TRITON_VARIANT=one-pass},triton{RCL_KERNELS_TRITON_VARIANT=3xtf32}"
-VARIANTS="${GPU_CHECK_VARIANTS-$TRITON_VARIANTS}"
+UNTIMED_VARIANTS="triton{RCL_KERNELS_TRITON_VARIANT=forward-all},triton{RCL_KERNELS_TRITON_VARIANT=one-pass},triton{RCL_KERNELS_TRITON_VARIANT=3xtf32},cuda{RCL_KERNELS_CUDA_VARIANT=mma}"
+VARIANTS="${GPU_CHECK_VARIANTS-$UNTIMED_VARIANTS}"
 [[ -n "$VARIANTS" ]] && FUSED="$FUSED,$VARIANTS"
 START=$(date +%s)
 SUMMARY_TSV="$OUT/summary.tsv"
@@ -214,6 +215,15 @@ else
   done
   if timeout 60 "$PY" -c "import sys, rcl_kernels as rk; sys.exit(rk.available_backends()['cuda'] is not None)"; then
     run_step racecheck-cuda 75 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" -c "$SANITIZER_CASE" cuda
+    # The untimed variants (issue 13: the mma.sync kernels; issue 11: Triton's one-pass backward).
+    run_step memcheck-cuda-mma 75 env RCL_KERNELS_CUDA_VARIANT=mma "$SANITIZER" --tool memcheck \
+      --error-exitcode 1 --leak-check no "$PY" -c "$SANITIZER_CASE" cuda
+    run_step racecheck-cuda-mma 75 env RCL_KERNELS_CUDA_VARIANT=mma "$SANITIZER" --tool racecheck \
+      --error-exitcode 1 "$PY" -c "$SANITIZER_CASE" cuda
+  fi
+  if timeout 60 "$PY" -c "import sys, rcl_kernels as rk; sys.exit(rk.available_backends()['triton'] is not None)"; then
+    run_step memcheck-triton-one-pass 75 env RCL_KERNELS_TRITON_AUTOTUNE=0 RCL_KERNELS_TRITON_VARIANT=one-pass \
+      "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" -c "$SANITIZER_CASE" triton
   fi
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
