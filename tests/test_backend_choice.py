@@ -50,9 +50,9 @@ def test_explicit_backend_raises_with_every_reason():
 
 def test_auto_on_cpu_picks_the_measured_fused_backend():
     backend, algorithm = select_backend("auto", "auto", problem(), allow_tf32=False)
-    assert (backend.name, algorithm) == ("cpu", "streaming")
-    backend, algorithm = select_backend("auto", "tiled", problem(), allow_tf32=False)
     assert (backend.name, algorithm) == ("cpu", "tiled")
+    backend, algorithm = select_backend("auto", "streaming", problem(), allow_tf32=False)
+    assert (backend.name, algorithm) == ("cpu", "streaming")
 
 
 def test_auto_on_cuda_follows_the_measured_crossover():
