@@ -177,7 +177,7 @@ def plan(args, device, argv):
         "warmup_ms": args.warmup_ms, "isolation": args.isolation,
         "mem_budget_gb": round(budget_gb, 2), "available_backends": available,
         "env": {k: v for k, v in os.environ.items()
-                if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "RCL_KERNELS_"))},
+                if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "ATEN_", "RCL_KERNELS_"))},
         "loadavg_start": runner.loadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv[1:] if argv is None else list(argv),
