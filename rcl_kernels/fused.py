@@ -100,6 +100,10 @@ def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, n_p
                             self_offset, num_classes, scale):
     """Adds the gradients of −Σ_i weights_i·mean_{j∈Pos(i)} t_ij to the log-sum-exp's (dz, dk),
     in place, chunk by chunk."""
+    if torch.is_grad_enabled():
+        # A backward with create_graph=True records these ops: the kernels' outputs may be views
+        # (a split buffer's first slice), which autograd does not let us update in place.
+        dz, dk = dz.clone(), dk.clone()
     h = (weights * scale / n_positive.clamp(min=1))[:, None]
     class_sums = _class_sums(columns, col_labels, num_classes, dz.dtype)
     weighted_class_sums = torch.zeros_like(class_sums)  # U_c = Σ_{i: y_i = c} h_i z_i

@@ -61,6 +61,25 @@ def test_opcheck_kernel_ops(backend):
         torch.library.opcheck(op(backward), (torch.rand_like(lse), *args, lse, 0, 3.0, *bwd_extra))
 
 
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiled_ops_take_an_empty_or_single_row(n):
+    """A rank of a process group may hold no anchors: its columns are the other ranks'."""
+    gen = fresh_generator()
+    k = random_features((7, 5), gen)
+    z = k[:n].clone()
+    labels, col_labels = torch.zeros(n, dtype=torch.long), torch.arange(7) % 2
+    row_bias, col_bias = torch.zeros(n, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    weights = torch.ones(n, dtype=torch.float64)
+    lse, dz, dk = op("tiled_lse_forward_backward")(weights, z, k, labels, col_labels, row_bias,
+                                                   col_bias, 0, 2.0, 4)
+    assert lse.shape == (n,) and dz.shape == (n, 5) and dk.shape == (7, 5)
+    if n == 0:
+        assert torch.equal(dk, torch.zeros_like(dk))
+    else:
+        expected = torch.logsumexp(2.0 * (z @ k[1:].T), dim=1)  # the self column 0 is masked
+        torch.testing.assert_close(lse, expected)
+
+
 def test_opcheck_tiled_forward_backward():
     for dtype in (torch.float64, torch.float32):
         args = lse_args(dtype)

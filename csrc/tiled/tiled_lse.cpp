@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
     w = weights.to(p.acc).unsqueeze(1);
     // For dk the row weights are divided by max|w| (a device scalar: no sync), so that w·z stays
     // within |z| when rounded to a 16-bit operand dtype; max|w| goes back in at full precision.
-    w_max = w.abs().amax();
+    w_max = n > 0 ? w.abs().amax() : at::ones({}, w.options());  // amax refuses an empty tensor
     w_max = at::where(w_max > 0, w_max, at::ones_like(w_max));
     w_scaled = w / w_max;
   }
