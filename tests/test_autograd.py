@@ -172,3 +172,33 @@ def test_torch_compile_dynamic_with_symbolic_float_arguments():
         compiled = torch.compile(step, dynamic=True, backend="aot_eager")
         for temperature in (0.1, 0.3):
             torch.testing.assert_close(compiled(features, temperature, 1.1), step(features, temperature, 1.1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("preset", ["bcl", "rcl_margin"])
+@pytest.mark.parametrize("backend", [backend_param("triton", "cuda"),
+                                     backend_param("cuda:streaming", "cuda"),
+                                     backend_param("cuda:tiled", "cuda")])
+def test_torch_compile_gpu_backends(backend, preset, grad):
+    """torch.compile(fullgraph=True) through the GPU kernels, with and without gradients."""
+    gen = fresh_generator()
+    features = random_features((64, 2, 32), gen).float().cuda()
+    centers = random_features((6, 32), gen).float().cuda()
+    labels = draw_labels("longtail", 64, 6, gen).cuda()
+    counts = (torch.arange(6, 0, -1) * 40).cuda()
+    loss_fn = functools.partial(PRESETS[preset], **backend_kwargs(backend))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+
+    def run(fn):
+        f, c = features.clone().requires_grad_(grad), centers.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            loss = fn(f, labels, c, counts)
+        if not grad:
+            return (loss,)
+        loss.backward()
+        return loss, f.grad, c.grad
+
+    for eager, traced in zip(run(loss_fn), run(compiled)):
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)

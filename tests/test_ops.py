@@ -80,6 +80,32 @@ def test_tiled_ops_take_an_empty_or_single_row(n):
         torch.testing.assert_close(lse, expected)
 
 
+GPU_KERNEL_OPS = {
+    "cuda": ("cuda_lse_forward", "cuda_lse_backward", (False, 2), (False, 2, 2)),
+    "cuda-mma": ("cuda_mma_lse_forward", "cuda_mma_lse_backward", (False, 2), (False, 2)),
+    "cuda:tiled": ("tiled_lse_forward", "tiled_lse_backward", (5,), (5,)),
+    "triton": ("triton_lse_forward", "triton_lse_backward", (False, "default"), (False, "default")),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kernels", GPU_KERNEL_OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_gpu_kernel_ops(kernels, dtype):
+    """Schema, fake kernel and real kernel agree for every GPU op (issue 10)."""
+    forward, backward, fwd_extra, bwd_extra = GPU_KERNEL_OPS[kernels]
+    if kernels.startswith("cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"rcl_kernels::{forward}", "CUDA"):
+        pytest.skip("rcl_kernels._C was built without its CUDA kernels")
+    args = [t.cuda() for t in lse_args(torch.float32)]
+    args[0], args[1] = args[0].to(dtype), args[1].to(dtype)
+    fwd_args = (*args, 0, 3.0, *fwd_extra)
+    torch.library.opcheck(op(forward), fwd_args)
+    lse = op(forward)(*fwd_args)
+    torch.library.opcheck(op(backward), (torch.rand_like(lse), *args, lse, 0, 3.0, *bwd_extra))
+
+
 def test_opcheck_tiled_forward_backward():
     for dtype in (torch.float64, torch.float32):
         args = lse_args(dtype)
