@@ -13,15 +13,23 @@ more than REFERENCE_MEMORY_BUDGET_BYTES.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
-from . import _ops, planner
+from . import _ops
 from ._dtypes import FLOATING, dtype_name, dtype_names
+from ._kernel_calls import (
+    CPU_STREAMING,
+    CUDA_STREAMING,
+    CUDA_VARIANT,
+    TILED,
+    TRITON_STREAMING,
+    TRITON_VARIANT,
+    Kernels,
+)
 
 ALGORITHMS = ("streaming", "tiled")
 
@@ -34,23 +42,6 @@ _REFERENCE_MATRICES = 6
 
 def reference_bytes(n: int, m: int, dtype: torch.dtype) -> int:
     return _REFERENCE_MATRICES * n * m * torch.empty((), dtype=dtype).element_size()
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """The LSE kernels of one backend and algorithm (math and argument contract: csrc/ops.cpp):
-        forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32) -> lse
-        backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                 scale, allow_tf32) -> (dz, dk)
-        forward_backward(weights, z, k, ..., self_offset, scale, allow_tf32) -> (lse, dz, dk):
-                 the gradient for given per-anchor weights in the same pass (None: the
-                 algorithm has none, as a streaming forward cannot know a row's lse in time)
-    """
-
-    forward: Callable
-    backward: Callable
-    forward_backward: Callable | None = None
-    max_dim: int | None = None  # largest feature dimension the kernels take
 
 
 @dataclass(frozen=True)
@@ -117,156 +108,6 @@ class Backend:
 
 
 # --------------------------------------------------------------------------------------------------
-# The kernels of each backend, with the uniform signature of `Kernels`.
-# --------------------------------------------------------------------------------------------------
-def _cpu_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
-    return torch.ops.rcl_kernels.cpu_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale
-    )
-
-
-def _cpu_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-                  allow_tf32):
-    return torch.ops.rcl_kernels.cpu_lse_backward(
-        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale
-    )
-
-
-def _tiled_block_rows(z, k) -> int:
-    acc_bytes = 8 if z.dtype == torch.float64 else 4
-    if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
-        return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
-                                        operand_bytes=acc_bytes, max_rows=planner.CPU_TILED_MAX_ROWS)
-    return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
-                                    operand_bytes=z.element_size())
-
-
-def _tiled_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
-    return torch.ops.rcl_kernels.tiled_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, _tiled_block_rows(z, k)
-    )
-
-
-def _tiled_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-                    allow_tf32):
-    return torch.ops.rcl_kernels.tiled_lse_backward(
-        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        _tiled_block_rows(z, k),
-    )
-
-
-def _tiled_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
-                            scale, allow_tf32):
-    return torch.ops.rcl_kernels.tiled_lse_forward_backward(
-        weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-        _tiled_block_rows(z, k),
-    )
-
-
-# The GEMMs of the tiled algorithm follow PyTorch's float32 matmul precision by themselves, so
-# allow_tf32 needs no passing on.
-_TILED = Kernels(_tiled_forward, _tiled_backward, _tiled_forward_backward)
-
-
-def _cuda_tile(dtype: torch.dtype) -> int:
-    """Rows (= columns) of one block tile of the CUDA streaming kernels (csrc/cuda/README.md);
-    their output chunk of the feature dimension is twice as wide."""
-    return 32 if dtype == torch.float64 else 64
-
-
-def _cuda_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
-    tile = _cuda_tile(z.dtype)
-    splits = planner.reduction_splits(
-        -(-z.shape[0] // tile), -(-k.shape[0] // tile), device=z.device, max_splits=128,
-        partial_bytes_per_split=2 * z.shape[0] * (8 if z.dtype == torch.float64 else 4),
-    )
-    return torch.ops.rcl_kernels.cuda_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
-    )
-
-
-def _cuda_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-                   allow_tf32):
-    tile = _cuda_tile(z.dtype)
-    n_tiles, m_tiles = -(-z.shape[0] // tile), -(-k.shape[0] // tile)
-    d_chunks = -(-z.shape[1] // (2 * tile))
-    acc_bytes = z.shape[1] * (8 if z.dtype == torch.float64 else 4)
-    row_pass = planner.reduction_splits(
-        n_tiles * d_chunks, m_tiles, device=z.device, max_splits=16,
-        partial_bytes_per_split=z.shape[0] * acc_bytes,
-    )
-    col_pass = planner.reduction_splits(
-        m_tiles * d_chunks, n_tiles, device=z.device, max_splits=16,
-        partial_bytes_per_split=k.shape[0] * acc_bytes,
-    )
-    return torch.ops.rcl_kernels.cuda_lse_backward(
-        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32, row_pass, col_pass,
-    )
-
-
-# Kernel variants that no GPU has timed yet are opt-in through the environment, read once here (the
-# measured kernels stay the default): RCL_KERNELS_TRITON_VARIANT names one of triton_lse.VARIANTS.
-TRITON_VARIANT = os.environ.get("RCL_KERNELS_TRITON_VARIANT", "default")
-
-
-def _triton_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                    allow_tf32):
-    return torch.ops.rcl_kernels.triton_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
-        TRITON_VARIANT,
-    )
-
-
-def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                     scale, allow_tf32):
-    return torch.ops.rcl_kernels.triton_lse_backward(
-        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32, TRITON_VARIANT,
-    )
-
-
-def _cuda_mma_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(forward rows, forward columns, backward columns, backward rows, d chunk) of a block of the
-    mma.sync kernels (csrc/cuda/README.md, "Dtype paths and tiles")."""
-    if dtype == torch.float64:
-        return 64, 64, 64, 32, 32
-    return (128, 64, 128, 64, 64) if dtype == torch.float32 else (128, 64, 128, 64, 128)
-
-
-def _cuda_mma_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                      allow_tf32):
-    rows, cols, _, _, _ = _cuda_mma_tiles(z.dtype)
-    # Their partials do not grow with the split count (merged behind a semaphore).
-    splits = planner.reduction_splits(-(-z.shape[0] // rows), -(-k.shape[0] // cols),
-                                      device=z.device, max_splits=128)
-    return torch.ops.rcl_kernels.cuda_mma_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
-    )
-
-
-def _cuda_mma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                       scale, allow_tf32):
-    _, _, cols, rows, chunk = _cuda_mma_tiles(z.dtype)
-    splits = planner.reduction_splits(-(-k.shape[0] // cols) * -(-z.shape[1] // chunk),
-                                      -(-z.shape[0] // rows), device=z.device, max_splits=16)
-    return torch.ops.rcl_kernels.cuda_mma_lse_backward(
-        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32, splits,
-    )
-
-
-# The cuda backend's streaming kernels: wmma (timed on the H100) or mma.sync (untimed: one pass,
-# any d), by RCL_KERNELS_CUDA_VARIANT, read once here.
-CUDA_VARIANT = os.environ.get("RCL_KERNELS_CUDA_VARIANT", "wmma")
-_CUDA_STREAMING = {
-    # The wmma launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
-    "wmma": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
-    "mma": Kernels(_cuda_mma_forward, _cuda_mma_backward),
-}
-
-
-# --------------------------------------------------------------------------------------------------
 # Availability on this machine.
 # --------------------------------------------------------------------------------------------------
 def _triton_unavailable_reason(device: torch.device | None) -> str | None:
@@ -285,8 +126,8 @@ def _cpu_unavailable_reason(device: torch.device | None) -> str | None:
 
 
 def _cuda_unavailable_reason(device: torch.device | None) -> str | None:
-    if CUDA_VARIANT not in _CUDA_STREAMING:
-        return f"RCL_KERNELS_CUDA_VARIANT={CUDA_VARIANT!r} is not one of {sorted(_CUDA_STREAMING)}"
+    if CUDA_VARIANT not in CUDA_STREAMING:
+        return f"RCL_KERNELS_CUDA_VARIANT={CUDA_VARIANT!r} is not one of {sorted(CUDA_STREAMING)}"
     if _ops.EXTENSION_ERROR is not None:
         return _ops.EXTENSION_ERROR
     if not _ops.compiled_kernel_for("cuda_lse_forward", "CUDA"):
@@ -305,15 +146,15 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", ("cpu", "cuda"), FLOATING, lambda device: None),
         # The algorithms of a backend in the order of preference: the measured winner first.
         Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason,
-                {"tiled": _TILED, "streaming": Kernels(_cpu_forward, _cpu_backward)}),
+                {"tiled": TILED, "streaming": CPU_STREAMING}),
         Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, {
-            "streaming": _CUDA_STREAMING.get(CUDA_VARIANT, _CUDA_STREAMING["wmma"]),
-            "tiled": _TILED,
+            "streaming": CUDA_STREAMING.get(CUDA_VARIANT, CUDA_STREAMING["wmma"]),
+            "tiled": TILED,
         }),
         # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).
         Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
                 _triton_unavailable_reason,
-                {"streaming": Kernels(_triton_forward, _triton_backward)}),
+                {"streaming": TRITON_STREAMING}),
     )
 }
 

@@ -27,8 +27,6 @@ from typing import NamedTuple
 
 import torch
 
-from ._dtypes import accumulation_dtype
-
 DOUBLE_BACKWARD_ERROR = (
     "rcl_kernels: the fused backends have no second derivatives (double backward: "
     "create_graph=True followed by another backward, gradient penalties, nested torch.func.grad); "

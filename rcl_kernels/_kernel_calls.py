@@ -1,0 +1,183 @@
+"""Each fused backend's kernels behind one signature (`Kernels`): the op calls, with the split
+counts and row blocks that rcl_kernels.planner plans for them, and the kernel variants chosen by
+the environment.
+
+Kernel variants that no GPU has timed yet are opt-in, read once here (the measured kernels stay
+the default): RCL_KERNELS_TRITON_VARIANT names one of triton_lse.VARIANTS, and
+RCL_KERNELS_CUDA_VARIANT picks the cuda backend's streaming kernels (wmma, timed; mma, untimed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import planner
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The LSE kernels of one backend and algorithm (math and argument contract: csrc/ops.cpp):
+        forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32) -> lse
+        backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                 scale, allow_tf32) -> (dz, dk)
+        forward_backward(weights, z, k, ..., self_offset, scale, allow_tf32) -> (lse, dz, dk):
+                 the gradient for given per-anchor weights in the same pass (None: the
+                 algorithm has none, as a streaming forward cannot know a row's lse in time)
+    """
+
+    forward: Callable
+    backward: Callable
+    forward_backward: Callable | None = None
+    max_dim: int | None = None  # largest feature dimension the kernels take
+
+
+def _cpu_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
+    return torch.ops.rcl_kernels.cpu_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale
+    )
+
+
+def _cpu_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+                  allow_tf32):
+    return torch.ops.rcl_kernels.cpu_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale
+    )
+
+
+def _tiled_block_rows(z, k) -> int:
+    acc_bytes = 8 if z.dtype == torch.float64 else 4
+    if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
+        return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
+                                        operand_bytes=acc_bytes, max_rows=planner.CPU_TILED_MAX_ROWS)
+    return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
+                                    operand_bytes=z.element_size())
+
+
+def _tiled_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, _tiled_block_rows(z, k)
+    )
+
+
+def _tiled_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+                    allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        _tiled_block_rows(z, k),
+    )
+
+
+def _tiled_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
+                            scale, allow_tf32):
+    return torch.ops.rcl_kernels.tiled_lse_forward_backward(
+        weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+        _tiled_block_rows(z, k),
+    )
+
+
+# The GEMMs of the tiled algorithm follow PyTorch's float32 matmul precision by themselves, so
+# allow_tf32 needs no passing on.
+TILED = Kernels(_tiled_forward, _tiled_backward, _tiled_forward_backward)
+
+
+def _cuda_tile(dtype: torch.dtype) -> int:
+    """Rows (= columns) of one block tile of the CUDA streaming kernels (csrc/cuda/README.md);
+    their output chunk of the feature dimension is twice as wide."""
+    return 32 if dtype == torch.float64 else 64
+
+
+def _cuda_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
+    tile = _cuda_tile(z.dtype)
+    splits = planner.reduction_splits(
+        -(-z.shape[0] // tile), -(-k.shape[0] // tile), device=z.device, max_splits=128,
+        partial_bytes_per_split=2 * z.shape[0] * (8 if z.dtype == torch.float64 else 4),
+    )
+    return torch.ops.rcl_kernels.cuda_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
+    )
+
+
+def _cuda_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+                   allow_tf32):
+    tile = _cuda_tile(z.dtype)
+    n_tiles, m_tiles = -(-z.shape[0] // tile), -(-k.shape[0] // tile)
+    d_chunks = -(-z.shape[1] // (2 * tile))
+    acc_bytes = z.shape[1] * (8 if z.dtype == torch.float64 else 4)
+    row_pass = planner.reduction_splits(
+        n_tiles * d_chunks, m_tiles, device=z.device, max_splits=16,
+        partial_bytes_per_split=z.shape[0] * acc_bytes,
+    )
+    col_pass = planner.reduction_splits(
+        m_tiles * d_chunks, n_tiles, device=z.device, max_splits=16,
+        partial_bytes_per_split=k.shape[0] * acc_bytes,
+    )
+    return torch.ops.rcl_kernels.cuda_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        allow_tf32, row_pass, col_pass,
+    )
+
+
+TRITON_VARIANT = os.environ.get("RCL_KERNELS_TRITON_VARIANT", "default")
+
+
+def _triton_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                    allow_tf32):
+    return torch.ops.rcl_kernels.triton_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
+        TRITON_VARIANT,
+    )
+
+
+def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                     scale, allow_tf32):
+    return torch.ops.rcl_kernels.triton_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        allow_tf32, TRITON_VARIANT,
+    )
+
+
+def _cuda_mma_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(forward rows, forward columns, backward columns, backward rows, d chunk) of a block of the
+    mma.sync kernels (csrc/cuda/README.md, "Dtype paths and tiles")."""
+    if dtype == torch.float64:
+        return 64, 64, 64, 32, 32
+    return (128, 64, 128, 64, 64) if dtype == torch.float32 else (128, 64, 128, 64, 128)
+
+
+def _cuda_mma_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+                      allow_tf32):
+    rows, cols, _, _, _ = _cuda_mma_tiles(z.dtype)
+    # Their partials do not grow with the split count (merged behind a semaphore).
+    splits = planner.reduction_splits(-(-z.shape[0] // rows), -(-k.shape[0] // cols),
+                                      device=z.device, max_splits=128)
+    return torch.ops.rcl_kernels.cuda_mma_lse_forward(
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
+    )
+
+
+def _cuda_mma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
+                       scale, allow_tf32):
+    _, _, cols, rows, chunk = _cuda_mma_tiles(z.dtype)
+    splits = planner.reduction_splits(-(-k.shape[0] // cols) * -(-z.shape[1] // chunk),
+                                      -(-z.shape[0] // rows), device=z.device, max_splits=16)
+    return torch.ops.rcl_kernels.cuda_mma_lse_backward(
+        grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+        allow_tf32, splits,
+    )
+
+
+CUDA_VARIANT = os.environ.get("RCL_KERNELS_CUDA_VARIANT", "wmma")
+CUDA_STREAMING = {
+    # The wmma launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
+    "wmma": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
+    "mma": Kernels(_cuda_mma_forward, _cuda_mma_backward),
+}
+
+
+
+CPU_STREAMING = Kernels(_cpu_forward, _cpu_backward)
+TRITON_STREAMING = Kernels(_triton_forward, _triton_backward)
