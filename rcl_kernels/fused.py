@@ -202,7 +202,9 @@ class _FusedWeightedSum(torch.autograd.Function):
         losses = _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale)
         dz, dk = _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels,
                                          tables.n_positive, self_offset, num_classes, scale)
-        dz, dk = _input_gradients(dz, dk, z, k)
+        if k is None:  # the columns are the anchors: their gradients add up
+            dz, dk = dz + dk, None
+        # Saved in the accumulation dtype and rounded once, after the backward's scaling.
         return (weights * losses).sum(), dz, dk
 
     @staticmethod
@@ -215,7 +217,8 @@ class _FusedWeightedSum(torch.autograd.Function):
     def backward(ctx, grad, _grad_dz, _grad_dk):
         z, k, dz, dk = ctx.saved_tensors
         dz, dk = _ScaleSavedGradients.apply(grad.to(dz.dtype), dz, dk, z, k)
-        return dz, dk, None, None, None, None, None, None, None, None, None
+        dk = None if k is None else dk.to(k.dtype)
+        return dz.to(z.dtype), dk, None, None, None, None, None, None, None, None, None
 
 
 def loss(kernels, z, labels, k, col_labels, *, self_offset, num_classes, scale,
