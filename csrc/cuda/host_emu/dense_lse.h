@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <random>
 #include <vector>
@@ -13,6 +14,13 @@
 #include "cuda/masked_lse_kernels.cuh"
 
 namespace dense_lse {
+
+// A fresh random seed, printed first so that a failing run names the seed of its inputs.
+inline unsigned printed_seed() {
+  const unsigned seed = std::random_device{}();
+  std::printf("seed %u\n", seed);
+  return seed;
+}
 
 template <typename T, typename Acc>
 struct Inputs {
@@ -80,6 +88,21 @@ Inputs<T, Acc> random_inputs(int64_t n, int64_t m, int64_t d, int64_t self_offse
   return in;
 }
 
+// log Σ_j exp(t_j) of one row of logits, shifted by their max: NaN if any t_j is NaN, −inf if
+// every column is masked (−inf) or there is none.
+inline double row_lse(const std::vector<double>& t) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  double mx = ninf;
+  for (const double v : t) {
+    if (std::isnan(v)) return std::numeric_limits<double>::quiet_NaN();
+    mx = std::max(mx, v);
+  }
+  if (mx == ninf) return ninf;
+  double s = 0;
+  for (const double v : t) s += std::exp(v - mx);
+  return mx + std::log(s);
+}
+
 struct Result {
   std::vector<double> lse, dz, dk;
 };
@@ -96,24 +119,13 @@ Result compute(const Inputs<T, Acc>& in) {
              std::vector<double>(size_t(m * d), 0.0)};
   std::vector<double> t(static_cast<size_t>(m));
   for (int64_t i = 0; i < n; ++i) {
-    double mx = ninf;
-    bool nan = false;
     for (int64_t j = 0; j < m; ++j) {
       double dot = 0;
       for (int64_t e = 0; e < d; ++e) dot += double(z[i * d + e]) * double(k[j * d + e]);
       t[j] = scale * dot + (cl[j] == rl[i] ? double(rb[i]) : double(cb[j]));
       if (j == i + self_offset) t[j] = ninf;
-      if (std::isnan(t[j])) nan = true;
-      else mx = std::max(mx, t[j]);
     }
-    double lse;
-    if (nan) lse = std::numeric_limits<double>::quiet_NaN();
-    else if (mx == ninf) lse = ninf;
-    else {
-      double s = 0;
-      for (int64_t j = 0; j < m; ++j) s += std::exp(t[j] - mx);
-      lse = mx + std::log(s);
-    }
+    const double lse = row_lse(t);
     out.lse[i] = lse;
     for (int64_t j = 0; j < m; ++j) {
       const double p = (j == i + self_offset || lse == ninf) ? 0.0 : std::exp(t[j] - lse);

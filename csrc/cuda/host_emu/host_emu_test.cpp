@@ -12,10 +12,10 @@
 
 #include <array>
 #include <cstdio>
-#include <limits>
 #include <random>
 #include <set>
-#include <string>
+
+#include "cuda/host_emu/dense_lse.h"
 
 namespace {
 
@@ -24,66 +24,6 @@ struct Case {
   double scale;
   bool nan_feature;  // a NaN in z[n/2]
 };
-
-struct Dense {
-  std::vector<double> lse, dz, dk;
-};
-
-template <typename T, typename Acc>
-Dense dense(const Case& c, const std::vector<T>& z, const std::vector<T>& k,
-            const std::vector<int64_t>& rl, const std::vector<int64_t>& cl,
-            const std::vector<Acc>& rb, const std::vector<Acc>& cb, const std::vector<Acc>& g) {
-  const double ninf = -std::numeric_limits<double>::infinity();
-  Dense out{std::vector<double>(c.n), std::vector<double>(c.n * c.d, 0.0),
-            std::vector<double>(c.m * c.d, 0.0)};
-  std::vector<double> t(c.m);
-  for (int64_t i = 0; i < c.n; ++i) {
-    double mx = ninf;
-    bool nan = false;
-    for (int64_t j = 0; j < c.m; ++j) {
-      double dot = 0;
-      for (int64_t e = 0; e < c.d; ++e) dot += double(z[i * c.d + e]) * double(k[j * c.d + e]);
-      t[j] = c.scale * dot + (cl[j] == rl[i] ? double(rb[i]) : double(cb[j]));
-      if (j == i + c.self_offset) t[j] = ninf;
-      if (std::isnan(t[j])) nan = true;
-      else mx = std::max(mx, t[j]);
-    }
-    double lse;
-    if (nan) lse = std::numeric_limits<double>::quiet_NaN();
-    else if (mx == ninf) lse = ninf;
-    else {
-      double s = 0;
-      for (int64_t j = 0; j < c.m; ++j) s += std::exp(t[j] - mx);
-      lse = mx + std::log(s);
-    }
-    out.lse[i] = lse;
-    for (int64_t j = 0; j < c.m; ++j) {
-      const double p = (j == i + c.self_offset || lse == ninf) ? 0.0 : std::exp(t[j] - lse);
-      const double w = c.scale * double(g[i]) * p;
-      for (int64_t e = 0; e < c.d; ++e) {
-        out.dz[i * c.d + e] += w * double(k[j * c.d + e]);
-        out.dk[j * c.d + e] += w * double(z[i * c.d + e]);
-      }
-    }
-  }
-  return out;
-}
-
-// Relative norm error over entries where the reference is finite; -1 if the non-finite patterns
-// differ.
-template <typename T>
-double rel_err(const std::vector<T>& got, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double v = double(got[i]), r = ref[i];
-    if (std::isnan(r) != std::isnan(v) || std::isinf(r) != std::isinf(v)) return -1;
-    if (std::isinf(r) && (r > 0) != (v > 0)) return -1;
-    if (!std::isfinite(r)) continue;
-    num += (v - r) * (v - r);
-    den += r * r;
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 const char* name(rcl_cuda::ElemType t, bool tf32) {
   switch (t) {
@@ -97,50 +37,12 @@ const char* name(rcl_cuda::ElemType t, bool tf32) {
 template <typename T, typename Acc = T>
 bool run(const Case& c, rcl_cuda::ElemType type, bool tf32, double tol_lse, double tol_grad,
          std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  std::uniform_int_distribution<int64_t> label(0, 4);
-  std::vector<T> z(c.n * c.d), k(c.m * c.d);
-  std::vector<Acc> rb(c.n), cb(c.m), g(c.n);
-  std::vector<int64_t> rl(c.n), cl(c.m);
-  auto fill_unit = [&](std::vector<T>& x, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
-      double norm = 0;
-      std::vector<double> v(c.d);
-      for (auto& e : v) { e = normal(rng); norm += e * e; }
-      norm = std::sqrt(norm);
-      for (int64_t e = 0; e < c.d; ++e) x[r * c.d + e] = T(v[e] / (norm > 0 ? norm : 1));
-    }
-  };
-  fill_unit(z, c.n);
-  fill_unit(k, c.m);
-  // Columns [0, min(n, m)) are the anchors themselves (self-contrast layout).
-  for (int64_t j = 0; j < std::min(c.n, c.m) && c.self_offset == 0; ++j)
-    for (int64_t e = 0; e < c.d; ++e) k[j * c.d + e] = z[j * c.d + e];
-  for (auto& x : rl) x = label(rng);
-  for (auto& x : cl) x = label(rng);
-  for (auto& x : rb) x = Acc(0.5 * normal(rng));
-  for (auto& x : cb) x = Acc(0.5 * normal(rng));
-  for (auto& x : g) x = Acc(normal(rng));
-  if (c.nan_feature && c.n > 0) z[(c.n / 2) * c.d] = T(std::nanf(""));
-
-  rcl_cuda::LseProblem p;
-  p.z = z.data();
-  p.k = k.data();
-  p.row_labels = rl.data();
-  p.col_labels = cl.data();
-  p.row_bias = rb.data();
-  p.col_bias = cb.data();
-  p.n = c.n;
-  p.m = c.m;
-  p.d = c.d;
-  p.self_offset = c.self_offset;
-  p.scale = c.scale;
-  p.type = type;
-  p.allow_tf32 = tf32;
-
-  const Dense ref = dense(c, z, k, rl, cl, rb, cb, g);
+  const auto in = dense_lse::random_inputs<T, Acc>(c.n, c.m, c.d, c.self_offset, c.scale,
+                                                   c.nan_feature, rng);
+  const rcl_cuda::LseProblem p = in.problem(type, tf32);
+  const auto ref = dense_lse::compute(in);
   Acc gmax = 0;
-  for (auto v : g) gmax = std::max(gmax, std::abs(v));
+  for (auto v : in.g) gmax = std::max(gmax, std::abs(v));
 
   // The caller's split counts: one, several (uneven last split), more than there are tiles
   // (clamped). Requests that clamp to a plan already run are skipped.
@@ -160,13 +62,14 @@ bool run(const Case& c, rcl_cuda::ElemType type, bool tf32, double tol_lse, doub
     }
     std::vector<char> zws(bplan.dz_workspace_bytes, char(0x7f));
     std::vector<char> kws(bplan.dk_workspace_bytes, char(0x7f));
-    if (rcl_cuda::launch_backward(p, bplan, g.data(), &gmax, lse.data(), dz.data(), dk.data(),
+    if (rcl_cuda::launch_backward(p, bplan, in.g.data(), &gmax, lse.data(), dz.data(), dk.data(),
                                   zws.data(), kws.data(), nullptr) != cudaSuccess) {
       std::printf("launch_backward failed\n");
       return false;
     }
-    const double e_lse = rel_err(lse, ref.lse), e_dz = rel_err(dz, ref.dz);
-    const double e_dk = rel_err(dk, ref.dk);
+    const double e_lse = dense_lse::rel_err(lse.data(), ref.lse);
+    const double e_dz = dense_lse::rel_err(dz.data(), ref.dz);
+    const double e_dk = dense_lse::rel_err(dk.data(), ref.dk);
     const bool good = e_lse >= 0 && e_dz >= 0 && e_dk >= 0 && e_lse <= tol_lse &&
                       e_dz <= tol_grad && e_dk <= tol_grad;
     std::printf("%s %-7s n=%-4lld m=%-4lld d=%-4lld off=%-3lld nan=%d  asked %-4lld splits fwd %d "
@@ -233,10 +136,7 @@ bool check_plans() {
 }  // namespace
 
 int main() {
-  std::random_device rd;
-  const unsigned seed = rd();
-  std::printf("seed %u\n", seed);
-  std::mt19937_64 rng(seed);
+  std::mt19937_64 rng(dense_lse::printed_seed());
   const Case cases[] = {
       {1, 1, 20, 0, 10.0, false},     // only column masked: lse = -inf, zero gradients
       {3, 5, 20, 0, 10.0, false},     {17, 40, 130, 0, 10.0, false},

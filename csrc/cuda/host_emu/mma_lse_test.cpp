@@ -240,9 +240,7 @@ bool check_plans() {
 }  // namespace
 
 int main() {
-  std::random_device rd;
-  const unsigned seed = rd();
-  std::printf("seed %u\n", seed);
+  const unsigned seed = dense_lse::printed_seed();
   std::mt19937_64 rng(seed);
   emu::rng.seed(seed);
   const Case cases[] = {

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda/host_emu/dense_lse.h"
+
 namespace {
 
 double as_double(float v) { return v; }
@@ -56,21 +58,11 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
   std::vector<double> want_lse(c.rows), want_p(c.rows * c.m), t(c.m);
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.r0 + r;
-    double mx = ninf;
-    bool nan = false;
     for (int64_t j = 0; j < c.m; ++j) {
       t[j] = c.scale * double(scores[r * c.m + j]) + (cl[j] == rl[i] ? double(rb[i]) : double(cb[j]));
       if (j == i + c.self_offset) t[j] = ninf;
-      if (std::isnan(t[j])) nan = true; else mx = std::max(mx, t[j]);
     }
-    double lse = ninf;
-    if (nan) {
-      lse = std::numeric_limits<double>::quiet_NaN();
-    } else if (mx != ninf) {
-      double s = 0;
-      for (int64_t j = 0; j < c.m; ++j) s += std::exp(t[j] - mx);
-      lse = mx + std::log(s);
-    }
+    const double lse = dense_lse::row_lse(t);
     want_lse[r] = lse;
     for (int64_t j = 0; j < c.m; ++j) want_p[r * c.m + j] = lse == ninf ? 0.0 : std::exp(t[j] - lse);
   }
