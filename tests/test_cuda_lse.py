@@ -23,17 +23,12 @@ fails that test, naming the signal and the call, instead of killing the suite.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+
+import cuda_children
 
 
 def _cuda_kernels_unavailable() -> str | None:
@@ -396,24 +391,9 @@ def test_gradcheck_float64():
 # --------------------------------------------------------------------------------------------------
 # Bad calls, each in a subprocess
 # --------------------------------------------------------------------------------------------------
-# Issue 9: on the first H100 run the d > MAX_D call killed the pytest process. The child runs the
-# calls in order and prints a JSON line per call; if it dies, the parent records the call and the
-# signal and starts a new child for the calls after it, so every call gets a verdict.
-_BAD_CALLS_CHILD = textwrap.dedent(r"""
-    import json, sys
-    import torch
-    import rcl_kernels as rk
-    import rcl_kernels._C  # noqa: F401
-
-    ops = torch.ops.rcl_kernels
-    dev = "cuda"
-    randn = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
-    z, k = randn(4, 8), randn(6, 8)
-    rl = torch.zeros(4, dtype=torch.long, device=dev)
-    cl = torch.zeros(6, dtype=torch.long, device=dev)
-    rb, cb = torch.zeros(4, device=dev), torch.zeros(6, device=dev)
-    lse, g = torch.zeros(4, device=dev), torch.ones(4, device=dev)
-
+# The wmma ops' bad calls, each in a child process (tests/cuda_children.py: the runner, the set-up
+# and the calls every binding shares). The d limit is this binding's own.
+_BAD_CALLS_CHILD = cuda_children.child_script(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
         return ops.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
@@ -427,110 +407,30 @@ _BAD_CALLS_CHILD = textwrap.dedent(r"""
         c = torch.nn.functional.normalize(randn(3, 5000), dim=-1)
         return rk.bcl_loss(f, torch.arange(8, device=dev) % 3, c, backend="cuda")
 
-    def cpu_op_error():
-        return ops.cpu_lse_forward(z.cpu(), torch.randn(6, 9), rl.cpu(), cl.cpu(), rb.cpu(),
-                                   cb.cpu(), 0, 1.0)
-
-    calls = {
-        # Controls: a C++ error from ATen's CUDA code, and one from this extension's CPU kernel,
-        # after CUDA is initialized. If these die too, the process cannot survive any C++ throw.
-        "control_aten_cuda_error": lambda: torch.mm(randn(2, 3), randn(4, 5)),
-        "control_cpu_op_error": cpu_op_error,
+    calls.update({
         "d_over_max": lambda: fwd(z=randn(4, 4097), k=randn(6, 4097)),
         "backward_d_over_max": lambda: bwd(z=randn(4, 5000), k=randn(6, 5000)),
         "bcl_loss_d5000": bcl_loss_d5000,
-        "z_on_cpu": lambda: fwd(z=z.cpu()),
-        "k_dtype": lambda: fwd(k=k.double()),
-        "k_feature_dim": lambda: fwd(k=randn(6, 9)),
-        "row_labels_device": lambda: fwd(rl=rl.cpu()),
-        "col_labels_shape": lambda: fwd(cl=cl[:-1]),
-        "row_bias_dtype": lambda: fwd(rb=rb.double()),
-        "z_dtype": lambda: fwd(z=z.int(), k=k.int()),
         "col_splits_zero": lambda: fwd(splits=0),
         "row_pass_splits_zero": lambda: bwd(row_splits=0),
         "col_pass_splits_negative": lambda: bwd(col_splits=-3),
-        "lse_dtype": lambda: bwd(lse=lse.double()),
         "valid_call_after_errors": lambda: bwd(lse=fwd(splits=2**40), row_splits=3, col_splits=3),
-    }
-    for name in sys.argv[1:]:
-        print(json.dumps({"begin": name}), flush=True)
-        try:
-            calls[name]()
-            torch.cuda.synchronize()
-            error = None
-        except Exception as e:  # noqa: BLE001  (the verdict is the message)
-            error = f"{type(e).__name__}: {e}"
-        print(json.dumps({"call": name, "error": error}), flush=True)
+    })
 """)
 
-# call -> regex its error must match (None: must succeed).
+# call -> regex its error must match (None: must succeed), run in this order.
 BAD_CALLS = {
-    "control_aten_cuda_error": "cannot be multiplied",
-    "control_cpu_op_error": "must share d",
+    **cuda_children.CONTROL_ERRORS,
     "d_over_max": f"d=4097 exceeds the supported maximum of {MAX_D}",
     "backward_d_over_max": f"d=5000 exceeds the supported maximum of {MAX_D}",
     "bcl_loss_d5000": f"d=5000.*{MAX_D}|{MAX_D}.*d=5000",  # refused by the backend or the op
-    "z_on_cpu": "z must be a CUDA tensor",
-    "k_dtype": "k must have z's dtype",
-    "k_feature_dim": "k must have z's feature dim",
-    "row_labels_device": "row_labels must be on z's device",
-    "col_labels_shape": "col_labels must have shape",
-    "row_bias_dtype": "row_bias must be",
-    "z_dtype": "z must be float32, float64, bfloat16 or float16",
+    **cuda_children.ARGUMENT_ERRORS,
     "col_splits_zero": "col_splits must be >= 1",
     "row_pass_splits_zero": "row_pass_splits must be >= 1",
     "col_pass_splits_negative": "col_pass_splits must be >= 1",
-    "lse_dtype": "lse must be",
     "valid_call_after_errors": None,
 }
 
 
-def run_calls_in_subprocesses(names, timeout=300):
-    """{call: ("error", message or None) | ("killed", signal name and stderr tail)}."""
-    verdicts, pending = {}, list(names)
-    while pending:
-        proc = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", _BAD_CALLS_CHILD, *pending],
-            capture_output=True, text=True, timeout=timeout)
-        started = None
-        for line in proc.stdout.splitlines():
-            record = json.loads(line)
-            if "begin" in record:
-                started = record["begin"]
-            else:
-                verdicts[record["call"]] = ("error", record["error"])
-                started = None
-        if proc.returncode == 0:
-            break
-        what = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                else f"exit status {proc.returncode}")
-        if started is None:  # died outside any call (setup or shutdown): nothing more to learn
-            raise AssertionError(f"bad-call child {what} outside a call:\n{proc.stderr[-3000:]}")
-        verdicts[started] = ("killed", f"{what}\n{proc.stderr[-3000:]}{native_backtrace(started)}")
-        pending = pending[pending.index(started) + 1:]
-    return verdicts
-
-
-def native_backtrace(call, timeout=300):
-    """The C++ backtrace of `call` dying alone under gdb (when gdb is installed), for the report."""
-    if shutil.which("gdb") is None:
-        return "\n(no gdb for a native backtrace)"
-    proc = subprocess.run(
-        ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c",
-         _BAD_CALLS_CHILD, call], capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout
-    return "\ngdb:\n" + out[max(0, out.find("received signal")):][:6000]  # innermost frames first
-
-
 def test_input_validation_messages():
-    verdicts = run_calls_in_subprocesses(list(BAD_CALLS))
-    failures = []
-    for name, pattern in BAD_CALLS.items():
-        kind, detail = verdicts[name]
-        if kind == "killed":
-            failures.append(f"{name}: the process was {detail}")
-        elif pattern is None and detail is not None:
-            failures.append(f"{name}: expected success, got {detail}")
-        elif pattern is not None and (detail is None or not re.search(pattern, detail)):
-            failures.append(f"{name}: expected an error matching {pattern!r}, got {detail}")
-    assert not failures, "\n".join(failures)
+    cuda_children.check_calls(_BAD_CALLS_CHILD, BAD_CALLS)

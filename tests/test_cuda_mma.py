@@ -1,8 +1,9 @@
 """GPU tests of the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu, ops
 rcl_kernels::cuda_mma_lse_forward / _backward) against a dense float64 formula of the op.
 
-The inputs, the dense formula, the 2x rule and its floors, the NaN-poisoned allocator and the
-subprocess runner of bad calls are tests/test_cuda_lse.py's (imported, not copied). What differs
+The inputs, the dense formula, the 2x rule and its floors and the NaN-poisoned allocator are
+tests/test_cuda_lse.py's; the bad calls' child processes, their set-up and the calls both ops
+share are tests/cuda_children.py's (imported, not copied). What differs
 from the wmma ops: float32 without allow_tf32 runs 3xTF32 products (held to the float32 rule),
 the backward takes one split count (the rows of each column tile), and there is no limit on d
 (5000, 8192 and 20000 included). The bad calls run in subprocesses, so a crash fails that test
@@ -14,11 +15,10 @@ without the ops compiled into rcl_kernels._C.
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
+import cuda_children
 import test_cuda_lse as base
 
 
@@ -216,13 +216,10 @@ def test_gradcheck_float64():
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad calls (and calls with a large d), each in a subprocess: test_cuda_lse's runner and verdicts,
-# with a child script of test_cuda_lse's set-up and loop over the names it is given, and these calls.
+# Bad calls (and calls with a large d), each in a child process: tests/cuda_children.py's runner,
+# set-up and shared calls, with these ops' fwd, bwd and own calls.
 # --------------------------------------------------------------------------------------------------
-_CHILD = base._BAD_CALLS_CHILD
-_CALL_SETUP = _CHILD[:_CHILD.index("def fwd(")]  # imports, ops, small CUDA inputs
-_CALL_LOOP = _CHILD[_CHILD.index("for name in sys.argv[1:]:"):]
-_MMA_CALLS_CHILD = _CALL_SETUP + textwrap.dedent(r"""
+_MMA_CALLS_CHILD = cuda_children.child_script(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
         return ops.cuda_mma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
@@ -240,59 +237,34 @@ _MMA_CALLS_CHILD = _CALL_SETUP + textwrap.dedent(r"""
                                            0, 10.0, False, 3)
         assert all(torch.isfinite(t).all() for t in (l, dz, dk)), "non-finite result"
 
-    def cpu_op_error():
-        return ops.cpu_lse_forward(z.cpu(), torch.randn(6, 9), rl.cpu(), cl.cpu(), rb.cpu(),
-                                   cb.cpu(), 0, 1.0)
-
-    calls = {
-        # Controls: a C++ error from ATen's CUDA code, and one from this extension's CPU kernel.
-        "control_aten_cuda_error": lambda: torch.mm(randn(2, 3), randn(4, 5)),
-        "control_cpu_op_error": cpu_op_error,
+    calls.update({
         "d5000_bf16": lambda: large_d(5000, torch.bfloat16),
         "d8192_fp32": lambda: large_d(8192, torch.float32),
         "d20000_fp16": lambda: large_d(20000, torch.float16),
         "d8192_fp64": lambda: large_d(8192, torch.float64),
-        "z_on_cpu": lambda: fwd(z=z.cpu()),
-        "k_dtype": lambda: fwd(k=k.double()),
-        "k_feature_dim": lambda: fwd(k=randn(6, 9)),
-        "row_labels_device": lambda: fwd(rl=rl.cpu()),
-        "col_labels_shape": lambda: fwd(cl=cl[:-1]),
-        "row_bias_dtype": lambda: fwd(rb=rb.double()),
-        "z_dtype": lambda: fwd(z=z.int(), k=k.int()),
         "col_splits_zero": lambda: fwd(splits=0),
         "splits_zero": lambda: bwd(splits=0),
         "splits_negative": lambda: bwd(splits=-3),
-        "lse_dtype": lambda: bwd(lse=lse.double()),
         "grad_lse_shape": lambda: bwd(g=g[:3]),
         "valid_call_after_errors": lambda: bwd(lse=fwd(splits=2**40), splits=2**40),
-    }
-""") + _CALL_LOOP
+    })
+""")
 
-# call -> regex its error must match (None: must succeed).
+# call -> regex its error must match (None: must succeed), run in this order.
 MMA_CALLS = {
-    "control_aten_cuda_error": "cannot be multiplied",
-    "control_cpu_op_error": "must share d",
+    **cuda_children.CONTROL_ERRORS,
     "d5000_bf16": None,
     "d8192_fp32": None,
     "d20000_fp16": None,
     "d8192_fp64": None,
-    "z_on_cpu": "z must be a CUDA tensor",
-    "k_dtype": "k must have z's dtype",
-    "k_feature_dim": "k must have z's feature dim",
-    "row_labels_device": "row_labels must be on z's device",
-    "col_labels_shape": "col_labels must have shape",
-    "row_bias_dtype": "row_bias must be",
-    "z_dtype": "z must be float32, float64, bfloat16 or float16",
+    **cuda_children.ARGUMENT_ERRORS,
     "col_splits_zero": "cuda_mma_lse_forward: col_splits must be >= 1",
     "splits_zero": "cuda_mma_lse_backward: splits must be >= 1",
     "splits_negative": "cuda_mma_lse_backward: splits must be >= 1",
-    "lse_dtype": "lse must be",
     "grad_lse_shape": "grad_lse must have shape",
     "valid_call_after_errors": None,
 }
 
 
-def test_bad_calls_raise_and_large_d_runs(monkeypatch):
-    monkeypatch.setattr(base, "_BAD_CALLS_CHILD", _MMA_CALLS_CHILD)
-    monkeypatch.setattr(base, "BAD_CALLS", MMA_CALLS)
-    base.test_input_validation_messages()
+def test_bad_calls_raise_and_large_d_runs():
+    cuda_children.check_calls(_MMA_CALLS_CHILD, MMA_CALLS)
