@@ -128,10 +128,39 @@ def check_class_table(name: str, table, features: torch.Tensor, num_classes: int
     return table
 
 
+def check_counts_are_not_booleans(counts) -> None:
+    """torch.as_tensor reads True and False as counts of 1 and 0, also inside a list of numbers,
+    where the tensor's dtype no longer shows them: refuse booleans before any conversion."""
+    def is_boolean(value) -> bool:  # a Python, NumPy or torch bool, scalar or array
+        dtype = getattr(value, "dtype", None)
+        return isinstance(value, bool) or dtype == torch.bool or str(dtype) == "bool"
+
+    if is_boolean(counts):
+        raise TypeError("class_counts: expected integer or real counts, got booleans")
+    if isinstance(counts, (list, tuple)):
+        for index, item in enumerate(counts):
+            if is_boolean(item):
+                raise TypeError(f"class_counts: expected integer or real counts, got {item!r} at index {index}")
+
+
+def integer_class_counts(counts) -> torch.Tensor:
+    """A module's class counts: 1-D integers > 0, as an int64 tensor."""
+    check_counts_are_not_booleans(counts)
+    table = torch.as_tensor(counts)
+    if table.dtype.is_complex:
+        raise TypeError(f"class_counts: expected integer counts, got {table.dtype}")
+    as_int = table.to(torch.int64)
+    if table.dim() != 1 or table.numel() == 0 or not torch.equal(as_int.to(table.dtype), table) \
+            or bool((as_int <= 0).any()):
+        raise ValueError(f"class_counts: expected a 1-D sequence of integer counts > 0, got {counts!r}")
+    return as_int
+
+
 def check_class_counts(counts, features: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     """Training-set class counts (a sequence or a 1-D tensor): finite and > 0, as float64 on the
     features' device. Sequences and CPU tensors are checked on the host; a GPU tensor by a
     device-side assert (no sync)."""
+    check_counts_are_not_booleans(counts)
     if not isinstance(counts, torch.Tensor):
         try:
             counts = torch.as_tensor(counts, dtype=torch.float64)

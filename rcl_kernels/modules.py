@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional
+from ._validation import integer_class_counts
 
 
 class SupConLoss(nn.Module):
@@ -39,16 +40,7 @@ class _ClassCountsModule(nn.Module):
 
     def __init__(self, class_counts):
         super().__init__()
-        counts = torch.as_tensor(class_counts)
-        if counts.dtype == torch.bool or counts.dtype.is_complex:
-            raise TypeError(f"class_counts: expected integer counts, got {counts.dtype}")
-        as_int = counts.to(torch.int64)
-        if counts.dim() != 1 or counts.numel() == 0 or not torch.equal(as_int.to(counts.dtype), counts) \
-                or bool((as_int <= 0).any()):
-            raise ValueError(
-                f"class_counts: expected a 1-D sequence of integer counts > 0, got {class_counts!r}"
-            )
-        self.register_buffer("class_counts", as_int)
+        self.register_buffer("class_counts", integer_class_counts(class_counts))
 
 
 class RebalancedContrastiveLoss(_ClassCountsModule):

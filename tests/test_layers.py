@@ -17,7 +17,7 @@ PACKAGE = ROOT / "rcl_kernels"
 # Module -> the package modules it may import (module level or inside functions).
 ALLOWED = {
     "__init__": {"backends", "functional", "modules"},
-    "modules": {"functional"},
+    "modules": {"functional", "_validation"},
     "functional": {"_dtypes", "_validation", "backends", "distributed", "fused", "reference"},
     "_validation": {"_dtypes"},
     "backends": {"_dtypes", "_kernel_calls", "_ops", "triton_lse"},
