@@ -133,7 +133,8 @@ def contrastive_loss(
     float32/bfloat16/float16 features and float64 for float64 features; a NaN or ±Inf in the
     features, prototypes, logit_bias or margins makes it NaN.
     backend: "auto", "reference", "cpu", "triton" or "cuda" (see rk.available_backends()).
-    algorithm: "auto" or "streaming" (flash-style kernels): which algorithm a fused backend runs.
+    algorithm: "auto", "streaming" (flash-style kernels) or "tiled" (a GEMM per block of rows
+    into a bounded workspace): which algorithm a fused backend runs.
     process_group: contrast local anchors with the anchors of every rank (rcl_kernels.distributed).
     num_classes: C when neither prototypes nor a per-class table gives it (needed under
     torch.compile); otherwise inferred from the labels.
