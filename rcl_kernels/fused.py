@@ -82,9 +82,8 @@ def _positive_sums(class_sums, k, labels, self_offset, start, end):
     return class_sums[labels[start:end]] - self_rows
 
 
-def _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale):
+def _losses(lse, z, columns, labels, class_sums, tables, self_offset, scale):
     """L_i = lse_i − mean_{j∈Pos(i)} t_ij, and 0 where an anchor has no positive."""
-    class_sums = _class_sums(columns, col_labels, num_classes, lse.dtype)
     positive_dots = torch.cat([
         (z[start:end].to(lse.dtype) * _positive_sums(class_sums, columns, labels, self_offset,
                                                      start, end)).sum(dim=1)
@@ -94,8 +93,8 @@ def _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classe
     return torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
 
 
-def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, n_positive,
-                            self_offset, num_classes, scale):
+def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, class_sums,
+                            n_positive, self_offset, scale):
     """Adds the gradients of −Σ_i weights_i·mean_{j∈Pos(i)} t_ij to the log-sum-exp's (dz, dk),
     in place, chunk by chunk."""
     if torch.is_grad_enabled():
@@ -103,7 +102,6 @@ def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, n_p
         # (a split buffer's first slice), which autograd does not let us update in place.
         dz, dk = dz.clone(), dk.clone()
     h = (weights * scale / n_positive.clamp(min=1))[:, None]
-    class_sums = _class_sums(columns, col_labels, num_classes, dz.dtype)
     weighted_class_sums = torch.zeros_like(class_sums)  # U_c = Σ_{i: y_i = c} h_i z_i
     for start, end in _chunks(z.shape[0], z.shape[1]):
         h_rows = h[start:end]
@@ -162,7 +160,8 @@ class _FusedPerAnchorLoss(torch.autograd.Function):
         columns = z if k is None else k
         lse = kernels.forward(z, columns, labels, col_labels, tables.row_bias, tables.col_bias,
                               self_offset, scale, allow_tf32)
-        losses = _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale)
+        class_sums = _class_sums(columns, col_labels, num_classes, lse.dtype)
+        losses = _losses(lse, z, columns, labels, class_sums, tables, self_offset, scale)
         return losses, lse
 
     @staticmethod
@@ -183,8 +182,9 @@ class _FusedPerAnchorLoss(torch.autograd.Function):
         dz, dk = _LseBackward.apply(grad.contiguous(), z, columns, labels, col_labels, row_bias,
                                     col_bias, lse, ctx.kernels, ctx.self_offset, ctx.scale,
                                     ctx.allow_tf32)
-        dz, dk = _add_positive_gradients(dz, dk, grad, z, columns, labels, col_labels, n_positive,
-                                         ctx.self_offset, ctx.num_classes, ctx.scale)
+        class_sums = _class_sums(columns, col_labels, ctx.num_classes, dz.dtype)
+        dz, dk = _add_positive_gradients(dz, dk, grad, z, columns, labels, col_labels, class_sums,
+                                         n_positive, ctx.self_offset, ctx.scale)
         return *_input_gradients(dz, dk, z, k), None, None, None, None, None, None, None, None
 
 
@@ -199,9 +199,11 @@ class _FusedWeightedSum(torch.autograd.Function):
         lse, dz, dk = kernels.forward_backward(weights, z, columns, labels, col_labels,
                                                tables.row_bias, tables.col_bias, self_offset,
                                                scale, allow_tf32)
-        losses = _losses(lse, z, columns, labels, col_labels, tables, self_offset, num_classes, scale)
+        # S_c once for the positive terms of both the loss and its gradient.
+        class_sums = _class_sums(columns, col_labels, num_classes, lse.dtype)
+        losses = _losses(lse, z, columns, labels, class_sums, tables, self_offset, scale)
         dz, dk = _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels,
-                                         tables.n_positive, self_offset, num_classes, scale)
+                                         class_sums, tables.n_positive, self_offset, scale)
         if k is None:  # the columns are the anchors: their gradients add up
             dz, dk = dz + dk, None
         # Saved in the accumulation dtype and rounded once, after the backward's scaling.
