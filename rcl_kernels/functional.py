@@ -150,6 +150,9 @@ def contrastive_loss(
     if not isinstance(class_averaging, bool):
         raise TypeError(f"class_averaging: expected a bool, got {type(class_averaging).__name__}")
 
+    # Once, here: the fused path knows the columns are the anchors by identity (one gradient,
+    # rounded once), which a later copy of the anchors alone would break.
+    anchors = anchors.contiguous()
     all_anchors, all_labels, self_offset = gather_anchors(anchors, anchor_labels, process_group)
     num_classes, all_labels = _classes(
         num_classes, prototypes, {"logit_bias": logit_bias, "margins": margins}, all_labels
@@ -170,7 +173,7 @@ def contrastive_loss(
     # reference's matmul would otherwise be autocast and the kernels would not).
     with _autocast_disabled(anchors.device.type):
         loss = _backend_loss(
-            impl, algorithm, anchors.contiguous(), anchor_labels, columns, column_labels,
+            impl, algorithm, anchors, anchor_labels, columns, column_labels,
             self_offset=self_offset, num_classes=num_classes, scale=feature_scale**2 / temperature,
             logit_bias=logit_bias, margins=margins, class_averaging=class_averaging,
             allow_tf32=allow_tf32, reduction=reduction,

@@ -29,6 +29,23 @@ def test_flat_and_view_layouts_agree(batch):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("algorithm", ["streaming", "tiled"])
+def test_a_strided_features_view_gives_the_contiguous_result(algorithm):
+    """Features that are a view with other strides are the same anchors: the fused path must
+    still see its columns as the anchors themselves (one gradient, rounded once), not a copy."""
+    gen = fresh_generator()
+    storage = random_features((16, 40), gen).bfloat16()
+    labels = draw_labels("uniform", 40, 3, gen)
+    results = []
+    for features in (storage.t(), storage.t().contiguous()):
+        features = features.detach().requires_grad_()
+        loss = rk.supcon_loss(features, labels, backend="cpu", algorithm=algorithm, reduction="none")
+        loss.sum().backward()
+        results.append((loss.detach(), features.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
 def test_reductions_are_consistent(batch):
     features, labels, centers = batch
     per_anchor = rk.bcl_loss(features, labels, centers, reduction="none")
