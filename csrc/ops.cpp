@@ -29,8 +29,8 @@
 //               GEMMs follow PyTorch's float32 matmul precision themselves.
 //               tiled_lse_forward_backward returns (lse, dz, dk) for given per-anchor weights w
 //               of the gradient (dz = scale·diag(w)·P·K, dk = scale·Pᵀ·diag(w)·Z) from one pass.
-// The Triton pair (triton_lse_*) is a Python custom op with the same signature as cuda_lse_*
-// minus the split counts (rcl_kernels/_ops.py).
+// The Triton pair (triton_lse_*) is a Python custom op with the arguments of cuda_lse_*, a
+// variant name in place of the split counts (rcl_kernels/_ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
