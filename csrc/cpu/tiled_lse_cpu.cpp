@@ -1,8 +1,9 @@
 // CPU side of the tiled algorithm (csrc/tiled/tiled_lse.h): the problem in the accumulation
 // dtype, the epilogue, and the registrations of the tiled ops for CPU tensors.
 //
-// The epilogue reads each row of scores once for the bias, the self mask and the running max, and
-// once more for the exponentials (the row is then in L1/L2). It is plain C++ that the compiler
+// The epilogue turns each row of scores into logits in place (bias, self mask), then reads the
+// row for its max, once more for the exponentials and, for probabilities, once more to normalize
+// them (the row is then in L1/L2). It is plain C++ that the compiler
 // vectorizes, compiled three times (AVX-512, AVX2 + FMA, baseline) through target attributes and
 // chosen at run time from PyTorch's own CPU capability (ATEN_CPU_CAPABILITY overrides it, which
 // the tests use to run every path). It calls no vendor math library: MKL's vector exp takes a slow
