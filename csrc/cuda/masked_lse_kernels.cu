@@ -768,16 +768,8 @@ KParams<typename P::Acc> make_params(const LseProblem& p, const Split& split) {
   return kp;
 }
 
-// A requested split count, clamped (see plan_forward in masked_lse_kernels.cuh) for a reduction
-// over `tiles` tiles.
-Split split_reduction(int64_t tiles, int64_t requested) {
-  constexpr int64_t kMaxGridYZ = 65535;  // splits are the grid's y (forward) or z (backward) index
-  const int64_t s = std::min({requested, std::max<int64_t>(tiles, 1), kMaxGridYZ});
-  Split split;
-  split.tiles_per_split = std::max<int64_t>(1, ceil_div(tiles, s));
-  split.count = int(std::max<int64_t>(1, ceil_div(tiles, split.tiles_per_split)));
-  return split;
-}
+// Splits are the grid's y (forward) or z (backward) index.
+constexpr int64_t kMaxGridYZ = 65535;
 
 template <typename K>
 cudaError_t set_smem(K kernel, size_t bytes) {
@@ -879,7 +871,7 @@ ForwardPlan plan_forward(const LseProblem& p, int64_t col_splits) {
   return dispatch(p, [&](auto tag) {
     using P = typename decltype(tag)::type;
     ForwardPlan plan;
-    plan.cols = split_reduction(ceil_div(p.m, P::BN), col_splits);
+    plan.cols = split_reduction(ceil_div(p.m, P::BN), col_splits, kMaxGridYZ);
     if (plan.cols.count > 1)
       plan.workspace_bytes = 2 * size_t(plan.cols.count) * size_t(p.n) * sizeof(typename P::Acc);
     return plan;
@@ -891,8 +883,8 @@ BackwardPlan plan_backward(const LseProblem& p, int64_t row_pass_splits, int64_t
     using P = typename decltype(tag)::type;
     using Acc = typename P::Acc;
     BackwardPlan plan;
-    plan.row_pass = split_reduction(ceil_div(p.m, P::BN), row_pass_splits);
-    plan.col_pass = split_reduction(ceil_div(p.n, P::BM), col_pass_splits);
+    plan.row_pass = split_reduction(ceil_div(p.m, P::BN), row_pass_splits, kMaxGridYZ);
+    plan.col_pass = split_reduction(ceil_div(p.n, P::BM), col_pass_splits, kMaxGridYZ);
     if (plan.row_pass.count > 1)
       plan.dz_workspace_bytes = size_t(plan.row_pass.count) * size_t(p.n * p.d) * sizeof(Acc);
     if (plan.col_pass.count > 1)

@@ -10,6 +10,7 @@
 // float32 / bfloat16 / float16 inputs and double for float64 inputs (biases, lse, grad_lse).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -44,6 +45,18 @@ struct Split {
   int count = 1;                // blocks that share one reduction; partials summed in a fixed order
   int64_t tiles_per_split = 1;  // tiles of the reduction per split (the last may hold fewer)
 };
+
+// `requested` (>= 1) splits of a reduction over `tiles` tiles, at most the tiles and max_splits,
+// each of ⌈tiles / splits⌉ whole tiles, lowered so that no split is left empty: 11 tiles asked in
+// 7 splits run as 6 splits of 2. The one clamping rule of the wmma and the mma.sync plans.
+inline Split split_reduction(int64_t tiles, int64_t requested, int64_t max_splits) {
+  const int64_t s = std::min({requested, std::max<int64_t>(tiles, 1), max_splits});
+  Split split;
+  split.tiles_per_split = std::max<int64_t>(1, (tiles + s - 1) / s);
+  split.count = int(std::max<int64_t>(
+      1, (tiles + split.tiles_per_split - 1) / split.tiles_per_split));
+  return split;
+}
 struct ForwardPlan {
   Split cols;                  // column tiles per row block, merged by a partial-LSE kernel
   size_t workspace_bytes = 0;  // 2 · cols.count · n · sizeof(Acc) when cols.count > 1
@@ -55,9 +68,8 @@ struct BackwardPlan {
   size_t dk_workspace_bytes = 0;  // col_pass.count · m · d · sizeof(Acc) when col_pass.count > 1
 };
 
-// Each requested count must be >= 1 (the binding checks). It is clamped to the tiles of the
-// reduction it splits and to the grid's y/z limit (65535), then lowered so that no split is left
-// empty once the tiles per split are rounded up: 11 tiles asked in 7 splits run as 6 splits of 2.
+// Each requested count (>= 1: the binding checks) goes through split_reduction, at most the
+// grid's y/z limit (65535).
 // The tile sizes of each dtype path: the table in csrc/cuda/README.md.
 ForwardPlan plan_forward(const LseProblem& p, int64_t col_splits);
 BackwardPlan plan_backward(const LseProblem& p, int64_t row_pass_splits, int64_t col_pass_splits);

@@ -943,16 +943,11 @@ auto dispatch(ElemType type, bool allow_tf32, F&& f) {
   }
 }
 
-// A requested split count clamped for a reduction over `tiles` tiles (mma_lse_kernels.cuh).
-struct Clamped {
-  int count;
-  int64_t per_split;
-};
-Clamped clamp_splits(int64_t tiles, int64_t requested, int64_t blocks_per_split) {
-  const int64_t grid_cap = std::max<int64_t>(1, INT_MAX / std::max<int64_t>(1, blocks_per_split));
-  const int64_t s = std::min({requested, std::max<int64_t>(tiles, 1), int64_t(65535), grid_cap});
-  const int64_t per_split = std::max<int64_t>(1, ceil_div(tiles, s));
-  return {int(std::max<int64_t>(1, ceil_div(tiles, per_split))), per_split};
+// The most splits of a 1-D grid of blocks_per_split blocks each (mma_lse_kernels.cuh): 65535, and
+// fewer than 2^31 blocks in all.
+int64_t max_splits(int64_t blocks_per_split) {
+  return std::min<int64_t>(65535,
+                          std::max<int64_t>(1, INT_MAX / std::max<int64_t>(1, blocks_per_split)));
 }
 
 template <class C>
@@ -985,9 +980,10 @@ template <class C>
 MmaForwardPlan plan_forward_impl(const LseProblem& p, int64_t col_splits) {
   MmaForwardPlan plan;
   plan.row_tiles = ceil_div(p.n, C::FWD_ROWS);
-  const Clamped s = clamp_splits(ceil_div(p.m, C::FWD_COLS), col_splits, plan.row_tiles);
+  const Split s =
+      split_reduction(ceil_div(p.m, C::FWD_COLS), col_splits, max_splits(plan.row_tiles));
   plan.splits = s.count;
-  plan.tiles_per_split = s.per_split;
+  plan.tiles_per_split = s.tiles_per_split;
   if (plan.splits > 1) {
     plan.workspace_bytes = align16(2 * size_t(p.n) * sizeof(typename C::Acc)) +
                            align16(sizeof(int) * size_t(plan.row_tiles + 1));
@@ -1001,9 +997,10 @@ MmaBackwardPlan plan_backward_impl(const LseProblem& p, int64_t row_splits) {
   plan.col_tiles = ceil_div(p.m, C::BWD_COLS);
   plan.d_chunks = ceil_div(p.d, C::DK);
   plan.row_tiles = ceil_div(p.n, C::BWD_ROWS);
-  const Clamped s = clamp_splits(plan.row_tiles, row_splits, plan.col_tiles * plan.d_chunks);
+  const Split s = split_reduction(plan.row_tiles, row_splits,
+                                  max_splits(plan.col_tiles * plan.d_chunks));
   plan.splits = s.count;
-  plan.tiles_per_split = s.per_split;
+  plan.tiles_per_split = s.tiles_per_split;
   if (plan.col_tiles > 0 && plan.d_chunks > 0) {
     plan.workspace_bytes =
         align16(sizeof(int) * size_t((plan.row_tiles + plan.col_tiles) * plan.d_chunks + 1));

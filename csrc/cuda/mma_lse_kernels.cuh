@@ -45,9 +45,8 @@ struct MmaBackwardPlan {
   size_t workspace_bytes = 0;   // semaphores and the work counter (int32), zeroed by the launcher
 };
 
-// A requested count must be >= 1 (the binding checks). It is clamped to the tiles of the
-// reduction it splits, to 65535, and so that the grid stays below 2^31 blocks, then lowered so
-// that no split is left empty: 11 tiles asked in 7 splits run as 6 splits of 2.
+// A requested count (>= 1: the binding checks) goes through split_reduction
+// (masked_lse_kernels.cuh), at most 65535 and so that the grid stays below 2^31 blocks.
 MmaForwardPlan plan_mma_forward(const LseProblem& p, int64_t col_splits);
 MmaBackwardPlan plan_mma_backward(const LseProblem& p, int64_t row_splits);
 
