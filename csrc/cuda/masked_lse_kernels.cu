@@ -783,12 +783,6 @@ cudaError_t set_smem(K kernel, size_t bytes) {
 #endif
 }
 
-#define RCL_RETURN_IF_ERROR(expr)            \
-  do {                                       \
-    cudaError_t rcl_err_ = (expr);           \
-    if (rcl_err_ != cudaSuccess) return rcl_err_; \
-  } while (0)
-
 template <class P>
 cudaError_t forward_impl(const LseProblem& p, const ForwardPlan& plan, void* lse_out,
                          void* workspace, cudaStream_t stream) {

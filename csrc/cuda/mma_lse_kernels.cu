@@ -970,12 +970,6 @@ Common<typename C::Acc> make_common(const LseProblem& p) {
 
 size_t align16(size_t x) { return align_up(x, 16); }
 
-#define RCL_MMA_RETURN_IF_ERROR(expr)                \
-  do {                                               \
-    const cudaError_t rcl_mma_err_ = (expr);         \
-    if (rcl_mma_err_ != cudaSuccess) return rcl_mma_err_; \
-  } while (0)
-
 template <class C>
 MmaForwardPlan plan_forward_impl(const LseProblem& p, int64_t col_splits) {
   MmaForwardPlan plan;
@@ -1027,10 +1021,10 @@ cudaError_t forward_impl(const LseProblem& p, const MmaForwardPlan& plan, void* 
     const size_t ints = align16(2 * size_t(p.n) * sizeof(Acc));
     a.sems = reinterpret_cast<int*>(ws + ints);
     a.counter = a.sems + plan.row_tiles;
-    RCL_MMA_RETURN_IF_ERROR(
+    RCL_RETURN_IF_ERROR(
         rcl_mma::memset_async(a.sems, sizeof(int) * size_t(plan.row_tiles + 1), stream));
   }
-  RCL_MMA_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_forward_kernel<C>, L::bytes));
+  RCL_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_forward_kernel<C>, L::bytes));
   const dim3 grid{unsigned(plan.row_tiles * plan.splits), 1u, 1u};
   RCL_LAUNCH(mma_lse_forward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
   return rcl_mma::last_launch_error();
@@ -1059,8 +1053,8 @@ cudaError_t backward_impl(const LseProblem& p, const MmaBackwardPlan& plan, cons
   a.dz_sems = static_cast<int*>(workspace);
   a.dk_sems = a.dz_sems + plan.row_tiles * plan.d_chunks;
   a.counter = a.dk_sems + plan.col_tiles * plan.d_chunks;
-  RCL_MMA_RETURN_IF_ERROR(rcl_mma::memset_async(workspace, plan.workspace_bytes, stream));
-  RCL_MMA_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_backward_kernel<C>, L::bytes));
+  RCL_RETURN_IF_ERROR(rcl_mma::memset_async(workspace, plan.workspace_bytes, stream));
+  RCL_RETURN_IF_ERROR(rcl_mma::set_max_dynamic_smem(mma_lse_backward_kernel<C>, L::bytes));
   const dim3 grid{unsigned(plan.col_tiles * plan.d_chunks * plan.splits), 1u, 1u};
   RCL_LAUNCH(mma_lse_backward_kernel<C>, grid, C::kThreads, L::bytes, stream, a);
   return rcl_mma::last_launch_error();
