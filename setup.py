@@ -46,11 +46,11 @@ def make_extension():
     # C++20: the headers of torch 2.14 refuse anything older (2.11-2.13 accept it).
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     link_flags = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]  # the sources include "tiled/...", "cuda/..."
     if not cuda_build_requested():
         return cpp_extension.CppExtension(
-            "rcl_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
+            "rcl_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
@@ -58,7 +58,7 @@ def make_extension():
     return cpp_extension.CUDAExtension(
         "rcl_kernels._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         define_macros=[("RCL_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
