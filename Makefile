@@ -76,7 +76,7 @@ check-cuda:
 	  inc=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))" 2>/dev/null) || \
 	    { echo "check-cuda: torch not importable from $(BIN)/python; bindings not checked"; exit 0; }; \
 	  mkdir -p $(CHECK_STUB)/c10/cuda/impl && echo '#pragma once' > $(CHECK_STUB)/c10/cuda/impl/cuda_cmake_macros.h; \
-	  aten=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(include_paths()[0])")/ATen/ATen.h; \
+	  first=$${inc%% *}; aten=$${first#-I}/ATen/ATen.h; \
 	  stds="c++20"; grep -q 'C++20 or later' $$aten || stds="c++17 c++20"; \
 	  for f in $(CUDA_BINDINGS); do for std in $$stds; do \
 	    echo "nvcc (host syntax check, torch headers, $$std) $$f"; \
