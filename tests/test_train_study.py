@@ -103,3 +103,29 @@ def test_throughput_tool(fashion_root, tmp_path, capsys):
     md = (tmp_path / "throughput.md").read_text()
     assert "| reference | 144 (max) |" in md and "| auto | 16 |" in md
     assert md.strip() in capsys.readouterr().out
+
+
+def test_throughput_frees_an_out_of_memory_run_before_emptying_the_cache(fashion_root, tmp_path,
+                                                                         monkeypatch):
+    """The cache is emptied once the failed run's tensors are gone: inside the except clause the
+    exception's traceback still holds the run's frames (its Trainer, its activations)."""
+    import weakref
+
+    import torch
+
+    alive_at_empty_cache = []
+    refs = []
+
+    def oom_measure(argv, data, steps, warmup):
+        activations = torch.empty(1000)
+        refs.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(throughput, "measure", oom_measure)
+    monkeypatch.setattr(torch.cuda, "empty_cache",
+                        lambda: alive_at_empty_cache.append(refs[-1]() is not None))
+    rows, _ = throughput.run(["reference"], [16, "max"], 1, 0,
+                             ["--dataset", "fmnist-lt", "--data-root", fashion_root,
+                              "--device", "cpu"], str(tmp_path), log=lambda *a: None)
+    assert [(r["batch"], r["error"]) for r in rows] == [(16, "out of memory"), (1, "out of memory")]
+    assert alive_at_empty_cache and not any(alive_at_empty_cache)

@@ -83,21 +83,22 @@ def run(backends, batch_sizes, steps, warmup, train_argv, out_dir, log=print):
                                          "--out", scratch, "--no-progress", "--no-plots"]
                     try:
                         row = measure(argv, data, steps, warmup)
+                        break
                     except ValueError as e:  # e.g. a loss backend not available here
                         row = {"backend": backend, "batch": batch, "error": str(e)}
                         break
                     except Exception as e:
                         if not _is_oom(e):
                             raise
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        log(f"{backend} batch {batch}: out of memory")
-                        if size != "max" or batch <= 1:
-                            row = {"backend": backend, "batch": batch, "error": "out of memory"}
-                            break
-                        batch //= 2
-                        continue
-                    break
+                    # Out of memory. Freed here, after the except clause: until it ends, the
+                    # exception's traceback holds the failed run's frames (Trainer, activations).
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    log(f"{backend} batch {batch}: out of memory")
+                    if size != "max" or batch <= 1:
+                        row = {"backend": backend, "batch": batch, "error": "out of memory"}
+                        break
+                    batch //= 2
                 row["requested"] = size
                 rows.append(row)
                 log(_line(row))
