@@ -19,6 +19,7 @@ import time
 import torch
 
 import rcl_kernels as rk
+import runner
 
 
 def inputs(batch, dim, classes):
@@ -73,8 +74,7 @@ def main():
             "eager_aten_ops": aten_ops(step, features, centers),
             "eager_ms_p20": p20_ms(step, features, centers),
             "inductor_ms_p20": p20_ms(compiled, features, centers),
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                               if line.startswith("model name")), "unknown"),
+            "cpu_model": runner.cpu_model(),
             "torch": torch.__version__,
         }))
 
