@@ -27,7 +27,7 @@
 # Knobs (environment): OUT / STUDY_OUT, FMNIST_DIR (default: .study/fashion-mnist, else
 # /usr/share/datasets/fashion-mnist), PYTHON (default .venv/bin/python, else python3), STUDY_MODE (auto|gpu|cpu), STUDY_BUDGET_S (480,
 # the whole script on a GPU), STUDY_EPOCHS, STUDY_TARGET_EPOCHS, STUDY_PARALLEL, STUDY_SEEDS
-# ("0 1 2"), STUDY_BATCH (256), STUDY_LOSS_BACKEND (triton on a GPU: the fused loss; auto would
+# ("0 1 2"), STUDY_BATCH (256; 128 on the CPU), STUDY_LOSS_BACKEND (triton on a GPU: the fused loss; auto would
 # pick the reference at batch 256), STUDY_THROUGHPUT (1 on a GPU: the timing table first, its
 # share of the budget STUDY_THROUGHPUT_S, 90, its backends STUDY_THROUGHPUT_BACKENDS,
 # reference,triton,cuda), STUDY_WORK (runs' folder, default /tmp).
