@@ -3,7 +3,7 @@
 
 Times forward ("fwd"), backward ("bwd") and forward+backward ("fwdbwd") of one preset (bcl by
 default) for each implementation (bench/cases.py: `backend[:algorithm][{NAME=value,...}]`, e.g.
-cpu, cpu:tiled, cuda:streaming, triton{RCL_KERNELS_TRITON_BACKWARD=one_pass}, reference,
+cpu, cpu:tiled, cuda:streaming, triton{RCL_KERNELS_TRITON_VARIANT=one-pass}, reference,
 reference_compile, flash_sdpa, pml_supcon, infcl) over a grid of sizes, with the baselines in the
 same run. How it times and measures memory, and how cases are isolated: bench/runner.py.
 

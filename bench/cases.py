@@ -11,7 +11,7 @@ An implementation is written `backend[:algorithm][{NAME=value,...}]`:
   :algorithm passed as algorithm= to the rk call ("auto", "streaming", "tiled"); without it the
              call has no algorithm= at all, so the same case runs on an API that lacks it.
   {...}      environment variables of the case's subprocess, e.g.
-             `triton{RCL_KERNELS_TRITON_BACKWARD=one_pass}` for a kernel variant selected through
+             `triton{RCL_KERNELS_TRITON_VARIANT=one-pass}` for a kernel variant selected through
              the environment. Quote it in a shell: braces with a comma are brace-expanded.
 
 Inputs follow the protocol of the first GPU run (shared/gpu-runs/2026-11-26-h100.md): features
