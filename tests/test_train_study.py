@@ -129,3 +129,33 @@ def test_throughput_frees_an_out_of_memory_run_before_emptying_the_cache(fashion
                               "--device", "cpu"], str(tmp_path), log=lambda *a: None)
     assert [(r["batch"], r["error"]) for r in rows] == [(16, "out of memory"), (1, "out of memory")]
     assert alive_at_empty_cache and not any(alive_at_empty_cache)
+
+
+def test_throughput_peak_memory_is_that_of_the_timed_steps(monkeypatch):
+    """The peak counter is reset after the warm-up steps (Triton's autotuning and cuDNN's
+    algorithm search allocate there), so peak MB is the timed steps' own, as documented."""
+    from types import SimpleNamespace
+
+    import torch
+
+    events = []
+
+    class FakeCudaTrainer:
+        def __init__(self, cfg, log, data):
+            self.device, self.train_y, self.batch_size = torch.device("cuda"), torch.zeros(8), 4
+            self.timer, self.amp_dtype = SimpleNamespace(collect=dict), None
+
+        def train_step(self, idx):
+            events.append("step")
+
+    monkeypatch.setattr(throughput, "Trainer", FakeCudaTrainer)
+    monkeypatch.setattr(throughput, "epoch_order",
+                        lambda n, seed, epoch: SimpleNamespace(to=lambda device: torch.arange(n)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake")
+    row = throughput.measure(["--device", "cpu"], None, steps=2, warmup=3)
+    assert events == ["step"] * 3 + ["reset"] + ["step"] * 2
+    assert row["peak_mb"] == 1.0 and row["device"] == "fake"

@@ -42,12 +42,12 @@ def measure(argv: list[str], data, steps: int, warmup: int) -> dict:
     device, n, B = trainer.device, len(trainer.train_y), trainer.batch_size
     order = epoch_order(n, cfg.seed, 0).to(device)
     batches = [order[(i * B) % (n - B + 1):][:B] for i in range(warmup + steps)]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for idx in batches[:warmup]:
         trainer.train_step(idx)
     _sync(device)
     trainer.timer.collect()  # forget the warm-up steps
+    if device.type == "cuda":  # and their peak (Triton's autotuning, cuDNN's algorithm search)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for idx in batches[warmup:]:
         trainer.train_step(idx)
