@@ -10,8 +10,8 @@ other in this process). --epochs auto measures first: every run for two epochs a
 concurrency (the second epoch and its evaluation give the time per epoch), then takes the longest
 schedule that fits what is left of --budget-s, at most --target-epochs (see plan_epochs).
 <out> receives study.json (settings, the plan and its measurements, every run's per-epoch
-metrics, the table), study.md and curves.png; nothing else, so that a machine handing back few
-files returns all of it.
+metrics, the table), study.md and curves.png; with --work-dir outside <out> (bench/train_study.sh),
+nothing else, so that a machine handing back few files returns all of it.
 """
 
 from __future__ import annotations
