@@ -106,6 +106,28 @@ def test_opcheck_gpu_kernel_ops(kernels, dtype):
     torch.library.opcheck(op(backward), (torch.rand_like(lse), *args, lse, 0, 3.0, *bwd_extra))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kernels", GPU_KERNEL_OPS)
+def test_gpu_kernel_ops_refuse_per_anchor_vectors_on_the_host(kernels):
+    """The kernels read lse, grad_lse and the tiled weights through raw pointers: one of them on
+    the CPU beside CUDA features must raise an error naming it, not reach a kernel."""
+    forward, backward, fwd_extra, bwd_extra = GPU_KERNEL_OPS[kernels]
+    if kernels.startswith("cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"rcl_kernels::{forward}", "CUDA"):
+        pytest.skip("rcl_kernels._C was built without its CUDA kernels")
+    args = [t.cuda() for t in lse_args(torch.float32)]
+    lse = op(forward)(*args, 0, 3.0, *fwd_extra)
+    grad = torch.ones_like(lse)
+    for name, bad_grad, bad_lse in (("grad_lse", grad.cpu(), lse), ("lse", grad, lse.cpu())):
+        with pytest.raises(RuntimeError, match=rf"\b{name} must"):
+            op(backward)(bad_grad, *args, bad_lse, 0, 3.0, *bwd_extra)
+    if kernels == "cuda:tiled":
+        with pytest.raises(RuntimeError, match="weights must"):
+            op("tiled_lse_forward_backward")(grad.cpu(), *args, 0, 3.0, 5)
+    torch.cuda.synchronize()
+
+
 def test_opcheck_tiled_forward_backward():
     for dtype in (torch.float64, torch.float32):
         args = lse_args(dtype)

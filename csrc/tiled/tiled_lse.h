@@ -60,6 +60,16 @@ using MakeProblem = Problem (*)(const at::Tensor& z, const at::Tensor& k,
                                 const at::Tensor& row_bias, const at::Tensor& col_bias,
                                 int64_t self_offset, double scale, int64_t block_rows);
 
+// A per-anchor vector beside z (lse, its gradient, the gradient weights): N entries on z's device.
+// The CUDA epilogue reads it through a raw pointer, so a host tensor there would be a bad address.
+inline void check_per_anchor(const char* op, const char* name, const at::Tensor& vector,
+                             const at::Tensor& z) {
+  TORCH_CHECK(vector.numel() == z.size(0), op, ": ", name, " must have N = ", z.size(0),
+              " entries, got ", vector.numel());
+  TORCH_CHECK(vector.device() == z.device(), op, ": ", name, " must be on z's device ", z.device(),
+              ", got ", vector.device());
+}
+
 template <MakeProblem make_problem, Epilogue epilogue>
 at::Tensor forward_op(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
                       const at::Tensor& col_labels, const at::Tensor& row_bias,
@@ -80,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> backward_op(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
                                  scale, block_rows);
-  TORCH_CHECK(grad_lse.numel() == z.size(0) && lse.numel() == z.size(0),
-              "tiled_lse_backward: grad_lse and lse must have N = ", z.size(0), " entries");
+  check_per_anchor("tiled_lse_backward", "grad_lse", grad_lse, z);
+  check_per_anchor("tiled_lse_backward", "lse", lse, z);
   return backward(p, epilogue, lse, grad_lse, block_rows);
 }
 
@@ -93,8 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
                                  scale, block_rows);
-  TORCH_CHECK(weights.numel() == z.size(0),
-              "tiled_lse_forward_backward: weights must have N = ", z.size(0), " entries");
+  check_per_anchor("tiled_lse_forward_backward", "weights", weights, z);
   return forward_backward(p, epilogue, weights, block_rows);
 }
 
