@@ -48,8 +48,13 @@ def _cpu_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     )
 
 
+def _acc_bytes(z) -> int:
+    """Bytes of one element of the accumulation dtype (float64 for float64 inputs, else float32)."""
+    return 8 if z.dtype == torch.float64 else 4
+
+
 def _tiled_block_rows(z, k) -> int:
-    acc_bytes = 8 if z.dtype == torch.float64 else 4
+    acc_bytes = _acc_bytes(z)
     if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
         return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
                                         operand_bytes=acc_bytes, max_rows=planner.CPU_TILED_MAX_ROWS)
@@ -94,7 +99,7 @@ def _cuda_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
     tile = _cuda_tile(z.dtype)
     splits = planner.reduction_splits(
         -(-z.shape[0] // tile), -(-k.shape[0] // tile), device=z.device, max_splits=128,
-        partial_bytes_per_split=2 * z.shape[0] * (8 if z.dtype == torch.float64 else 4),
+        partial_bytes_per_split=2 * z.shape[0] * _acc_bytes(z),
     )
     return torch.ops.rcl_kernels.cuda_lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
@@ -106,14 +111,14 @@ def _cuda_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, 
     tile = _cuda_tile(z.dtype)
     n_tiles, m_tiles = -(-z.shape[0] // tile), -(-k.shape[0] // tile)
     d_chunks = -(-z.shape[1] // (2 * tile))
-    acc_bytes = z.shape[1] * (8 if z.dtype == torch.float64 else 4)
+    row_bytes = z.shape[1] * _acc_bytes(z)
     row_pass = planner.reduction_splits(
         n_tiles * d_chunks, m_tiles, device=z.device, max_splits=16,
-        partial_bytes_per_split=z.shape[0] * acc_bytes,
+        partial_bytes_per_split=z.shape[0] * row_bytes,
     )
     col_pass = planner.reduction_splits(
         m_tiles * d_chunks, n_tiles, device=z.device, max_splits=16,
-        partial_bytes_per_split=k.shape[0] * acc_bytes,
+        partial_bytes_per_split=k.shape[0] * row_bytes,
     )
     return torch.ops.rcl_kernels.cuda_lse_backward(
         grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
@@ -176,7 +181,6 @@ CUDA_STREAMING = {
     "wmma": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
     "mma": Kernels(_cuda_mma_forward, _cuda_mma_backward),
 }
-
 
 
 CPU_STREAMING = Kernels(_cpu_forward, _cpu_backward)

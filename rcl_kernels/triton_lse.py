@@ -669,8 +669,7 @@ if triton is not None:
     # keyed on d, the dtypes (added by the autotuner), the variant's flags and power-of-two buckets
     # of N and M. Tests and bench/triton_configs.py run every config explicitly (`config=`).
     # ---------------------------------------------------------------------------------------------
-    _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
-    _INTERP_BWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    _INTERP_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     _INTERP_ONE_PASS = dict(BLOCK_M=16, BLOCK_N=16)
     _INTERP_BLOCK_D_MAX = 64
     # Up to this d there is one d chunk (no recompute); larger d is split into chunks, each of
@@ -771,7 +770,7 @@ if triton is not None:
         for name, fn in (("forward", _fwd_kernel), ("dz", _dz_kernel), ("dk", _dk_kernel),
                          ("one_pass", _bwd_kernel))
     }
-    _INTERP_META = {"forward": _INTERP_FWD, "dz": _INTERP_BWD, "dk": _INTERP_BWD,
+    _INTERP_META = {"forward": _INTERP_TILES, "dz": _INTERP_TILES, "dk": _INTERP_TILES,
                     "one_pass": _INTERP_ONE_PASS}
     # Autotune keys: what changes the best config. The autotuner adds the tensor dtypes itself.
     _KEY = ["D", "N_KEY", "M_KEY", "INPUT_PRECISION", "EXP2", "LEAN_MASKS"]
@@ -850,8 +849,7 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def _common_args(z, k):
-    n, d = z.shape
-    m = k.shape[0]
+    n, m = z.shape[0], k.shape[0]
     return dict(stride_zm=z.stride(0), stride_km=k.stride(0), N_KEY=_bucket(n), M_KEY=_bucket(m))
 
 
