@@ -16,7 +16,7 @@ PACKAGE = ROOT / "rcl_kernels"
 
 # Module -> the package modules it may import (module level or inside functions).
 ALLOWED = {
-    "__init__": {"backends", "functional", "modules"},
+    "__init__": {"_version", "backends", "functional", "modules"},
     "modules": {"functional", "_validation"},
     "functional": {"_dtypes", "_validation", "backends", "distributed", "fused", "reference"},
     "_validation": {"_dtypes"},
@@ -29,6 +29,7 @@ ALLOWED = {
     "distributed": set(),
     "reference": set(),
     "_dtypes": set(),
+    "_version": set(),
 }
 
 
