@@ -7,8 +7,10 @@ cpu, cpu:tiled, cuda:streaming, triton{RCL_KERNELS_TRITON_VARIANT=one-pass}, ref
 reference_compile, flash_sdpa, pml_supcon, infcl) over a grid of sizes, with the baselines in the
 same run. How it times and measures memory, and how cases are isolated: bench/runner.py.
 
-Writes <out>/<device>-<tag>.json ({"meta", "rows"}), .csv (the rows) and .png, and prints a
-markdown table (median ms / peak MB per implementation). Rows are long-format: backend, mode, N,
+Writes <out>/<device>-<tag>.json ({"meta", "rows"}), .csv (the rows) and .png (time and memory
+against N; grouped bars per implementation and mode for a single N), and prints a markdown table:
+per shape, mode and implementation the median and p20-p80 ms, TFLOP/s, the speed-up against the
+eager reference and the peak MB. Rows are long-format: backend, mode, N,
 M, d, C, dtype, median_ms, p20_ms, p80_ms, peak_MB, tflops, device, torch, triton, commit, plus
 impl, algorithm, env, preset, status (ok, skipped, error, oom, timeout, not_run), reason, lscpu's
 cpu_model, threads, timer, ... A case that is skipped, fails, runs out of memory or times out is

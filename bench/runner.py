@@ -423,23 +423,36 @@ def _precision(r) -> str:
         else r["dtype"]
 
 
+REFERENCE_IMPL = "reference"  # the speed-up column divides its time by each implementation's
+
+
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def table(rows) -> str:
-    """Markdown: one line per (N, M, d, C, dtype, mode), one column per implementation, cells
-    "median ms / peak MB"; then the rows that did not run, with why."""
+    """Markdown: one line per shape (N, M, d, C, dtype), mode and implementation, with the median
+    and p20-p80 in ms (3 decimals), TFLOP/s, the speed-up against the eager reference of the same
+    shape and mode (its median over this one's; empty where the reference did not run) and the
+    peak MB above the inputs; then the rows that did not run, with why."""
     ok = [r for r in rows if r["status"] == "ok"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    shapes = sorted({(r["N"], r["M"], r["d"], r["C"], _precision(r), r["mode"]) for r in ok},
-                    key=lambda s: (s[2], s[3], s[4], cases.MODES.index(s[5]), s[0]))
-    cells = {(r["N"], r["M"], r["d"], r["C"], _precision(r), r["mode"], r["impl"]): r for r in ok}
-    lines = ["| N | M | d | C | dtype | mode | " + " | ".join(impls) + " |",
-             "|---" * (6 + len(impls)) + "|"]
-    for shape in shapes:
-        out = []
-        for impl in impls:
-            r = cells.get(shape + (impl,))
-            peak = "" if r is None or r["peak_MB"] is None else f" / {r['peak_MB']:.3g}"
-            out.append("" if r is None else f"{r['median_ms']:.3g}{peak}")
-        lines.append("| " + " | ".join(map(str, shape)) + " | " + " | ".join(out) + " |")
+
+    def shape(r):
+        return r["N"], r["M"], r["d"], r["C"], _precision(r), r["mode"]
+
+    reference = {shape(r): r["median_ms"] for r in ok if r["impl"] == REFERENCE_IMPL}
+    ok.sort(key=lambda r: (r["d"], r["C"], _precision(r), cases.MODES.index(r["mode"]), r["N"],
+                           impls.index(r["impl"])))
+    lines = ["| N | M | d | C | dtype | mode | implementation | ms | p20-p80 ms | TFLOP/s | "
+             f"vs {REFERENCE_IMPL} | peak MB |", "|---" * 12 + "|"]
+    for r in ok:
+        ref = reference.get(shape(r))
+        speedup = "" if ref is None else f"{ref / r['median_ms']:.2f}x"
+        spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}" if r.get("p20_ms") is not None else ""
+        lines.append("| " + " | ".join(map(str, shape(r))) + f" | {r['impl']} | "
+                     f"{r['median_ms']:.3f} | {spread} | {_cell(r.get('tflops'), '.3f')} | "
+                     f"{speedup} | {_cell(r.get('peak_MB'), '.1f')} |")
     seen = set()
     for r in rows:
         key = (r["impl"], r["status"], r["reason"])
@@ -458,9 +471,54 @@ def _axes_log(ax, ylabel):
     ax.grid(True, which="both", alpha=0.3)
 
 
+def _series_rows(ok, series, varying, key):
+    return [r for r in ok if (r["impl"],) + tuple(r[k] for k in varying) == key]
+
+
+def _lines(ax, ok, series, varying, value, colors):
+    """Value against N: one color per series, one line style per mode."""
+    styles = {"fwd": ":", "bwd": "--", "fwdbwd": "-"}
+    for i, key in enumerate(series):
+        mine = _series_rows(ok, series, varying, key)
+        for mode in cases.MODES:
+            pts = sorted((r["N"], max(r[value], 0.01)) for r in mine
+                         if r["mode"] == mode and r[value] is not None)
+            if pts:
+                ax.plot(*zip(*pts), styles[mode], marker="o", color=colors[i % len(colors)],
+                        label=" ".join(map(str, key)) + f" {mode}")
+    _axes_log(ax, "")
+
+
+def _bars(ax, ok, series, varying, value, colors):
+    """One size: a group of bars per series, one bar per mode (its own color and hatch), each
+    labelled with its value."""
+    import numpy as np
+
+    modes = [m for m in cases.MODES if any(r["mode"] == m for r in ok)]
+    hatches = {"fwd": "//", "bwd": "..", "fwdbwd": ""}
+    width = 0.8 / max(1, len(modes))
+    x = np.arange(len(series))
+    for j, mode in enumerate(modes):
+        heights = []
+        for key in series:
+            vals = [r[value] for r in _series_rows(ok, series, varying, key)
+                    if r["mode"] == mode and r[value] is not None]
+            heights.append(max(vals[0], 0.01) if vals else np.nan)
+        bars = ax.bar(x + (j - (len(modes) - 1) / 2) * width, heights, width, label=mode,
+                      color=colors[j % len(colors)], hatch=hatches.get(mode, ""),
+                      edgecolor="black", linewidth=0.5)
+        ax.bar_label(bars, fmt="%.3g", fontsize=6)
+    ax.set_xticks(x, [" ".join(map(str, key)) for key in series], rotation=20, ha="right",
+                  fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"implementation, N = {ok[0]['N']}" if ok else "implementation")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
 def plot(rows, path: str, title: str, kind: str = "time") -> None:
     """kind "time": time and peak memory against N, one color per implementation (and dtype,
-    d, C when they vary), one line style per mode. kind "crossover": time against N, one panel
+    d, C when they vary), one line style per mode; with a single N, grouped bars instead (one
+    group per implementation, one bar per mode). kind "crossover": time against N, one panel
     per (d, C, dtype), one line per implementation, forward+backward (or the first mode run)."""
     import matplotlib
 
@@ -486,25 +544,14 @@ def plot(rows, path: str, title: str, kind: str = "time") -> None:
             ax.set_title(f"d={d} C={c} {prec}", fontsize=9)
             ax.legend(fontsize=7)
     else:
-        styles = {"fwd": ":", "bwd": "--", "fwdbwd": "-"}
         varying = [k for k in ("dtype", "d", "C") if len({r[k] for r in ok}) > 1]
         series = list(dict.fromkeys((r["impl"],) + tuple(r[k] for k in varying) for r in ok))
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-        for i, key in enumerate(series):
-            mine = [r for r in ok if (r["impl"],) + tuple(r[k] for k in varying) == key]
-            for mode in cases.MODES:
-                pts = sorted((r["N"], r["median_ms"], r["peak_MB"]) for r in mine
-                             if r["mode"] == mode)
-                if not pts:
-                    continue
-                label = " ".join(map(str, key)) + f" {mode}"
-                style = dict(marker="o", color=colors[i % len(colors)], label=label)
-                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], styles[mode], **style)
-                mem = [(p[0], max(p[2], 0.01)) for p in pts if p[2] is not None]
-                if mem:
-                    ax_m.plot(*zip(*mem), styles[mode], **style)
-        _axes_log(ax_t, "median time (ms)")
-        _axes_log(ax_m, "peak memory above inputs (MB)")
+        draw = _bars if len({r["N"] for r in ok}) == 1 else _lines
+        for ax, key, ylabel in ((ax_t, "median_ms", "median time (ms)"),
+                                (ax_m, "peak_MB", "peak memory above inputs (MB)")):
+            draw(ax, ok, series, varying, key, colors)
+            ax.set_ylabel(ylabel)
         ax_t.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

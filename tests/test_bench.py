@@ -235,3 +235,62 @@ def test_benchmark_suite_is_not_in_make_test():
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_check.sh")], check=True)
+
+
+def _row(impl, mode, median, n=64, peak=1.5):
+    return {"impl": impl, "mode": mode, "N": n, "M": n + 5, "d": 16, "C": 5, "dtype": "float32",
+            "matmul_precision": "highest", "status": "ok", "reason": "", "median_ms": median,
+            "p20_ms": median * 0.9, "p80_ms": median * 1.1, "peak_MB": peak,
+            "tflops": 8 * n * (n + 5) * 16 / (median * 1e-3) / 1e12}
+
+
+def test_table_has_fixed_decimals_tflops_and_speedup():
+    """One line per shape, mode and implementation: ms with 3 decimals (never 1.97e+03), TFLOP/s,
+    and the eager reference's median over this implementation's for the same shape and mode."""
+    rows = [_row("reference", "fwdbwd", 1970.0), _row("cpu", "fwdbwd", 492.5),
+            _row("cpu", "fwd", 0.00123), {**_row("triton", "fwd", 1.0), "status": "skipped",
+                                          "reason": "needs cuda", "median_ms": None}]
+    text = runner.table(rows)
+    assert "e+" not in text and "e-" not in text
+    header, _, *lines = text.splitlines()
+    assert "TFLOP/s" in header and "vs reference" in header
+    cells = {(line.split("|")[6].strip(), line.split("|")[7].strip()): line.split("|")
+             for line in lines if line.startswith("|")}
+    assert cells[("fwdbwd", "cpu")][8].strip() == "492.500"
+    assert cells[("fwdbwd", "cpu")][11].strip() == "4.00x"
+    assert cells[("fwdbwd", "reference")][11].strip() == "1.00x"
+    assert cells[("fwd", "cpu")][8].strip() == "0.001"
+    assert cells[("fwd", "cpu")][11].strip() == ""  # no reference row for fwd
+    assert float(cells[("fwdbwd", "cpu")][10]) == pytest.approx(rows[1]["tflops"], abs=1e-3)
+    assert "- triton skipped at N=[64]: needs cuda" in text
+
+
+def test_single_size_plots_grouped_bars(tmp_path, monkeypatch):
+    """With one N the time plot is a group of bars per implementation, one bar per mode, each
+    mode with its own color and hatch and its height the median; with several N it has lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [_row(impl, mode, t * k) for impl, t in (("reference", 10.0), ("cpu", 2.0))
+            for k, mode in enumerate(cases.MODES, start=1)]
+    fig, ax = plt.subplots()
+    series = [("reference",), ("cpu",)]
+    runner._bars(ax, rows, series, [], "median_ms", ["C0", "C1", "C2"])
+    assert len(ax.patches) == len(series) * len(cases.MODES)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == list(cases.MODES)
+    by_mode = [ax.patches[i * 2:(i + 1) * 2] for i in range(len(cases.MODES))]
+    assert len({bars[0].get_hatch() for bars in by_mode}) == len(cases.MODES)
+    assert len({bars[0].get_facecolor() for bars in by_mode}) == len(cases.MODES)
+    assert [b.get_height() for b in by_mode[2]] == pytest.approx([30.0, 6.0])
+    plt.close(fig)
+
+    drawn = []
+    for name in ("_bars", "_lines"):
+        monkeypatch.setattr(runner, name, lambda *a, name=name: drawn.append(name))
+    runner.plot(rows, str(tmp_path / "one.png"), "one size")
+    runner.plot(rows + [_row("cpu", "fwd", 9.0, n=128)], str(tmp_path / "two.png"), "two sizes")
+    assert drawn == ["_bars", "_bars", "_lines", "_lines"]
+    assert (tmp_path / "one.png").stat().st_size > 0
