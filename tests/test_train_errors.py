@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from train_fakes import tiny_args, write_fake_cifar, write_fake_fashion
@@ -166,6 +167,42 @@ def test_corrupt_fashion_file_is_a_clear_error(tmp_path, capsys, case):
     assert err.startswith(f"rcl-train: error: {path}: ") and needle in err, err
 
 
+def _relabel(root, split, old, new):
+    path = os.path.join(root, f"{split}-labels-idx1-ubyte.gz")
+    labels = D.read_idx(path).copy()
+    labels[labels == old] = new
+    D.write_idx(path, labels)
+
+
+def _replace_test_set(root, images):
+    D.write_idx(os.path.join(root, "t10k-images-idx3-ubyte.gz"), images)
+    D.write_idx(os.path.join(root, "t10k-labels-idx1-ubyte.gz"), np.zeros(len(images), np.uint8))
+
+
+DATA_SET_CASES = {
+    # a class without training images reached the losses as a count of 0, naming no class
+    "class_missing_from_training": (lambda root: _relabel(root, "train", 3, 2),
+                                    "the training set has no image of class 3 (Dress); every "
+                                    "class needs at least one"),
+    # these trained and exited 0
+    "empty_test_set": (lambda root: _replace_test_set(root, np.zeros((0, 28, 28), np.uint8)),
+                       "the test set is empty"),
+    "test_images_of_another_size": (lambda root: _replace_test_set(root, np.zeros((5, 32, 32), np.uint8)),
+                                    "test images are [1, 32, 32] (channels, height, width) but "
+                                    "training images are [1, 28, 28]"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_SET_CASES)
+def test_unusable_data_set_is_a_clear_error(tmp_path, capsys, case):
+    corrupt, needle = DATA_SET_CASES[case]
+    root = write_fake_fashion(tmp_path / "fm", per_class_train=24, per_class_test=3)
+    corrupt(root)
+    assert main(tiny_args(root, tmp_path / "out", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err == f"rcl-train: error: fmnist-lt in {root}: {needle}\n", err
+
+
 CIFAR_CASES = {
     "truncated_pickle": ("train", lambda p: _truncate(p), "not a readable CIFAR python pickle"),
     "missing_key": ("train", lambda p: _rewrite_pickle(p, lambda d: d.pop(b"fine_labels")),
@@ -174,7 +211,32 @@ CIFAR_CASES = {
                                  lambda p: _rewrite_pickle(p, lambda d: d[b"fine_labels"].__setitem__(3, 100)),
                                  "label 100 at position 3 is out of range 0..99"),
     "wrong_image_size": ("test", lambda p: _rewrite_pickle(p, lambda d: d.__setitem__(b"data", d[b"data"][:, :3000])),
-                         "expected data [n, 3072]"),
+                         "'data': expected data [n, 3072]"),
+    # pixels that are not uint8 were converted: [0, 1] floats became black images, 300 wrapped to 44
+    "float_pixels": ("train", lambda p: _rewrite_pickle(
+        p, lambda d: d.__setitem__(b"data", d[b"data"].astype("float32") / 255)),
+        "'data': expected uint8 pixels 0..255, got dtype float32"),
+    "pixels_above_255": ("test", lambda p: _rewrite_pickle(
+        p, lambda d: d.__setitem__(b"data", d[b"data"].astype("int64") + 300)),
+        "'data': expected uint8 pixels 0..255, got dtype int64"),
+    "pixels_as_a_list": ("test", lambda p: _rewrite_pickle(
+        p, lambda d: d.__setitem__(b"data", d[b"data"].tolist())),
+        "'data': expected a NumPy array of uint8 pixels, got list"),
+    # labels that are not integers were truncated (96.7 -> 96) or crashed the conversion
+    "float_label": ("train", lambda p: _rewrite_pickle(p, lambda d: d[b"fine_labels"].__setitem__(3, 96.7)),
+                    "'fine_labels': label at position 3 is 96.7 (float); expected an integer 0..99"),
+    "labels_none": ("train", lambda p: _rewrite_pickle(p, lambda d: d.__setitem__(b"fine_labels", None)),
+                    "'fine_labels': expected a list of integer labels, got NoneType"),
+    "labels_as_strings": ("test", lambda p: _rewrite_pickle(
+        p, lambda d: d.__setitem__(b"fine_labels", [str(v) for v in d[b"fine_labels"]])),
+        "'fine_labels': label at position 0 is '"),
+    "huge_label": ("train", lambda p: _rewrite_pickle(p, lambda d: d[b"fine_labels"].__setitem__(7, 2**70)),
+                   f"'fine_labels': label {2**70} at position 7 is out of range 0..99"),
+    "float_label_array": ("train", lambda p: _rewrite_pickle(
+        p, lambda d: d.__setitem__(b"fine_labels", np.array(d[b"fine_labels"], dtype=float))),
+        "'fine_labels': expected a 1-D array of integer labels, got dtype float64"),
+    "class_names_none": ("meta", lambda p: _rewrite_pickle(p, lambda d: d.__setitem__(b"fine_label_names", None)),
+                         "'fine_label_names': expected a list of class names"),
 }
 
 
@@ -189,6 +251,50 @@ def test_corrupt_cifar_file_is_a_clear_error(tmp_path, capsys, case):
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rcl-train: error: {path}: ") and needle in err, err
+
+
+class _RunsACommand:
+    """Pickles as a call of os.system: what a hostile data file would hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("name", ["meta", "train"])
+def test_cifar_pickle_cannot_run_code(tmp_path, capsys, name):
+    folder = write_fake_cifar(tmp_path / "data", num_classes=100, per_class_train=4, per_class_test=1)
+    marker = tmp_path / "marker"
+    path = os.path.join(folder, name)
+    _rewrite_pickle(path, lambda d: d.__setitem__(b"extra", _RunsACommand(f"touch {marker}")))
+    assert main(["--dataset", "cifar100-lt", "--data-root", str(tmp_path / "data"), "--arch", "resnet8",
+                 "--max-steps", "1", "--device", "cpu", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.startswith(f"rcl-train: error: {path}: refused: the pickle names ") and "system" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cifar_unpickler_reads_numpy_1_and_2_arrays():
+    """The real CIFAR files were written by NumPy 1 (numpy.core.multiarray); files written by
+    NumPy 2 name numpy._core.multiarray: both load, as do Python 3 bytes and NumPy scalars."""
+    import io
+    import pickletools
+
+    value = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, np.int64(2)],
+             b"name": b"batch"}
+    blob = pickle.dumps(value, protocol=2)
+    names = {arg for op, arg, _ in pickletools.genops(blob) if op.name == "GLOBAL"}
+    modern = next(n for n in names if n.endswith("multiarray _reconstruct")).split()[0]
+    legacy = "numpy.core.multiarray" if modern == "numpy._core.multiarray" else "numpy._core.multiarray"
+    for module in (modern, legacy):
+        got = D.CifarUnpickler(io.BytesIO(blob.replace(modern.encode(), module.encode())),
+                               encoding="bytes").load()
+        np.testing.assert_array_equal(got[b"data"], value[b"data"])
+        assert got[b"labels"] == [1, 2] and got[b"name"] == b"batch"
 
 
 def _drop_a_weight(path):

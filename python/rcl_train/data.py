@@ -147,21 +147,65 @@ def load_fashion_mnist(root: str | None = None):
             images(arrays["test_images"]), labels(arrays["test_labels"]), list(FMNIST_CLASSES))
 
 
-def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
+def check_labels(labels: np.ndarray, num_classes: int, path: str, field: str | None = None) -> None:
     """Every label must name a class: one out of range would silently vanish from the data."""
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{path}: label {int(labels[i])} at position {i} is out of range "
+        where = f"{path}: {field!r}" if field else path
+        raise ValueError(f"{where}: label {int(labels[i])} at position {i} is out of range "
                          f"0..{num_classes - 1} ({int(bad.sum())} such labels)")
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable that a CIFAR python file never holds."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # Python 3's pickle protocol 2 writes bytes as _codecs.encode(str, "latin1"); no other codec.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _RefusedGlobal(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_globals() -> dict:
+    """(module, name) -> object for what a pickled NumPy array or scalar names: the array
+    reconstructor, ndarray, dtype and the scalar constructor, under the module names of NumPy 1
+    (numpy.core) and NumPy 2 (numpy._core), so that files written by either load."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(module, "_reconstruct")] = reconstruct
+        table[(module, "scalar")] = scalar
+    return table
+
+
+_SAFE_GLOBALS = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR python pickle without running code: only dicts, lists, tuples, strings,
+    bytes, numbers and NumPy arrays (with their dtypes) come out; any other global the pickle
+    names (a function it would call, a class it would build) is refused before it is loaded."""
+
+    def find_class(self, module: str, name: str):
+        obj = _SAFE_GLOBALS.get((module, name))
+        if obj is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return obj
+
+
 def _unpickle(path: str) -> dict:
-    # A CIFAR batch is a pickled dict; any failure to read one (truncated, not a pickle) is
-    # reported with the file's name.
+    # A CIFAR batch is a pickled dict; any failure to read one (truncated, not a pickle, a
+    # global it may not name) is reported with the file's name.
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise ValueError(f"{path}: refused: the pickle names {e}, which a CIFAR python file never "
+                         "holds (only dicts, lists, strings, bytes, integers and NumPy arrays); "
+                         "it was not loaded") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable CIFAR python pickle ({error_reason(e)})") from e
     if not isinstance(d, dict):
@@ -176,16 +220,50 @@ def _key(d: dict, name: str, path: str):
     raise ValueError(f"{path}: no {name!r} entry (keys: {', '.join(map(repr, d))})")
 
 
+def _cifar_pixels(value, path: str) -> np.ndarray:
+    """The 'data' entry: uint8 rows of 3 x 32 x 32 pixels (converting other dtypes would wrap
+    values above 255 and turn [0, 1] floats into black images)."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{path}: 'data': expected a NumPy array of uint8 pixels, got "
+                         f"{type(value).__name__}")
+    if value.dtype != np.uint8:
+        raise ValueError(f"{path}: 'data': expected uint8 pixels 0..255, got dtype {value.dtype}")
+    if value.ndim != 2 or value.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data': expected data [n, 3072] (rows of 3 x 32 x 32 pixels), "
+                         f"got shape {list(value.shape)}")
+    return value
+
+
+def _cifar_labels(value, path: str, field: str, num_classes: int) -> np.ndarray:
+    """A label entry: a list (or 1-D integer array) of integers 0..num_classes-1; a float, a
+    string or None is refused rather than truncated or parsed."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise ValueError(f"{path}: {field!r}: expected a 1-D array of integer labels, got "
+                             f"dtype {value.dtype} and shape {list(value.shape)}")
+        labels = value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{path}: {field!r}: label at position {i} is {v!r} "
+                                 f"({type(v).__name__}); expected an integer 0..{num_classes - 1}")
+        labels = np.array(value, dtype=object)  # Python ints of any size until range-checked
+    else:
+        raise ValueError(f"{path}: {field!r}: expected a list of integer labels, got "
+                         f"{type(value).__name__}")
+    check_labels(labels, num_classes, path, field)
+    return labels.astype(np.int64)
+
+
 def _cifar_arrays(paths: list[str], label_key: str, num_classes: int):
     xs, ys = [], []
     for path in paths:
         b = _unpickle(path)
-        x = np.asarray(_key(b, "data", path), dtype=np.uint8)
-        y = np.asarray(_key(b, label_key, path), dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
+        x = _cifar_pixels(_key(b, "data", path), path)
+        y = _cifar_labels(_key(b, label_key, path), path, label_key, num_classes)
+        if y.shape != (x.shape[0],):
             raise ValueError(f"{path}: expected data [n, 3072] and {label_key} [n], got "
                              f"{list(x.shape)} and {list(y.shape)}")
-        check_labels(y, num_classes, path)
         xs.append(x)
         ys.append(y)
     x, y = np.concatenate(xs), np.concatenate(ys)
@@ -223,7 +301,10 @@ def load_cifar(num_classes: int, root: str | None):
     meta_path = os.path.join(base, meta_file)
     if os.path.isfile(meta_path):  # optional: class names only
         raw = _key(_unpickle(meta_path), names_key, meta_path)
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in raw):
+            raise ValueError(f"{meta_path}: {names_key!r}: expected a list of class names "
+                             f"(bytes or str), got {type(raw).__name__}")
+        names = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in raw]
         if len(names) != num_classes:
             raise ValueError(f"{meta_path}: {len(names)} class names in {names_key!r}, "
                              f"expected {num_classes}")
@@ -275,6 +356,23 @@ def stratified_limit(labels: torch.Tensor, num_classes: int, limit: int, seed: i
     return torch.sort(torch.cat(chosen)).values
 
 
+def check_splits(name: str, root, train_x, train_y, test_x, test_y, names) -> None:
+    """What training and evaluation need of the data: every class in the training set (a class
+    without images has no long-tail share and a count of 0 that the losses refuse), a test set,
+    and test images of the training images' size."""
+    counts = torch.bincount(train_y, minlength=len(names))
+    if (counts == 0).any():
+        missing = [f"{k} ({names[k]})" for k in torch.nonzero(counts == 0).flatten().tolist()]
+        raise ValueError(f"{name} in {root}: the training set has no image of class "
+                         f"{', '.join(missing)}; every class needs at least one")
+    if len(test_y) == 0:
+        raise ValueError(f"{name} in {root}: the test set is empty")
+    if tuple(test_x.shape[1:]) != tuple(train_x.shape[1:]):
+        raise ValueError(f"{name} in {root}: test images are {list(test_x.shape[1:])} "
+                         f"(channels, height, width) but training images are "
+                         f"{list(train_x.shape[1:])}")
+
+
 def load_dataset(name: str, root: str | None = None, imbalance: float = 100.0, seed: int = 0,
                  limit_train: int | None = None, limit_test: int | None = None) -> LTDataset:
     """Load `name` (fmnist-lt, cifar10-lt, cifar100-lt) and draw its long-tailed training subset."""
@@ -286,6 +384,7 @@ def load_dataset(name: str, root: str | None = None, imbalance: float = 100.0, s
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     num_classes = len(names)
+    check_splits(name, root, tx, ty, vx, vy, names)
     idx = long_tail_indices(ty, num_classes, imbalance, seed)
     tx, ty = tx[idx], ty[idx]
     if limit_train is not None:
