@@ -1,15 +1,11 @@
-"""Each fused backend's kernels behind one signature (`Kernels`): the op calls, with the split
-counts and row blocks that rcl_kernels.planner plans for them, and the kernel variants chosen by
-the environment.
-
-Kernel variants that no GPU has timed yet are opt-in, read once here (the measured kernels stay
-the default): RCL_KERNELS_TRITON_VARIANT names one of triton_lse.VARIANTS, and
-RCL_KERNELS_CUDA_VARIANT picks the cuda backend's streaming kernels (wmma, timed; mma, untimed).
+"""Each fused candidate's kernels behind one signature (`Kernels`): the op calls, with the split
+counts and row blocks that rcl_kernels.planner plans for them. Which candidate runs is
+rcl_kernels.backends' choice; a Triton variant reaches its op as an argument.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -126,23 +122,25 @@ def _cuda_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, 
     )
 
 
-TRITON_VARIANT = os.environ.get("RCL_KERNELS_TRITON_VARIANT", "default")
-
-
 def _triton_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-                    allow_tf32):
+                    allow_tf32, *, variant):
     return torch.ops.rcl_kernels.triton_lse_forward(
-        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
-        TRITON_VARIANT,
+        z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, variant,
     )
 
 
 def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
-                     scale, allow_tf32):
+                     scale, allow_tf32, *, variant):
     return torch.ops.rcl_kernels.triton_lse_backward(
         grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
-        allow_tf32, TRITON_VARIANT,
+        allow_tf32, variant,
     )
+
+
+def triton_streaming(variant: str) -> Kernels:
+    """The Triton kernels of one variant (a name in triton_lse.VARIANTS)."""
+    return Kernels(functools.partial(_triton_forward, variant=variant),
+                   functools.partial(_triton_backward, variant=variant))
 
 
 def _cuda_mma_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -175,7 +173,6 @@ def _cuda_mma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, l
     )
 
 
-CUDA_VARIANT = os.environ.get("RCL_KERNELS_CUDA_VARIANT", "wmma")
 CUDA_STREAMING = {
     # The wmma launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
     "wmma": Kernels(_cuda_forward, _cuda_backward, max_dim=4096),
@@ -184,4 +181,3 @@ CUDA_STREAMING = {
 
 
 CPU_STREAMING = Kernels(_cpu_forward, _cpu_backward)
-TRITON_STREAMING = Kernels(_triton_forward, _triton_backward)

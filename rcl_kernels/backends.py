@@ -1,37 +1,40 @@
-"""The backends: what each takes, why it refuses an input, the kernels it runs, and auto's choice.
+"""The backends and their candidates: what each takes, why it refuses an input, the kernels it runs,
+and auto's choice.
 
-A backend is one object that owns its kernels and its capability table (device types, dtypes,
-largest feature dimension, algorithms). `backend="auto"`, an explicit choice and the fused
-autograd all read the same object: a backend name is resolved once, in `select_backend`.
+A **candidate** is one (backend, algorithm, variant): a set of kernels with its capability, whether
+it is deterministic and the device types our runs have timed it on. Each backend owns its
+candidates here. A backend is named by the string `backend=`:
 
-Refusals list every reason (as xformers' `not_supported_reasons` does). `auto` picks the measured
-winner for the input; when no fused backend can take an input it warns once, naming why each one
-refused, before running the N x M reference, and raises instead when the reference would need
-more than REFERENCE_MEMORY_BUDGET_BYTES.
+    "cpu", "cuda", "triton", "reference"   the backend's default candidate for the input
+    "cpu:tiled", "cuda:streaming"           the backend's default variant of that algorithm
+    "triton:one-pass", "cuda:mma"           one variant (names: `candidate_names()`)
+
+RCL_KERNELS_TRITON_VARIANT and RCL_KERNELS_CUDA_VARIANT override which variant a bare
+"triton"/"cuda" (or "<backend>:streaming") means, for the whole process.
+
+Refusals list every reason (as xformers' `not_supported_reasons` does). `auto` takes the measured
+winner for the input (rcl_kernels.autotune: timing on the first call, the on-disk cache, a
+shipped table per GPU model, then the static order below); when no fused candidate can take an
+input it warns once, naming why each backend refused, before running the N x M reference, and
+raises instead when the reference would need more than REFERENCE_MEMORY_BUDGET_BYTES.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from . import _ops
 from ._dtypes import FLOATING, dtype_name, dtype_names
-from ._kernel_calls import (
-    CPU_STREAMING,
-    CUDA_STREAMING,
-    CUDA_VARIANT,
-    TILED,
-    TRITON_STREAMING,
-    TRITON_VARIANT,
-    Kernels,
-)
+from ._kernel_calls import CPU_STREAMING, CUDA_STREAMING, TILED, Kernels, triton_streaming
 
 ALGORITHMS = ("streaming", "tiled")
+REDUCTIONS = ("mean", "sum", "none")
 
 # Above this estimate of its N x M buffers, auto refuses to fall back to the reference (an
 # explicit backend="reference" still runs). 6 N x M matrices of the input dtype: logits, masks,
@@ -46,13 +49,46 @@ def reference_bytes(n: int, m: int, dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class Problem:
-    """What a backend is asked to run: N anchors against M columns of width d."""
+    """What a backend is asked to run: N anchors against M columns of width d; the reduction and
+    whether gradients are needed (None: not known to the caller, read as torch.is_grad_enabled())
+    are part of auto's tuning key."""
 
     device: torch.device
     dtype: torch.dtype
     rows: int
     columns: int
     dim: int
+    reduction: str = "mean"
+    needs_grad: bool | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (backend, algorithm, variant). `kernels` reads as a Backend's does ({algorithm:
+    Kernels}, {} for the reference), so the loss runs either alike."""
+
+    backend: str
+    algorithm: str | None  # None: the reference (no kernels)
+    variant: str
+    lse: Kernels | None = None
+    deterministic: bool = True
+    # The device types a run of ours has timed it on ("cuda": a GPU has timed it).
+    timed_on: tuple[str, ...] = ()
+    # Why it cannot run on this machine beyond its backend's reasons (e.g. an op not compiled).
+    requirement: Callable[[torch.device | None], str | None] | None = None
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.backend if self.lse is None else f"{self.backend}:{self.variant}"
+
+    @property
+    def fused(self) -> bool:
+        return self.lse is not None
+
+    @property
+    def kernels(self) -> dict[str, Kernels]:
+        return {self.algorithm: self.lse} if self.lse is not None else {}
 
 
 @dataclass(frozen=True)
@@ -61,11 +97,52 @@ class Backend:
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     availability: Callable[[torch.device | None], str | None]
-    kernels: Mapping[str, Kernels] = field(default_factory=dict)  # per algorithm; {} = reference
+    # Its candidates, built on first use (the Triton ones import triton).
+    make_candidates: Callable[[], tuple[Candidate, ...]] = tuple
+    # (environment variable, its default): the variant a bare name or "<name>:streaming" means.
+    variant_variable: tuple[str, str] | None = None
+
+    @functools.cached_property
+    def candidates(self) -> tuple[Candidate, ...]:
+        made = self.make_candidates()
+        return made or (Candidate(self.name, None, self.name, timed_on=("cpu", "cuda"),
+                                  description="plain PyTorch, N x M matrices: the oracle"),)
 
     @property
     def fused(self) -> bool:
-        return bool(self.kernels)
+        return any(c.fused for c in self.candidates)
+
+    def variant_override(self) -> str | None:
+        """The variant the environment names for this backend's streaming algorithm, if any."""
+        if self.variant_variable is None:
+            return None
+        variable, default = self.variant_variable
+        return os.environ.get(variable, default)
+
+    def variant_error(self) -> str | None:
+        name = self.variant_override()
+        if name is None or name in self.variants():
+            return None
+        return f"{self.variant_variable[0]}={name!r} is not one of {sorted(self.variants())}"
+
+    def variants(self) -> dict[str, Candidate]:
+        return {c.variant: c for c in self.candidates}
+
+    def default_candidates(self) -> dict[str, Candidate]:
+        """algorithm -> the candidate the backend runs for it, in the backend's order of
+        preference (its first candidates; the environment picks the streaming variant)."""
+        out: dict[str, Candidate] = {}
+        override = self.variant_override()
+        for c in self.candidates:
+            if c.algorithm == "streaming" and override is not None and override in self.variants():
+                c = self.variants()[override]
+            out.setdefault(c.algorithm, c)
+        return out
+
+    @property
+    def kernels(self) -> dict[str, Kernels]:
+        """algorithm -> the kernels of its default candidate ({} for the reference)."""
+        return {a: c.lse for a, c in self.default_candidates().items() if c.fused}
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -73,20 +150,29 @@ class Backend:
 
     def unavailable_reason(self, device: torch.device | None = None) -> str | None:
         """Why this backend cannot run on this machine (on `device`), or None."""
-        return self.availability(device)
+        return self.variant_error() or self.availability(device)
+
+    def candidate_reasons(self, problem: Problem, candidate: Candidate) -> list[str]:
+        """Why `candidate` cannot run `problem`, beyond its backend's device and dtype reasons."""
+        reasons = []
+        if candidate.lse is not None and candidate.lse.max_dim is not None \
+                and problem.dim > candidate.lse.max_dim:
+            reasons.append(f"its {candidate.algorithm} kernels ({candidate.name}) take feature dims "
+                           f"d <= {candidate.lse.max_dim}, got d={problem.dim}")
+        if candidate.requirement is not None and problem.device.type in self.device_types:
+            reason = candidate.requirement(problem.device)
+            if reason is not None:
+                reasons.append(reason)
+        return reasons
 
     def algorithm_reasons(self, problem: Problem, algorithm: str) -> list[str]:
         """Why this backend's `algorithm` cannot run `problem` (beyond device and dtype)."""
-        kernels = self.kernels.get(algorithm)
-        if kernels is None:
+        candidate = self.default_candidates().get(algorithm)
+        if candidate is None or not candidate.fused:
             return [f"it has the algorithms {self.algorithms or '(none)'}, not {algorithm!r}"]
-        if kernels.max_dim is not None and problem.dim > kernels.max_dim:
-            return [f"its {algorithm} kernels take feature dims d <= {kernels.max_dim}, got d={problem.dim}"]
-        return []
+        return self.candidate_reasons(problem, candidate)
 
-    def not_supported_reasons(self, problem: Problem, algorithm: str = "auto") -> list[str]:
-        """Every reason this backend cannot run `problem` with `algorithm` ("auto": with any of
-        its algorithms); empty when it can."""
+    def _device_reasons(self, problem: Problem) -> list[str]:
         reasons = []
         if problem.device.type not in self.device_types:
             reasons.append(f"it runs on {'/'.join(self.device_types)} tensors, got {problem.device.type}")
@@ -96,14 +182,24 @@ class Backend:
                 reasons.append(reason)
         if problem.dtype not in self.dtypes:
             reasons.append(f"it takes {dtype_names(self.dtypes)}, got {dtype_name(problem.dtype)}")
+        return reasons
+
+    def not_supported_reasons(self, problem: Problem, algorithm: str = "auto") -> list[str]:
+        """Every reason this backend cannot run `problem` with `algorithm` ("auto": with any of
+        its algorithms); empty when it can."""
+        reasons = self._device_reasons(problem)
         if algorithm != "auto":
             reasons += self.algorithm_reasons(problem, algorithm)
         elif self.fused and self.default_algorithm(problem) is None:
             reasons += [r for name in self.algorithms for r in self.algorithm_reasons(problem, name)]
         return reasons
 
+    def candidate_not_supported_reasons(self, problem: Problem, candidate: Candidate) -> list[str]:
+        """Every reason `candidate` (one of this backend's) cannot run `problem`."""
+        return self._device_reasons(problem) + self.candidate_reasons(problem, candidate)
+
     def default_algorithm(self, problem: Problem) -> str | None:
-        """The first algorithm (in the order of `kernels`) that can run `problem`."""
+        """The first algorithm (in the order of preference) that can run `problem`."""
         return next((a for a in self.algorithms if not self.algorithm_reasons(problem, a)), None)
 
 
@@ -113,9 +209,6 @@ class Backend:
 def _triton_unavailable_reason(device: torch.device | None) -> str | None:
     from . import triton_lse  # imports triton lazily itself; this import never fails
 
-    if TRITON_VARIANT not in triton_lse.VARIANTS:
-        return (f"RCL_KERNELS_TRITON_VARIANT={TRITON_VARIANT!r} is not one of "
-                f"{sorted(triton_lse.VARIANTS)}")
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return triton_lse.unavailable_reason(device)
@@ -125,9 +218,18 @@ def _cpu_unavailable_reason(device: torch.device | None) -> str | None:
     return _ops.EXTENSION_ERROR
 
 
+def _compiled_cuda_op(op: str) -> Callable[[torch.device | None], str | None]:
+    def reason(device: torch.device | None) -> str | None:
+        if _cuda_unavailable_reason(device) is not None:
+            return None  # the backend's own reason says why
+        if not _ops.compiled_kernel_for(op, "CUDA"):
+            return (f"rcl_kernels._C was built without the CUDA kernel of {op} (needs nvcc and a "
+                    "CUDA PyTorch at build time, or RCL_KERNELS_CUDA=1)")
+        return None
+    return reason
+
+
 def _cuda_unavailable_reason(device: torch.device | None) -> str | None:
-    if CUDA_VARIANT not in CUDA_STREAMING:
-        return f"RCL_KERNELS_CUDA_VARIANT={CUDA_VARIANT!r} is not one of {sorted(CUDA_STREAMING)}"
     if _ops.EXTENSION_ERROR is not None:
         return _ops.EXTENSION_ERROR
     if not _ops.compiled_kernel_for("cuda_lse_forward", "CUDA"):
@@ -140,23 +242,84 @@ def _cuda_unavailable_reason(device: torch.device | None) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# The candidates, each backend's in its order of preference (its first of an algorithm is the
+# default of that algorithm).
+# --------------------------------------------------------------------------------------------------
+def _cpu_candidates() -> tuple[Candidate, ...]:
+    return (
+        Candidate("cpu", "tiled", "tiled", TILED, timed_on=("cpu",),
+                  description="a GEMM per block of rows into a bounded workspace, one epilogue, two GEMMs"),
+        Candidate("cpu", "streaming", "streaming", CPU_STREAMING, timed_on=("cpu",),
+                  description="flash-style tiles with an online log-sum-exp"),
+    )
+
+
+def _cuda_candidates() -> tuple[Candidate, ...]:
+    return (
+        Candidate("cuda", "streaming", "wmma", CUDA_STREAMING["wmma"], timed_on=("cuda",),
+                  description="wmma tiles, split reductions summed in a fixed order"),
+        Candidate("cuda", "streaming", "mma", CUDA_STREAMING["mma"],
+                  requirement=_compiled_cuda_op("cuda_mma_lse_forward"),
+                  description="mma.sync with ldmatrix/cp.async, one-pass backward in semaphore order"),
+        Candidate("cuda", "tiled", "tiled", TILED, requirement=_compiled_cuda_op("tiled_lse_forward"),
+                  description="cuBLAS GEMMs per block of rows, a CUDA epilogue"),
+    )
+
+
+def _triton_candidates() -> tuple[Candidate, ...]:
+    from . import triton_lse
+
+    return tuple(
+        Candidate("triton", "streaming", name, triton_streaming(name),
+                  deterministic=variant.deterministic, timed_on=("cuda",) if name == "default" else (),
+                  description=f"Triton variant {name} ({triton_lse.Variant.__name__}: "
+                              f"backward {variant.backward})")
+        for name, variant in triton_lse.VARIANTS.items()
+    )
+
+
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         Backend("reference", ("cpu", "cuda"), FLOATING, lambda device: None),
-        # The algorithms of a backend in the order of preference: the measured winner first.
-        Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason,
-                {"tiled": TILED, "streaming": CPU_STREAMING}),
-        Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, {
-            "streaming": CUDA_STREAMING.get(CUDA_VARIANT, CUDA_STREAMING["wmma"]),
-            "tiled": TILED,
-        }),
+        Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason, _cpu_candidates),
+        Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, _cuda_candidates,
+                ("RCL_KERNELS_CUDA_VARIANT", "wmma")),
         # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).
         Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
-                _triton_unavailable_reason,
-                {"streaming": TRITON_STREAMING}),
+                _triton_unavailable_reason, _triton_candidates,
+                ("RCL_KERNELS_TRITON_VARIANT", "default")),
     )
 }
+
+# Candidates registered at run time (tests' deliberately wrong kernels; rcl_kernels.selftest's
+# --plugin): name -> (backend object it runs under, candidate).
+_EXTRA: dict[str, tuple[Backend, Candidate]] = {}
+
+
+def register_candidate(candidate: Candidate, backend: Backend | None = None) -> None:
+    """Add a candidate that is not one of a backend's own (a test's stand-in): selectable by its
+    name, listed by all_candidates(), never chosen by auto's static order."""
+    _EXTRA[candidate.name] = (backend or BACKENDS[candidate.backend], candidate)
+
+
+def all_candidates() -> list[tuple[Backend, Candidate]]:
+    """Every candidate of every backend, the registered ones last."""
+    return [(b, c) for b in BACKENDS.values() for c in b.candidates] + list(_EXTRA.values())
+
+
+def candidate_names() -> list[str]:
+    return [c.name for _, c in all_candidates()]
+
+
+def find_candidate(name: str) -> tuple[Backend, Candidate]:
+    """"cpu:tiled", "triton:one-pass", "reference" -> (backend, candidate); ValueError naming the
+    known names otherwise."""
+    for backend, candidate in all_candidates():
+        if candidate.name == name:
+            return backend, candidate
+    raise ValueError(f"backend: expected one of {candidate_names()}, got {name!r}")
 
 
 def available_backends() -> dict[str, str | None]:
@@ -165,29 +328,72 @@ def available_backends() -> dict[str, str | None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# auto: the measured winner per (device, dtype, size).
+# The static order: auto's fallback when nothing measured on this machine is at hand.
 # --------------------------------------------------------------------------------------------------
 # Largest N·M at which the N x M reference was measured faster than every fused backend on an
 # H100 (shared/gpu-runs/2026-11-26-h100.md: N = 512, M = 8,654, d = 1024, fp32: reference 2.22 ms,
 # cuda 13.1 ms, triton 27.5 ms; at N = 512, M = 1,512 in fp32 and bf16 likewise). At the next
 # measured size (N = 8,192, M = 9,192, d = 128, bf16) triton won (3.71 ms against 5.67 ms).
 _CUDA_REFERENCE_MAX_ENTRIES = 512 * 8654
+# CPU, BCL's own shape (N = 512, M = 1,512, d = 1024, fp32, forward + backward): on a 2-core AMD
+# EPYC the reference took 36.6 ms against tiled's 42.9 ms; on a 2-core Xeon 26.8 against 23.8
+# (bench/results/cpu-crossover.csv), and at N = 256 12.7 against 13.1. At d = 128 tiled wins
+# from N = 256 on both (2.1x at N = 512 on the Xeon), and at N = 4,096 by 7.4x on the EPYC. So
+# the reference goes first only where the product is small and wide: a tie at worst on either.
+_CPU_REFERENCE_MAX_ENTRIES = 512 * 1512
+_CPU_REFERENCE_MIN_DIM = 512
 
 
-def _auto_order(problem: Problem, allow_tf32: bool) -> list[tuple[str, str | None]]:
-    """(backend, algorithm) pairs in the order auto tries them, fastest measured first."""
+def static_order(problem: Problem, allow_tf32: bool) -> list[str]:
+    """Candidate names in the order auto tries them without measurements of this machine, fastest
+    measured first."""
+    entries = problem.rows * problem.columns
     if problem.device.type != "cuda":
-        # CPU (2-core Xeon, bench/results/): tiled 1.6-1.9x faster than streaming from N = 1,024 to
-        # 16,384, which was 5.7x faster than the reference at N = 4,096.
-        return [("cpu", "tiled"), ("triton", "streaming")]
-    fused = [("triton", "streaming"), ("cuda", "streaming")]
+        fused = ["cpu:tiled", "cpu:streaming", "triton:streaming"]
+        if entries <= _CPU_REFERENCE_MAX_ENTRIES and problem.dim >= _CPU_REFERENCE_MIN_DIM:
+            return ["reference"] + fused
+        return fused
+    fused = ["triton:streaming", "cuda:streaming"]
     if problem.dtype == torch.float32 and not allow_tf32:
         # fp32 "highest", N = 32,768: cuda 72.2 ms, triton 111.6 ms (same GPU run).
         fused.reverse()
     # Otherwise (bf16 at N = 8,192 to 1M, TF32 at N = 32,768) triton is 2.1-2.5x faster than cuda.
-    if problem.rows * problem.columns <= _CUDA_REFERENCE_MAX_ENTRIES:
-        return [("reference", None)] + fused
+    fused.append("cuda:tiled")
+    if entries <= _CUDA_REFERENCE_MAX_ENTRIES:
+        return ["reference"] + fused
     return fused
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving backend= and algorithm=.
+# --------------------------------------------------------------------------------------------------
+def resolve(name: str, algorithm: str = "auto") -> tuple[Backend, Candidate | None, str]:
+    """backend= and algorithm= -> (backend, its candidate or None for "choose by the input",
+    the algorithm asked for). Raises ValueError naming the argument."""
+    if algorithm != "auto" and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
+    backend_name, _, selector = name.partition(":")
+    if name in _EXTRA:
+        backend, candidate = _EXTRA[name]
+    elif backend_name not in BACKENDS or (selector == "" and ":" in name):
+        raise ValueError(f"backend: expected 'auto', one of {sorted(BACKENDS)} or a candidate "
+                         f"backend:variant ({', '.join(candidate_names())}), got {name!r}")
+    elif not selector:
+        return BACKENDS[backend_name], None, algorithm
+    elif selector in ALGORITHMS and selector not in BACKENDS[backend_name].variants():
+        if algorithm not in ("auto", selector):
+            raise ValueError(f"algorithm={algorithm!r} contradicts backend={name!r}")
+        return BACKENDS[backend_name], None, selector
+    else:
+        backend = BACKENDS[backend_name]
+        candidate = backend.variants().get(selector)
+        if candidate is None:
+            raise ValueError(f"backend={name!r}: {backend_name} has the variants "
+                             f"{sorted(backend.variants())} and the algorithms {ALGORITHMS}")
+    if algorithm not in ("auto", candidate.algorithm):
+        raise ValueError(f"algorithm={algorithm!r} contradicts backend={name!r} "
+                         f"(a {candidate.algorithm} candidate)")
+    return backend, candidate, algorithm
 
 
 @functools.cache
@@ -199,8 +405,9 @@ def _describe(refusals: dict[str, list[str]]) -> str:
     return "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in refusals.items())
 
 
-def _fallback_to_reference(problem: Problem, refusals: dict[str, list[str]]) -> tuple[Backend, None]:
-    reference_reasons = BACKENDS["reference"].not_supported_reasons(problem)
+def _fallback_to_reference(problem: Problem, refusals: dict[str, list[str]]) -> Candidate:
+    reference = BACKENDS["reference"]
+    reference_reasons = reference.not_supported_reasons(problem)
     if reference_reasons:
         refusals["reference"] = reference_reasons
         raise ValueError(f"backend='auto': no backend can run this input ({_describe(refusals)})")
@@ -213,37 +420,78 @@ def _fallback_to_reference(problem: Problem, refusals: dict[str, list[str]]) -> 
             "budget of auto; pass backend='reference' to run it anyway"
         )
     _warn_once(f"rcl_kernels: backend='auto' falls back to the N x M reference ({_describe(refusals)})")
-    return BACKENDS["reference"], None
+    return reference.candidates[0]
+
+
+def eligible_candidates(problem: Problem, algorithm: str = "auto") -> tuple[list[Candidate], dict]:
+    """The candidates auto may pick for `problem` (its own backends' candidates that can run it,
+    with `algorithm` if one is forced, deterministic ones only under
+    torch.use_deterministic_algorithms(True)), and every backend's reasons for the rest."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    eligible, refusals = [], {}
+    for backend in BACKENDS.values():
+        backend_reasons = backend._device_reasons(problem)
+        if backend_reasons:
+            refusals[backend.name] = backend_reasons
+            continue
+        for candidate in backend.candidates:
+            if algorithm != "auto" and candidate.algorithm != algorithm:
+                continue
+            reasons = backend.candidate_reasons(problem, candidate)
+            if deterministic and not candidate.deterministic:
+                reasons.append(f"{candidate.name} is not deterministic "
+                               "(torch.use_deterministic_algorithms is on)")
+            if reasons:
+                refusals.setdefault(backend.name, []).extend(reasons)
+            else:
+                eligible.append(candidate)
+    return eligible, refusals
+
+
+def choose_auto(problem: Problem, algorithm: str, allow_tf32: bool) -> Candidate:
+    """auto's candidate for `problem`: rcl_kernels.autotune's measured or cached pick among the
+    eligible candidates, else the first of the static order that can run it."""
+    from . import autotune
+
+    eligible, refusals = eligible_candidates(problem, algorithm)
+    if not any(c.fused for c in eligible):
+        if algorithm != "auto":
+            raise ValueError(f"algorithm={algorithm!r}: no backend can run it here ({_describe(refusals)})")
+        return _fallback_to_reference(problem, refusals)
+    order = [_default_name(n) for n in static_order(problem, allow_tf32)]
+    return autotune.choose(problem, allow_tf32, eligible, order)
+
+
+def _default_name(name: str) -> str:
+    """"triton:streaming" -> the name of triton's default streaming candidate here."""
+    backend_name, _, selector = name.partition(":")
+    if selector in ALGORITHMS:
+        candidate = BACKENDS[backend_name].default_candidates().get(selector)
+        return candidate.name if candidate is not None else name
+    return name
 
 
 def select_backend(
     name: str, algorithm: str, problem: Problem, allow_tf32: bool
-) -> tuple[Backend, str | None]:
-    """(backend, algorithm) for `name` ("auto" or one of BACKENDS) and `algorithm` ("auto" or one
-    of ALGORITHMS); the algorithm is None for the reference. Raises ValueError naming every
-    reason when the choice cannot run the problem."""
-    if algorithm != "auto" and algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm: expected 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
+) -> tuple[Candidate, str | None]:
+    """(candidate, algorithm) for `name` ("auto", a backend or a backend:variant candidate) and
+    `algorithm` ("auto" or one of ALGORITHMS); the algorithm is None for the reference. Raises
+    ValueError naming every reason when the choice cannot run the problem."""
     if name == "auto":
-        order = _auto_order(problem, allow_tf32)
-        if algorithm != "auto":  # a forced algorithm: the fused backends that have it
-            order = [(candidate, algorithm) for candidate, _ in order if candidate != "reference"]
-        refusals = {}
-        for candidate, candidate_algorithm in order:
-            backend = BACKENDS[candidate]
-            reasons = backend.not_supported_reasons(problem, candidate_algorithm or "auto")
-            if not reasons:
-                return backend, candidate_algorithm
-            refusals[candidate] = reasons
-        if algorithm != "auto":
-            raise ValueError(f"algorithm={algorithm!r}: no backend can run it here ({_describe(refusals)})")
-        return _fallback_to_reference(problem, refusals)
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    backend = BACKENDS[name]
+        if algorithm != "auto" and algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
+        candidate = choose_auto(problem, algorithm, allow_tf32)
+        return candidate, candidate.algorithm
+    backend, candidate, algorithm = resolve(name, algorithm)
+    if candidate is not None:
+        reasons = backend.candidate_not_supported_reasons(problem, candidate)
+        if reasons:
+            raise ValueError(f"backend={name!r} cannot run this input: {'; '.join(reasons)}")
+        return candidate, candidate.algorithm
     reasons = backend.not_supported_reasons(problem, algorithm)
     if reasons:
         raise ValueError(f"backend={name!r} cannot run this input: {'; '.join(reasons)}")
     if not backend.fused:
-        return backend, None
-    return backend, backend.default_algorithm(problem) if algorithm == "auto" else algorithm
+        return backend.candidates[0], None
+    chosen = backend.default_algorithm(problem) if algorithm == "auto" else algorithm
+    return backend.default_candidates()[chosen], chosen

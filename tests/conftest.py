@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -6,3 +9,11 @@ import torch
 # defined: set it before any test imports rcl_kernels.triton_lse.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests never read or write the user's tuning cache, and auto never times unless a test turns
+# it on (rcl_kernels.autotune): its choice is the static order, the same on every run. Child
+# processes the tests start inherit both.
+_CACHE = tempfile.mkdtemp(prefix="rcl-kernels-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["RCL_KERNELS_CACHE_DIR"] = _CACHE
+os.environ["RCL_KERNELS_AUTOTUNE"] = "0"

@@ -49,20 +49,23 @@ def test_explicit_backend_raises_with_every_reason():
 
 
 def test_auto_on_cpu_picks_the_measured_fused_backend():
-    backend, algorithm = select_backend("auto", "auto", problem(), allow_tf32=False)
-    assert (backend.name, algorithm) == ("cpu", "tiled")
-    backend, algorithm = select_backend("auto", "streaming", problem(), allow_tf32=False)
-    assert (backend.name, algorithm) == ("cpu", "streaming")
+    candidate, algorithm = select_backend("auto", "auto", problem(), allow_tf32=False)
+    assert (candidate.name, algorithm) == ("cpu:tiled", "tiled")
+    candidate, algorithm = select_backend("auto", "streaming", problem(), allow_tf32=False)
+    assert (candidate.name, algorithm) == ("cpu:streaming", "streaming")
+    # BCL's own shape (N = 512, M = 1,512, d = 1024): the reference ties or wins on both vendors.
+    candidate, _ = select_backend("auto", "auto", problem(rows=512, columns=1512, dim=1024), False)
+    assert candidate.name == "reference"
 
 
 def test_auto_on_cuda_follows_the_measured_crossover():
     """The order comes from the H100 run (shared/gpu-runs/2026-11-26-h100.md): the reference
     wins up to N·M = 512·8654, triton above it, cuda for fp32 "highest"."""
-    order = backends._auto_order
-    assert order(problem("cuda", rows=512, columns=8654), False)[0] == ("reference", None)
-    assert order(problem("cuda", torch.bfloat16, rows=8192, columns=9192), False)[0][0] == "triton"
-    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=False)[0][0] == "cuda"
-    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=True)[0][0] == "triton"
+    order = backends.static_order
+    assert order(problem("cuda", rows=512, columns=8654), False)[0] == "reference"
+    assert order(problem("cuda", torch.bfloat16, rows=8192, columns=9192), False)[0] == "triton:streaming"
+    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=False)[0] == "cuda:streaming"
+    assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=True)[0] == "triton:streaming"
 
 
 def test_auto_warns_once_before_falling_back_and_raises_above_the_budget(monkeypatch):
@@ -74,16 +77,16 @@ def test_auto_warns_once_before_falling_back_and_raises_above_the_budget(monkeyp
     backends._warn_once.cache_clear()
     small = problem(rows=100, columns=100)
     with pytest.warns(RuntimeWarning, match="falls back to the N x M reference.*cpu: switched off"):
-        backend, _ = select_backend("auto", "auto", small, allow_tf32=False)
-    assert backend.name == "reference"
+        candidate, _ = select_backend("auto", "auto", small, allow_tf32=False)
+    assert candidate.name == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
         select_backend("auto", "auto", small, allow_tf32=False)
     huge = problem(rows=65536, columns=66536)
     with pytest.raises(ValueError, match="GiB.*budget.*backend='reference'"):
         select_backend("auto", "auto", huge, allow_tf32=False)
-    backend, _ = select_backend("reference", "auto", huge, allow_tf32=False)  # explicit: runs
-    assert backend.name == "reference"
+    candidate, _ = select_backend("reference", "auto", huge, allow_tf32=False)  # explicit: runs
+    assert candidate.name == "reference"
     with pytest.raises(ValueError, match="algorithm='tiled'"):
         select_backend("auto", "tiled", small, allow_tf32=False)  # a forced algorithm never falls back
 
@@ -161,3 +164,66 @@ def test_cuda_variant_is_chosen_by_environment():
     assert results[""].startswith("4096")
     assert results["mma"].startswith("None")
     assert "RCL_KERNELS_CUDA_VARIANT='bogus'" in results["bogus"]
+
+
+def test_every_variant_is_selectable_by_argument():
+    """backend="<backend>:<variant>" picks one candidate; "<backend>:<algorithm>" the backend's
+    default variant of it; the candidate's algorithm is the one that runs."""
+    cuda = problem("cuda")
+    assert not backends.resolve("cuda:mma")[1].lse.max_dim  # the mma kernels take any d
+    for name in backends.candidate_names():
+        backend, candidate, _ = backends.resolve(name)
+        assert candidate is not None or name == "reference"
+        if candidate is not None:
+            assert candidate.name == name and candidate.backend == backend.name
+    assert backends.resolve("triton:one-pass")[1].variant == "one-pass"
+    assert backends.resolve("cuda:streaming") == (BACKENDS["cuda"], None, "streaming")
+    candidate, algorithm = select_backend("cpu:streaming", "auto", problem(), allow_tf32=False)
+    assert (candidate.name, algorithm) == ("cpu:streaming", "streaming")
+    reasons = BACKENDS["cuda"].candidate_not_supported_reasons(cuda, backends.resolve("cuda:mma")[1])
+    assert torch.cuda.is_available() or reasons
+
+
+@pytest.mark.parametrize("name, match", [
+    ("triton:no-such", "triton has the variants"),
+    ("gpu", "expected 'auto', one of"),
+    ("cpu:", "expected 'auto', one of"),
+])
+def test_a_bad_candidate_name_is_refused_with_the_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        select_backend(name, "auto", problem(), allow_tf32=False)
+
+
+def test_an_algorithm_that_contradicts_the_candidate_is_refused():
+    with pytest.raises(ValueError, match="contradicts backend='cpu:tiled'"):
+        select_backend("cpu:tiled", "streaming", problem(), allow_tf32=False)
+    with pytest.raises(ValueError, match="contradicts backend='triton:one-pass'"):
+        backends.resolve("triton:one-pass", "tiled")
+
+
+def test_candidates_say_whether_they_are_deterministic_and_timed():
+    names = {c.name: c for _, c in backends.all_candidates()}
+    assert not names["triton:one-pass-atomic"].deterministic
+    assert names["triton:one-pass"].deterministic and names["cuda:mma"].deterministic
+    assert names["triton:default"].timed_on == ("cuda",) and names["cuda:wmma"].timed_on == ("cuda",)
+    assert names["cuda:mma"].timed_on == () and names["triton:one-pass"].timed_on == ()
+    assert "cpu" in names["cpu:tiled"].timed_on
+
+
+@pytest.mark.triton_interpret
+def test_deterministic_mode_leaves_out_nondeterministic_candidates():
+    """torch.use_deterministic_algorithms(True): auto never considers an atomics variant."""
+    p = problem("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
+    if BACKENDS["triton"].unavailable_reason(p.device):
+        pytest.skip(f"triton: {BACKENDS['triton'].unavailable_reason(p.device)}")
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        _, refusals = backends.eligible_candidates(p)
+        assert any("triton:one-pass-atomic is not deterministic" in r for r in refusals["triton"])
+        eligible, _ = backends.eligible_candidates(problem())
+        assert all(c.deterministic for c in eligible)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _, refusals = backends.eligible_candidates(p)
+    assert not any("not deterministic" in r for r in refusals.get("triton", []))
