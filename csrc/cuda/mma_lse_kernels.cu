@@ -582,6 +582,67 @@ __device__ __forceinline__ void in_turn(int* sem, int turn, bool ordered, F&& bo
   }
 }
 
+// out[rows[h], col + 8n + e] = v[n][2h + e]·f[h] (+ its current value when `accumulate`), for
+// h, e < 2 and n < NT: an accumulator fragment's two rows and NT pairs of adjacent columns, where
+// col = the first column of the fragment + 2t. Elements at rows ≥ n_rows or columns ≥ n_cols are
+// skipped. Called in a block's turn: every load of the other blocks' sums is issued before the
+// first add and store, as pairs (8 or 16 bytes) where the fragment lies inside the matrix, so the
+// turn costs one load latency, not one per element.
+template <typename Acc, int NT>
+__device__ __forceinline__ void add_fragment(Acc* out, int64_t n_cols, const int64_t (&rows)[2],
+                                             int64_t n_rows, int64_t col,
+                                             const Acc (&v)[NT][4], const Acc (&f)[2],
+                                             bool accumulate) {
+  const bool inside = rows[0] < n_rows && rows[1] < n_rows && col + 8 * (NT - 1) + 2 <= n_cols &&
+                      n_cols % 2 == 0;  // even row length: every pair is 2·sizeof(Acc)-aligned
+  Acc cur[2][NT][2];
+  if (inside) {
+    if (accumulate) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+          rcl_mma::ldcg_pair(out + rows[h] * n_cols + col + 8 * n, cur[h][n][0], cur[h][n][1]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        Acc x = v[n][2 * h] * f[h], y = v[n][2 * h + 1] * f[h];
+        if (accumulate) x += cur[h][n][0], y += cur[h][n][1];
+        rcl_mma::st_pair(out + rows[h] * n_cols + col + 8 * n, x, y);
+      }
+    }
+    return;
+  }
+  // A fragment on the matrix's edge: element by element, still all loads first.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = rows[h] < n_rows && col + 8 * n + e < n_cols;
+        cur[h][n][e] = accumulate && ok ? rcl_mma::ldcg(out + rows[h] * n_cols + col + 8 * n + e)
+                                        : Acc(0);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const Acc x = v[n][2 * h + e] * f[h];
+        if (rows[h] < n_rows && col + 8 * n + e < n_cols)
+          out[rows[h] * n_cols + col + 8 * n + e] = accumulate ? cur[h][n][e] + x : x;
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward
 
@@ -873,48 +934,19 @@ __global__ void __launch_bounds__(C::kThreads)
       pv_smem<C, C::DZ_NT>(o, ps + m0, kc + n0, int(min64(C::BWD_COLS, max64(0, p.m - col0))),
                            groups_of_8(p.d - dv0 - n0, C::DZ_NT));
     }
+    const int64_t rows[2] = {row0 + m0 + g, row0 + m0 + g + 8};
+    const Acc f[2] = {rg[m0 + g] * a.c.scale, rg[m0 + g + 8] * a.c.scale};
     in_turn(a.dz_sems + tile * nd + ch, int(ct), true, [&] {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = m0 + g + 8 * h;
-        const int64_t i = row0 + r;
-        const Acc f = rg[r] * a.c.scale;
-#pragma unroll
-        for (int n = 0; n < C::DZ_NT; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int64_t dv = dv0 + n0 + 8 * n + 2 * t + e;
-            if (i < p.n && dv < p.d) {
-              Acc* dst = a.dz + i * p.d + dv;
-              const Acc v = o[n][2 * h + e] * f;
-              *dst = ct == 0 ? v : rcl_mma::ldcg(dst) + v;
-            }
-          }
-        }
-      }
+      add_fragment(a.dz, p.d, rows, p.n, dv0 + n0 + 2 * t, o, f, ct != 0);
     });
     zero(s);
   });
 
   // dk[columns, chunk ch], the row splits in split order.
   const Acc f = a.c.scale * g_norm;
-  in_turn(a.dk_sems + ct * nd + ch, split, a.splits > 1, [&] {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int n = 0; n < NO; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t dv = dv0 + 8 * n + 2 * t + e;
-          if (cols.idx[h] < p.m && dv < p.d) {
-            Acc* dst = a.dk + cols.idx[h] * p.d + dv;
-            const Acc v = dk[n][2 * h + e] * f;
-            *dst = split == 0 ? v : rcl_mma::ldcg(dst) + v;
-          }
-        }
-      }
-    }
-  });
+  const Acc fs[2] = {f, f};
+  in_turn(a.dk_sems + ct * nd + ch, split, a.splits > 1,
+          [&] { add_fragment(a.dk, p.d, cols.idx, p.m, dv0 + 2 * t, dk, fs, split != 0); });
 }
 
 // ----------------------------------------------------------------------------------------------

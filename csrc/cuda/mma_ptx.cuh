@@ -89,6 +89,9 @@ __device__ __forceinline__ int take_work(int* counter) { return atomicAdd(counte
 
 // Semaphores of the ordered accumulations: one thread waits (acquire) until *sem == value; one
 // thread publishes (release) after the block's writes (the caller puts __syncthreads around).
+// No fence before the release: in the PTX memory model the barrier orders every thread's writes
+// before thread 0's st.release.gpu (causality order is transitive), and the reader's
+// ld.acquire.gpu then observes them all — the pattern of CUTLASS's semaphore.
 __device__ __forceinline__ void sem_wait(const int* sem, int value) {
   int v;
   while (true) {
@@ -98,13 +101,30 @@ __device__ __forceinline__ void sem_wait(const int* sem, int value) {
   }
 }
 __device__ __forceinline__ void sem_release(int* sem, int value) {
-  __threadfence();
   asm volatile("st.global.release.gpu.b32 [%0], %1;\n" ::"l"(sem), "r"(value) : "memory");
 }
 
 // Loads of partial sums another block wrote: through L2, never a stale L1 line.
 __device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ double ldcg(const double* p) { return __ldcg(p); }
+// The same for two adjacent elements, one 8- or 16-byte load (p aligned to twice the element).
+__device__ __forceinline__ void ldcg_pair(const float* p, float& x, float& y) {
+  const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
+  x = v.x;
+  y = v.y;
+}
+__device__ __forceinline__ void ldcg_pair(const double* p, double& x, double& y) {
+  const double2 v = __ldcg(reinterpret_cast<const double2*>(p));
+  x = v.x;
+  y = v.y;
+}
+// Two adjacent elements, one store (p aligned to twice the element).
+__device__ __forceinline__ void st_pair(float* p, float x, float y) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void st_pair(double* p, double x, double y) {
+  *reinterpret_cast<double2*>(p) = make_double2(x, y);
+}
 
 // Host side.
 template <typename K>

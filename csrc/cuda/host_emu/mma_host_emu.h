@@ -655,6 +655,19 @@ inline void sem_release(int* sem, int value) {
 
 inline float ldcg(const float* p) { return *p; }
 inline double ldcg(const double* p) { return *p; }
+// The vector forms: the hardware faults on a pair that is not aligned to its size.
+template <typename T>
+inline void ldcg_pair(const T* p, T& x, T& y) {
+  RCL_EMU_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0, "pair access not aligned to its size");
+  x = p[0];
+  y = p[1];
+}
+template <typename T>
+inline void st_pair(T* p, T x, T y) {
+  RCL_EMU_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0, "pair access not aligned to its size");
+  p[0] = x;
+  p[1] = y;
+}
 
 template <typename K>
 inline cudaError_t set_max_dynamic_smem(K kernel, size_t bytes) {
