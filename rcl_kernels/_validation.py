@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import torch
 
-from ._dtypes import FLOATING, dtype_name
+from ._dtypes import FLOATING, accumulation_dtype, dtype_name
 
 REDUCTIONS = ("mean", "sum", "none")
+
+# The largest logit scale and logit term accepted: see check_logit_scale.
+LOGIT_LIMIT = torch.finfo(torch.float32).max / 2**24
 
 
 def check_tensor(name: str, value, *, dims: tuple[int, ...]) -> torch.Tensor:
@@ -33,10 +39,11 @@ def check_floating(name: str, value: torch.Tensor) -> None:
         )
 
 
-def check_same_device(name: str, value: torch.Tensor, features: torch.Tensor) -> None:
+def check_same_device(name: str, value: torch.Tensor, features: torch.Tensor,
+                      like: str = "features") -> None:
     if value.device != features.device:
         raise ValueError(
-            f"{name}: expected a tensor on {features.device} like features, got {value.device}"
+            f"{name}: expected a tensor on {features.device} like {like}, got {value.device}"
         )
 
 
@@ -47,27 +54,60 @@ def _real(name: str, value, expected: str) -> float:
     return float(value)
 
 
+# Range checks compare instead of calling math.isfinite: under torch.compile with dynamic=True a
+# Python float argument is a symbolic float, which a comparison turns into a guard and
+# math.isfinite cannot take. NaN fails every comparison, so `low < x < inf` also refuses NaN.
+
 def check_positive_number(name: str, value, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     number = _real(name, value, "a positive number")
-    if not math.isfinite(number) or number <= 0:
+    if not 0 < number < math.inf:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
     return number
 
 
 def check_nonnegative_number(name: str, value) -> float:
     number = _real(name, value, "a number >= 0")
-    if not math.isfinite(number) or number < 0:
+    if not 0 <= number < math.inf:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
     return number
 
 
 def check_real_number(name: str, value) -> float:
     number = _real(name, value, "a number")
-    if not math.isfinite(number):
+    if not -math.inf < number < math.inf:
         raise ValueError(f"{name}: expected a finite number, got {value}")
     return number
+
+
+def check_logit_scale(temperature: float, feature_scale: float) -> float:
+    """s = feature_scale² / temperature, refused when float32 logits could not carry it.
+
+    The kernels accumulate in float32 whatever the input dtype. With unit-norm features a logit
+    is at most s in size, and the positive term s·<z_i, Σ_{j∈Pos(i)} k_j> is at most s·M for M
+    columns; LOGIT_LIMIT keeps that finite for M up to 2**24 columns. A larger s gives ±Inf on
+    one backend and NaN on another, so it is refused here, the same for every backend.
+    feature_scale * feature_scale (not **2) for the check: a Python float power raises
+    OverflowError instead of returning inf."""
+    if not feature_scale * feature_scale / temperature <= LOGIT_LIMIT:
+        raise ValueError(
+            f"temperature, feature_scale: the logit scale feature_scale**2 / temperature = "
+            f"{feature_scale}**2 / {temperature} exceeds {LOGIT_LIMIT:.3g}, the largest that float32 "
+            "logits carry (float32 max / 2**24); raise temperature or lower feature_scale"
+        )
+    return feature_scale**2 / temperature
+
+
+def check_logit_term(name: str, value: float) -> float:
+    """A per-class logit term given as a Python float (a margin): at most LOGIT_LIMIT in size,
+    for the reason check_logit_scale gives."""
+    if not abs(value) <= LOGIT_LIMIT:
+        raise ValueError(
+            f"{name}: expected at most {LOGIT_LIMIT:.3g} in size, the largest logit term that "
+            f"float32 logits carry (float32 max / 2**24), got {value}"
+        )
+    return value
 
 
 def check_positive_int(name: str, value) -> int:
@@ -156,6 +196,19 @@ def integer_class_counts(counts) -> torch.Tensor:
     return as_int
 
 
+def check_class_weight(weight, num_classes: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-class rescaling weight as F.cross_entropy takes it: a 1-D floating tensor with one
+    entry per class (on the logits' device when logits are given; dtypes as F.cross_entropy
+    takes them, so that autocast works as for it)."""
+    weight = check_tensor("weight", weight, dims=(1,))
+    check_floating("weight", weight)
+    if weight.shape[0] != num_classes:
+        raise ValueError(f"weight: expected {num_classes} entries (one per class), got {weight.shape[0]}")
+    if logits is not None:
+        check_same_device("weight", weight, logits, "logits")
+    return weight
+
+
 def check_class_counts(counts, features: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     """Training-set class counts (a sequence or a 1-D tensor): finite and > 0, as float64 on the
     features' device. Sequences and CPU tensors are checked on the host; a GPU tensor by a
@@ -213,3 +266,67 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
         return
     in_range = ((labels >= 0) & (labels < num_classes)).all()
     torch._assert_async(in_range, f"labels: expected class indices in [0, {num_classes})")
+
+
+def refuse_jit_trace() -> None:
+    """torch.jit.trace would freeze what the argument checks and the class tables read from the
+    values (label ranges, the classes present, the backend's choice) into the trace."""
+    if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+        raise RuntimeError(
+            "rcl_kernels: torch.jit.trace cannot record these losses (their checks and class tables "
+            "depend on tensor values that a trace would freeze); use torch.compile, or torch.export "
+            "for a graph to save"
+        )
+
+
+def check_argument_order(features, labels, prototypes) -> None:
+    """BCL's BalSCL(cls_num_list, temperature) is called as (centers, features, targets); passed
+    to our (features, labels, centers) that puts floating [B, V, d] features in labels and
+    integer targets [B] in centers."""
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.dim() >= 2 \
+            and isinstance(prototypes, torch.Tensor) and prototypes.dim() == 1 \
+            and not prototypes.is_floating_point() and not prototypes.is_complex():
+        raise ValueError(
+            f"labels: got floating features of shape {tuple(labels.shape)} and centers: got integer "
+            f"labels of shape {tuple(prototypes.shape)}: this looks like BCL's BalSCL order "
+            "(centers, features, targets). rcl_kernels takes (features, labels, centers): call "
+            "bcl_loss(features, targets, centers) or BalancedContrastiveLoss(temperature)"
+            "(features, targets, centers)"
+        )
+
+
+# Row norms outside this range draw the one-time warning of warn_once_if_not_unit_norm.
+UNIT_NORM_RANGE = (0.5, 2.0)
+_unit_norm_warning = {"given": False}
+
+
+def warn_once_if_not_unit_norm(anchors: torch.Tensor) -> None:
+    """Warn once per process when a row's L2 norm is outside UNIT_NORM_RANGE: the losses expect
+    normalized features (SupCon, BCL and pytorch-metric-learning normalize them) and a scale of 5
+    multiplies every logit by 25. Checked only where reading the norms costs no device sync and
+    no graph break: CPU tensors in eager mode, outside torch.func transforms."""
+    if _unit_norm_warning["given"] or anchors.device.type != "cpu" or anchors.numel() == 0 \
+            or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(anchors):
+        return
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(anchors.detach(), dim=-1, dtype=accumulation_dtype(anchors.dtype))
+        low, high = (float(v) for v in torch.aminmax(norms))
+    if low < UNIT_NORM_RANGE[0] or high > UNIT_NORM_RANGE[1]:
+        _unit_norm_warning["given"] = True
+        warnings.warn(
+            f"features: row norms range over [{low:.3g}, {high:.3g}], far from 1; the losses expect "
+            "L2-normalized features: pass normalize=True or normalize them before the loss "
+            "(warned once)",
+            UserWarning,
+            stacklevel=_stacklevel_outside_package(),
+        )
+
+
+def _stacklevel_outside_package() -> int:
+    """The warnings.warn stacklevel of the first caller outside rcl_kernels (a preset, a module
+    and contrastive_loss itself sit at different depths)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 from . import fused, reference
 from ._dtypes import accumulation_dtype
 from ._validation import (
+    check_argument_order,
     check_class_counts,
     check_class_table,
+    check_class_weight,
     check_label_range,
+    check_logit_scale,
+    check_logit_term,
     check_nonnegative_number,
     check_positive_int,
     check_positive_number,
@@ -27,6 +31,8 @@ from ._validation import (
     check_labels,
     check_tensor,
     flatten_views,
+    refuse_jit_trace,
+    warn_once_if_not_unit_norm,
 )
 from .backends import Problem, select_backend
 from .distributed import gather_anchors
@@ -43,10 +49,13 @@ def _classes(num_classes, prototypes, tables, all_labels):
     if prototypes is not None:
         claims["prototypes"] = prototypes.shape[0]
     claims.update({name: table.shape[0] for name, table in tables.items() if table is not None})
-    if len(set(claims.values())) > 1:
-        raise ValueError(f"num_classes: the class counts implied by the arguments disagree: {claims}")
     if claims:
-        return next(iter(claims.values())), all_labels
+        # Compared pairwise, not through a set: under torch.compile with dynamic shapes a size is
+        # symbolic, and two sizes that are equal at run time are not equal as hashed objects.
+        first = next(iter(claims.values()))
+        if any(size != first for size in claims.values()):
+            raise ValueError(f"num_classes: the class counts implied by the arguments disagree: {claims}")
+        return first, all_labels
     if torch.compiler.is_compiling():
         raise ValueError(
             "num_classes: under torch.compile pass num_classes=, prototypes or a per-class table "
@@ -119,6 +128,7 @@ def contrastive_loss(
     algorithm: str = "auto",
     process_group=None,
     num_classes: int | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """The general class-balanced supervised contrastive loss of DESIGN §1.
 
@@ -138,17 +148,32 @@ def contrastive_loss(
     process_group: contrast local anchors with the anchors of every rank (rcl_kernels.distributed).
     num_classes: C when neither prototypes nor a per-class table gives it (needed under
     torch.compile); otherwise inferred from the labels.
+    normalize: L2-normalize the features and the prototypes (differentiably) before the loss, as
+    pytorch-metric-learning's losses do. Without it the losses expect unit-norm rows; for CPU
+    tensors in eager mode a warning says so once when some row's norm is outside [0.5, 2] (on a
+    GPU and under torch.compile that would cost a sync, so nothing is checked there).
+    Refused: a logit scale feature_scale**2 / temperature above float32's reach
+    (_validation.LOGIT_LIMIT), and torch.jit.trace (use torch.compile or torch.export).
     """
+    refuse_jit_trace()
+    check_argument_order(features, labels, prototypes)
     anchors, anchor_labels = flatten_views(features, labels, allow_empty=process_group is not None)
     prototypes = check_prototypes(prototypes, features)
     logit_bias = check_class_table("logit_bias", logit_bias, features, None)
     margins = check_class_table("margins", margins, features, None)
     temperature = check_positive_number("temperature", temperature)
     feature_scale = check_positive_number("feature_scale", feature_scale)
+    scale = check_logit_scale(temperature, feature_scale)
     base_temperature = check_positive_number("base_temperature", base_temperature, allow_none=True)
     check_reduction(reduction)
-    if not isinstance(class_averaging, bool):
-        raise TypeError(f"class_averaging: expected a bool, got {type(class_averaging).__name__}")
+    for name, flag in (("class_averaging", class_averaging), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if normalize:
+        anchors = F.normalize(anchors, dim=-1)
+        prototypes = None if prototypes is None else F.normalize(prototypes, dim=-1)
+    else:
+        warn_once_if_not_unit_norm(anchors)
 
     # Once, here: the fused path knows the columns are the anchors by identity (one gradient,
     # rounded once), which a later copy of the anchors alone would break.
@@ -174,7 +199,7 @@ def contrastive_loss(
     with _autocast_disabled(anchors.device.type):
         loss = _backend_loss(
             impl, algorithm, anchors, anchor_labels, columns, column_labels,
-            self_offset=self_offset, num_classes=num_classes, scale=feature_scale**2 / temperature,
+            self_offset=self_offset, num_classes=num_classes, scale=scale,
             logit_bias=logit_bias, margins=margins, class_averaging=class_averaging,
             allow_tf32=allow_tf32, reduction=reduction,
         )
@@ -247,8 +272,10 @@ def rcl_loss(
     With centers (RCL on BCL) the class-averaging and class-complement of BCL apply; with
     centers=None (standalone) there is no class averaging unless class_averaging=True.
     """
+    refuse_jit_trace()
+    check_argument_order(features, labels, centers)
     prior = class_prior(class_counts, features, None if centers is None else centers.shape[0])
-    tail_margin = check_nonnegative_number("tail_margin", tail_margin)
+    tail_margin = check_logit_term("tail_margin", check_nonnegative_number("tail_margin", tail_margin))
     margins = None
     if tail_margin > 0:
         margins = tail_margin * (prior.min() / prior) ** 0.25
@@ -272,9 +299,13 @@ def logit_adjusted_cross_entropy(
     labels: torch.Tensor,
     class_counts: Sequence[int] | torch.Tensor,
     tau: float = 1.0,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): CE(logits + τ·log π, labels), the
-    classification half of BCL's objective α·LA-CE + β·BCL."""
+    classification half of BCL's objective α·LA-CE + β·BCL. weight (a [C] per-class rescaling)
+    and reduction ("mean", "sum", "none") mean what they mean in F.cross_entropy."""
     logits = check_tensor("logits", logits, dims=(2,))
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits: expected a floating tensor, got {logits.dtype}")
@@ -283,6 +314,10 @@ def logit_adjusted_cross_entropy(
     labels = check_labels(labels, logits.shape[0], f"logits {tuple(logits.shape)} need one label per row")
     check_same_device("labels", labels, logits)
     tau = check_real_number("tau", tau)
+    check_reduction(reduction)
+    if weight is not None:
+        weight = check_class_weight(weight, logits.shape[1], logits)
     prior = class_prior(class_counts, logits, logits.shape[1])
     check_label_range(labels, logits.shape[1])
-    return F.cross_entropy(logits + (tau * torch.log(prior)).to(logits.dtype), labels)
+    return F.cross_entropy(logits + (tau * torch.log(prior)).to(logits.dtype), labels,
+                           weight=weight, reduction=reduction)

@@ -32,6 +32,10 @@ DOUBLE_BACKWARD_ERROR = (
     "create_graph=True followed by another backward, gradient penalties, nested torch.func.grad); "
     "use backend='reference' for those"
 )
+VMAP_ERROR = (
+    "rcl_kernels: the fused backends do not run under torch.vmap (their kernels take one batch "
+    "at a time); use backend='reference' inside vmap, or call the loss per batch"
+)
 
 
 class ClassTables(NamedTuple):
@@ -122,7 +126,16 @@ def _input_gradients(dz, dk, z, k):
     return dz.to(z.dtype), dk.to(k.dtype)
 
 
-class _NoSecondDerivative(torch.autograd.Function):
+class _FusedFunction(torch.autograd.Function):
+    """An autograd.Function around the kernels: torch.vmap over it raises VMAP_ERROR (PyTorch's
+    own message for a Function without a vmap rule names no way out)."""
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(VMAP_ERROR)
+
+
+class _NoSecondDerivative(_FusedFunction):
     """A step of the backward whose own derivative raises: the kernels have no second
     derivatives, and without this a second differentiation would silently see zeros. Its inputs
     include what its result depends on (z, k), so that a double backward meets it."""
@@ -150,7 +163,7 @@ class _ScaleSavedGradients(_NoSecondDerivative):
         return grad * dz, None if dk is None else grad * dk
 
 
-class _FusedPerAnchorLoss(torch.autograd.Function):
+class _FusedPerAnchorLoss(_FusedFunction):
     """Per-anchor losses [N] (0 where an anchor has no positive) and lse [N]. `k` is None when the
     columns are the anchors themselves (the columns' gradient then adds into the anchors')."""
 
@@ -188,7 +201,7 @@ class _FusedPerAnchorLoss(torch.autograd.Function):
         return *_input_gradients(dz, dk, z, k), None, None, None, None, None, None, None, None
 
 
-class _FusedWeightedSum(torch.autograd.Function):
+class _FusedWeightedSum(_FusedFunction):
     """Σ_i w_i·L_i for weights w known up front (a mean or a sum), with the gradient computed in
     the same pass as the forward by kernels.forward_backward: the backward only scales it."""
 
