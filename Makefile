@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: install test demo bench check-cuda clean
+.PHONY: install test demo bench check-cuda check-sass clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ check-cuda:
 	  $(NVCC) -std=c++20 -O2 -Xcompiler -pthread -Icsrc csrc/cuda/host_emu/$$t.cpp -o build/$$t && \
 	  build/$$t || exit 1; \
 	done
+
+# Compile-only checks of the Triton kernels' machine code for sm_90 (pipelined loops, no register
+# spills in the configs that run untuned): minutes on 2 cores, so not part of `make test`
+# (tests/test_kernel_sass.py runs its quick CUDA check there and skips these).
+check-sass: install
+	RCL_TEST_SASS=1 $(BIN)/python -m pytest -q tests/test_kernel_sass.py
 
 clean:
 	rm -rf build *.egg-info rcl_kernels/*.so $(VENV)

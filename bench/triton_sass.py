@@ -76,13 +76,11 @@ def problem_values(kernel: str, n: int, m: int, d: int) -> dict:
                 stride_zm=d, stride_km=d, N_KEY=T._bucket(n), M_KEY=T._bucket(m))
 
 
-def compile_one(job: dict) -> dict:
-    """Compile one kernel/variant/dtype/config for sm_90; return its row of the report."""
-    kernel, variant, dtype_name, shape_name, config_index = (
-        job["kernel"], job["variant"], job["dtype"], job["shape"], job["config"])
+def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, config):
+    """Compile `kernel` of `variant` at `shape` (N, M, d) with `config` for sm_90, as a launch
+    would: (the compiled kernel, ptxas's log). Raises what triton.compile raises."""
     dtype, allow_tf32 = DTYPES[dtype_name]
-    n, m, d = SHAPES[shape_name]
-    config = T.kernel_configs(kernel, variant, d)[config_index]
+    n, m, d = shape
     fn = T._KERNELS[kernel][0]
     values = problem_values(kernel, n, m, d)
     constexprs = dict(config.kwargs,
@@ -108,27 +106,65 @@ def compile_one(job: dict) -> dict:
             signature[name] = "i32"
             if values[name] % 16 == 0 and values[name] != 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
-               shape=shape_name, config=T.config_label(config))
     log = io.StringIO()
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcl-triton-sass-")
+    triton.knobs.nvidia.dump_ptxas_log = True
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return compiled, log.getvalue()
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one kernel/variant/dtype/config for sm_90; return its row of the report."""
+    kernel, variant, dtype_name, shape_name = (job["kernel"], job["variant"], job["dtype"],
+                                               job["shape"])
+    config = T.kernel_configs(kernel, variant, SHAPES[shape_name][2])[job["config"]]
+    row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
+               shape=shape_name, config=T.config_label(config))
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        compiled, log = compile_kernel(kernel, variant, dtype_name, SHAPES[shape_name], config)
     except Exception as error:  # a config that does not compile is a finding, not a crash
         row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return row
     row["compile_s"] = round(time.perf_counter() - start, 2)
-    ptx = compiled.asm["ptx"]
-    row.update(ptx_wgmma=ptx.count("wgmma.mma_async"), ptx_mma_sync=ptx.count("mma.sync"),
-               ptx_cvt_rna_tf32=ptx.count("cvt.rna.tf32.f32"))
+    row.update(ptx_counts(compiled.asm["ptx"]))
+    row.update(ttgir_counts(compiled.asm["ttgir"]))
     row.update(sass_counts(compiled.asm["cubin"]))
-    row.update(ptxas_usage(log.getvalue()))
+    row.update(ptxas_usage(log))
     row["shared_bytes"] = compiled.metadata.shared
     return row
+
+
+def ptx_counts(ptx: str) -> dict:
+    """Warpgroup MMA, mma.sync, TF32 roundings and the asynchronous copies of a pipelined loop
+    (cp.async, or TMA: cp.async.bulk) in the PTX."""
+    return dict(ptx_wgmma=ptx.count("wgmma.mma_async"), ptx_mma_sync=ptx.count("mma.sync"),
+                ptx_cvt_rna_tf32=ptx.count("cvt.rna.tf32.f32"),
+                ptx_cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.shared", ptx)),
+                ptx_tma=ptx.count("cp.async.bulk"))
+
+
+def ttgir_counts(ttgir: str) -> dict:
+    """ttgir_drains_in_loop: `async_wait {num = 0}` (wait for every copy in flight) in the body of
+    a loop that holds another loop: an inner loop's software pipeline drained and restarted on
+    every trip of the outer loop."""
+    stack, drains = [], 0  # one entry per open region: [is an scf.for, holds an scf.for]
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}") and stack:
+            stack.pop()
+        if "ttg.async_wait" in text and "num = 0 " in text:
+            drains += any(is_for and inner for is_for, inner in stack)
+        if text.endswith("{"):
+            is_for = "scf.for" in text
+            if is_for:
+                for frame in stack:
+                    frame[1] = frame[1] or frame[0]
+            stack.append([is_for, False])
+    return dict(ttgir_drains_in_loop=drains)
 
 
 def sass_counts(cubin: bytes) -> dict:
@@ -162,15 +198,17 @@ def tool(name: str) -> str:
     return found
 
 
-def plan(kernels, variants, dtypes, shapes) -> list[dict]:
+def plan(kernels, variants, dtypes, shapes, configs=None) -> list[dict]:
     """One job per distinct compiled kernel (triton_lse.kernel_builds), named by every variant
-    that runs it."""
+    that runs it; `configs`: only these indices into each kernel's autotune list."""
     jobs = []
     for shape in shapes:
         for dtype in dtypes:
             for kernel, names, config in T.kernel_builds(variants, SHAPES[shape][2],
                                                          *DTYPES[dtype], kernels):
                 index = T.kernel_configs(kernel, names[0], SHAPES[shape][2]).index(config)
+                if configs is not None and index not in configs:
+                    continue
                 jobs.append(dict(kernel=kernel, variant=names[0], variants=names, dtype=dtype,
                                  shape=shape, config=index))
     return jobs
@@ -178,7 +216,7 @@ def plan(kernels, variants, dtypes, shapes) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     columns = ["shape", "kernel", "variant", "dtype", "config", "ptx_wgmma", "sass_hgmma",
-               "sass_hmma", "sass_instructions", "registers", "spill_stores", "spill_loads",
+               "sass_hmma", "ptx_cp_async", "ptx_tma", "sass_instructions", "registers", "spill_stores", "spill_loads",
                "shared_bytes", "ptx_cvt_rna_tf32", "compile_s", "error"]
     table = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
@@ -210,13 +248,15 @@ def main(argv=None) -> int:
                         choices=sorted(DTYPES))
     parser.add_argument("--shapes", nargs="+", default=["bcl-n32768-d128", "inat-n512-d1024"],
                         choices=sorted(SHAPES))
+    parser.add_argument("--configs", nargs="+", type=int, metavar="INDEX",
+                        help="only these indices into each kernel's autotune configs (0: the "
+                             "one that runs when autotuning is off)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, help="also write the table here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     tool("cuobjdump")
-    triton.knobs.nvidia.dump_ptxas_log = True
-    jobs = plan(args.kernels, args.variants, args.dtypes, args.shapes)
+    jobs = plan(args.kernels, args.variants, args.dtypes, args.shapes, args.configs)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs))
     text = header() + format_table(rows) + "\n"
