@@ -1,6 +1,6 @@
 """The implementations the bench times, their inputs, and the work they do (public API only).
 
-An implementation is written `backend[:algorithm][{NAME=value,...}]`:
+An implementation is written `backend[:algorithm|:variant][{NAME=value,...}]`:
   backend    auto, reference, cpu, cuda, triton: rk.contrastive_loss's backends, called through the
              preset (rk.bcl_loss, rk.supcon_loss, rk.rcl_loss);
              reference_compile: the reference call under torch.compile;
@@ -8,11 +8,12 @@ An implementation is written `backend[:algorithm][{NAME=value,...}]`:
              the physical-limit proxy (our op does 4 of attention's 7 matrix products), GPU only;
              pml_supcon (pytorch-metric-learning SupConLoss, M = N) and infcl (Inf-CL
              cal_inf_loss), peers where installed.
-  :algorithm passed as algorithm= to the rk call ("auto", "streaming", "tiled"); without it the
+  :algorithm "auto", "streaming" or "tiled", passed as algorithm= to the rk call; without it the
              call has no algorithm= at all, so the same case runs on an API that lacks it.
-  {...}      environment variables of the case's subprocess, e.g.
-             `triton{RCL_KERNELS_TRITON_VARIANT=one-pass}` for a kernel variant selected through
-             the environment. Quote it in a shell: braces with a comma are brace-expanded.
+  :variant   any other name is one candidate, passed whole as backend=, e.g. `triton:one-pass`,
+             `cuda:mma` (names: python -m rcl_kernels.info).
+  {...}      environment variables of the case's subprocess, e.g. `auto{RCL_KERNELS_AUTOTUNE=0}`.
+             Quote it in a shell: braces with a comma are brace-expanded.
 
 Inputs follow the protocol of the first GPU run (shared/gpu-runs/2026-11-26-h100.md): features
 [N/2, 2, d] L2-normalized (two views; one view when N is odd), labels long-tailed over C classes
@@ -42,7 +43,8 @@ MATERIALIZING = ("reference", "reference_compile", "pml_supcon")
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TEMPERATURE = 0.1
 
-_IMPL = re.compile(r"^(?P<backend>[a-z_]+)(?::(?P<algorithm>[a-z_]+))?(?:\{(?P<env>[^{}]*)\})?$")
+_IMPL = re.compile(r"^(?P<backend>[a-z_]+)(?::(?P<algorithm>[a-z0-9_-]+))?(?:\{(?P<env>[^{}]*)\})?$")
+ALGORITHMS = ("auto", "streaming", "tiled")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -72,10 +74,11 @@ def parse_env(items, what: str = "--env") -> tuple[tuple[str, str], ...]:
 
 
 def parse_impl(text: str) -> Impl:
-    """'cuda:tiled{A=1,B=2}' -> Impl('cuda', 'tiled', (('A', '1'), ('B', '2')))."""
+    """'cuda:tiled{A=1,B=2}' -> Impl('cuda', 'tiled', (('A', '1'), ('B', '2'))); 'triton:one-pass'
+    -> Impl('triton', 'one-pass') (a variant where an algorithm would stand)."""
     match = _IMPL.match(text.strip())
     if not match:
-        raise ValueError("--backends: expected backend[:algorithm][{NAME=value,...}], "
+        raise ValueError("--backends: expected backend[:algorithm|:variant][{NAME=value,...}], "
                          f"got {text!r}")
     backend, algorithm = match["backend"], match["algorithm"]
     if backend not in KNOWN:
@@ -220,8 +223,10 @@ def build(impl: Impl, preset: str, n: int, d: int, c: int, dtype: str, device: s
     import rcl_kernels as rk
 
     kw = {"backend": "reference" if impl.backend == "reference_compile" else impl.backend}
-    if impl.algorithm:
+    if impl.algorithm in ALGORITHMS:
         kw["algorithm"] = impl.algorithm
+    elif impl.algorithm:  # one candidate, named whole
+        kw["backend"] = f"{impl.backend}:{impl.algorithm}"
     if preset == "bcl":
         def call(f, y, p):
             return rk.bcl_loss(f, y, p, temperature=TEMPERATURE, **kw)

@@ -1,257 +1,211 @@
 #!/usr/bin/env bash
-# One GPU session's check (no network; about 9 minutes of a 15-minute lease): build the extension
-# with its CUDA sources, benchmark the must-show rows of issues 11-13 with the protocol of
-# shared/gpu-runs/2026-11-26-h100.md (BCL preset, forward+backward, features [N/2, 2, d]
-# normalized, long-tailed labels, the flash-attention proxy), run the GPU tests, the crossover
-# sweep of the algorithms, the per-config Triton timings, compute-sanitizer on tiny cases, and
-# print a summary with every benchmark row last (Inf-CL rows where inf_cl is installed). Run from
+# One GPU session's device check, for a bare machine (torch + triton + nvcc; no network), run from
 # the repository root:
 #
-#     OUT=/some/dir bash bench/gpu_check.sh
+#     bash bench/gpu_check.sh             # about 8 minutes at most
+#     bash bench/gpu_check.sh --dry-run   # on any machine: check every script, flag, shape and
+#                                         # candidate name below, run nothing
 #
-# Steps run in order of value, so a run cut short still has the most important results: build;
-# the must-show rows (N = 32,768 and 8,192 bf16, BCL's training shapes, fp32/TF32, N = 131,072);
-# the GPU tests; the crossover sweep; N = 1,048,576; the Triton configs; compute-sanitizer; the
-# torch.compile baselines at BCL's shapes. Each step has its own timeout within a total budget
-# (GPU_CHECK_BUDGET_S, default 540 s); a failing or crashing step never stops the later ones.
-# Each step's status, exit code, time and log (<OUT>/<step>.log) go into <OUT>/summary.txt and
-# <OUT>/summary.tsv; the benchmark rows into <OUT>/<gpu>-gc-<step>.{json,csv,png}. Exit status:
-# 0 when every step that ran passed, 1 otherwise.
+# Ordered by what decides something, so a run cut short still has the most important answers:
+#   0. wheels   pytest, pytest-timeout, ninja, hypothesis from bench/wheels/ (bench/fetch_wheels.sh
+#               downloads them; the device tool carries the ignored folder), installed offline
+#   1. build    the extension with its CUDA sources for this GPU's architecture only
+#   2. selftest every candidate against the float64 oracle, each in its own process
+#               (python -m rcl_kernels.selftest; its verdicts decide what auto may time)
+#   3. untimed  the candidates no GPU has timed, at N = 32,768 bf16 d = 128 and at BCL's shapes
+#   4. timed    the timed candidates at the same shapes, then the crossover of the algorithms
+#   5. table    auto's choice tuned at the crossover shapes: the tuning table shipped for this GPU
+#   6. sanitize compute-sanitizer memcheck/racecheck on tiny odd cases
+# Each step has its own budget (seconds, below) within GPU_CHECK_BUDGET_S (default 480). A plan is
+# printed first and the budget left after each step. Plotting is never part of a step's status
+# (rows are written with --plot none; plots are drawn at the end where matplotlib is installed).
 #
-# Knobs (environment):
-#   OUT                  results folder (default ./gpu_check_out)
-#   PYTHON               interpreter (default: python, else python3)
-#   GPU_CHECK_BUDGET_S   total seconds (default 540)
-#   GPU_CHECK_FUSED      fused implementations benchmarked (default
-#                        triton,cuda,cuda:streaming,cuda:tiled,auto; bench/cases.py's syntax)
-#   GPU_CHECK_VARIANTS   the untimed kernel variants benchmarked beside them, chosen by
-#                        environment variables (default: the Triton presets forward-all, one-pass
-#                        and 3xtf32 through RCL_KERNELS_TRITON_VARIANT, and the cuda backend's
-#                        mma.sync kernels through RCL_KERNELS_CUDA_VARIANT=mma; empty: none)
-#   GPU_CHECK_TRITON_CONFIGS_ARGS  more arguments of bench/triton_configs.py
-#   GPU_CHECK_ARCHIVE    also pack <OUT> into this .tar.gz, a path outside OUT (for a machine
-#                        that hands back few files)
-#   TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0, so the build compiles one architecture)
-#   MAX_JOBS             build parallelism (default: nproc)
+# Output: bench/results/gpu-check-<UTC date>-<gpu>/ (OUT overrides it) with environment.log, each
+# step's log, summary.{txt,tsv}, the benchmark rows <gpu>-gc-<step>.{json,csv}, selftest.json, and
+# tuning/<model>.json, also copied to rcl_kernels/tuning/ where auto reads it. Exit status 0 when
+# every step that ran passed, 1 otherwise.
+#
+# Knobs (environment): OUT, PYTHON, GPU_CHECK_BUDGET_S, WHEELS_DIR (default bench/wheels),
+# TORCH_CUDA_ARCH_LIST (default: GPU 0's), MAX_JOBS (default nproc).
 set -uo pipefail
+cd "$(dirname "$0")/.."
 
-OUT="${OUT:-$PWD/gpu_check_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h | --help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (expected --dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
+
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-BUDGET="${GPU_CHECK_BUDGET_S:-540}"
-FUSED="${GPU_CHECK_FUSED:-triton,cuda,cuda:streaming,cuda:tiled,auto}"
-UNTIMED_VARIANTS="triton{RCL_KERNELS_TRITON_VARIANT=forward-all},triton{RCL_KERNELS_TRITON_VARIANT=one-pass},triton{RCL_KERNELS_TRITON_VARIANT=3xtf32},cuda{RCL_KERNELS_CUDA_VARIANT=mma}"
-VARIANTS="${GPU_CHECK_VARIANTS-$UNTIMED_VARIANTS}"
-[[ -n "$VARIANTS" ]] && FUSED="$FUSED,$VARIANTS"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+WHEELS="${WHEELS_DIR:-bench/wheels}"
+STAMP="$(date -u +%Y-%m-%dT%H%MZ)"
+GPU_SLUG="$( (timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo nogpu) | head -n 1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')"
+OUT="${OUT:-bench/results/gpu-check-$STAMP-$GPU_SLUG}"
+
+# The shapes and candidates every step uses (bench/cases.py's syntax); --dry-run checks them all.
+UNTIMED="triton:exp2,triton:exp2-lean,triton:exp2-lean-resident,triton:forward-all,triton:forward-all-grouped,triton:one-pass,triton:one-pass-atomic,triton:3xtf32,cuda:mma,cuda:tiled"
+TIMED="triton:default,cuda:wmma,auto,reference"
+BIG_SHAPE="32768:128:1000"
+BCL_SHAPES="512:1024:1000 512:1024:8142 512:128:100"
+CROSSOVER_SIZES="256 512 1024 2048 4096 8192 16384"
+CROSSOVER_D="128 1024"
+TABLE_SHAPES="256:128:1000 1024:128:1000 4096:128:1000 16384:128:1000 512:1024:1000 2048:1024:1000 8192:1024:1000"
+
+# name|seconds|command: the steps in order. bench_loss steps write rows only (--plot none).
+BENCH="$PY bench/bench_loss.py --device cuda --isolation env --case-timeout 100 --plot none --modes fwdbwd"
+STEPS=(
+  "wheels|20|$PY -m pip install --no-index --find-links $WHEELS --quiet pytest pytest-timeout ninja hypothesis"
+  "build|110|$PY -m pip install --no-index --no-build-isolation --no-deps -e ."
+  "selftest|75|$PY -m rcl_kernels.selftest --device cuda --jobs 8 --timeout 70 --json OUT/selftest.json"
+  "untimed-n32k|35|$BENCH --out OUT --tag gc-untimed-n32k --shapes $BIG_SHAPE --dtypes bf16 --backends $UNTIMED"
+  "untimed-bcl|35|$BENCH --out OUT --tag gc-untimed-bcl --shapes $BCL_SHAPES --dtypes fp32 bf16 --backends $UNTIMED"
+  "timed-n32k|25|$BENCH --out OUT --tag gc-timed-n32k --shapes $BIG_SHAPE --dtypes bf16 --backends $TIMED,flash_sdpa"
+  "timed-bcl|25|$BENCH --out OUT --tag gc-timed-bcl --shapes $BCL_SHAPES --dtypes fp32 bf16 --backends $TIMED"
+  "crossover|60|$BENCH --out OUT --tag gc-crossover --sizes $CROSSOVER_SIZES --d $CROSSOVER_D --C 1000 --dtypes bf16 fp32 --rep-ms 50 --backends cuda:streaming,cuda:tiled,triton,auto,reference"
+  "table|45|$PY -m rcl_kernels.autotune --device cuda --dtypes bfloat16 float32 --table OUT/tuning/TABLE.json --shapes $TABLE_SHAPES"
+  "sanitize|45|bash bench/gpu_sanitize.sh OUT"
+)
+
+plan_total=0
+echo "gpu_check plan ($( ((DRY_RUN)) && echo 'dry run, nothing runs' || echo "budget ${BUDGET} s"); output $OUT):"
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name seconds command <<<"$step"
+  plan_total=$((plan_total + seconds))
+  printf '  %-13s %4s s  %s\n' "$name" "$seconds" "$(cut -c1-150 <<<"$command")"
+done
+echo "  total         ${plan_total} s of ${BUDGET} s"
+
+# ---------------------------------------------------------------- --dry-run: check, run nothing
+if ((DRY_RUN)); then
+  failed=0
+  ((plan_total <= BUDGET)) || { echo "error: the steps' budgets add to ${plan_total} s, over ${BUDGET} s"; failed=1; }
+  for script in bench/bench_loss.py bench/cases.py bench/gpu_sanitize.sh bench/fetch_wheels.sh \
+    rcl_kernels/selftest.py rcl_kernels/autotune.py rcl_kernels/info.py setup.py; do
+    [[ -f "$script" ]] || { echo "error: $script does not exist"; failed=1; }
+  done
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name seconds command <<<"$step"
+    read -ra words <<<"${command//OUT/$OUT}"
+    case "${words[1]}" in
+      bench/bench_loss.py)
+        "$PY" - "${words[@]:2}" <<'EOF' || { echo "error: step $name"; failed=1; }
+import sys
+sys.path.insert(0, "bench")
+import bench_loss, cases
+from rcl_kernels import backends
+args = bench_loss.parse_args(sys.argv[1:])
+shapes = bench_loss.grid(args, "cuda")
+for text in cases.split_list(args.backends):
+    impl = cases.parse_impl(text)
+    if impl.backend in cases.RK_BACKENDS and impl.backend != "auto":
+        backends.resolve(impl.backend + (f":{impl.algorithm}" if impl.algorithm else ""))
+print(f"  ok: bench_loss {len(shapes)} shapes, {len(cases.split_list(args.backends))} implementations")
+EOF
+        ;;
+      -m)
+        case "${words[2]}" in
+          rcl_kernels.selftest) "$PY" -m rcl_kernels.selftest "${words[@]:3}" --check-args ;;
+          rcl_kernels.autotune) "$PY" -m rcl_kernels.autotune "${words[@]:3}" --dry-run ;;
+          pip) "$PY" -m pip --version >/dev/null && echo "  ok: pip ($name)" ;;
+          *) false ;;
+        esac || { echo "error: step $name: ${words[*]:0:4}"; failed=1; }
+        ;;
+      *)
+        [[ -f "${words[1]}" ]] && echo "  ok: ${words[1]}" || { echo "error: step $name: ${words[1]} missing"; failed=1; }
+        ;;
+    esac
+  done
+  if [[ -d "$WHEELS" ]]; then
+    echo "  wheels: $(du -sm "$WHEELS" | cut -f1) MiB in $WHEELS"
+  else
+    echo "  note: $WHEELS is missing; run bash bench/fetch_wheels.sh before carrying the tree to a GPU"
+  fi
+  ((failed)) && echo "gpu_check --dry-run: FAILED" || echo "gpu_check --dry-run: ok"
+  exit "$failed"
+fi
+
+# ---------------------------------------------------------------- the run
+mkdir -p "$OUT/tuning"
 START=$(date +%s)
 SUMMARY_TSV="$OUT/summary.tsv"
 printf 'step\tstatus\trc\tseconds\tlog\n' >"$SUMMARY_TSV"
 ANY_FAILED=0
-export PYTHONUNBUFFERED=1
-
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 RCL_KERNELS_CACHE_DIR="$OUT/cache"
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# run_step NAME MAX_SECONDS CMD...: run CMD with a timeout of min(MAX_SECONDS, budget left),
-# log to $OUT/NAME.log, record the outcome, never abort the script.
-run_step() {
-  local name="$1" max="$2"
-  shift 2
-  local log="$OUT/$name.log" left t rc=0 t0 status
-  left=$(($(remaining) - 15)) # keep time for the summary
-  if ((left < 20)); then
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "skipped (budget)" "-" "0" "-" >>"$SUMMARY_TSV"
-    echo "== $name: skipped, $left s of the budget left"
-    ANY_FAILED=1
-    return 0
-  fi
-  t=$((max < left ? max : left))
-  echo "== $name (timeout ${t}s): $(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-200)"
-  t0=$(date +%s)
-  timeout -k 10 "$t" "$@" >"$log" 2>&1 || rc=$?
-  case "$rc" in
-    0) status="ok" ;;
-    124 | 137) status="timeout" ;;
-    *) status="failed" ;;
-  esac
-  [[ "$status" == ok ]] || ANY_FAILED=1
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$log" >>"$SUMMARY_TSV"
-  echo "   -> $status (rc $rc), last lines:"
-  tail -n 5 "$log" | sed 's/^/   | /' || true
-  return 0
-}
-
-note_step() { # note_step NAME STATUS MESSAGE: a step that did not run, with why
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "-" "0" "-" >>"$SUMMARY_TSV"
-  echo "== $1: $2 ($3)"
-  echo "$3" >"$OUT/$1.log"
-}
-
-# bench NAME MAX_SECONDS ARGS...: one bench/bench_loss.py run, rows in $OUT/<gpu>-gc-NAME.*.
-# One worker per environment (not per case): each start costs seconds of the lease.
-bench() {
-  local name="$1" max="$2"
-  shift 2
-  run_step "bench-$name" "$max" "$PY" bench/bench_loss.py --device cuda --out "$OUT" \
-    --tag "gc-$name" --isolation env --case-timeout 100 "$@"
-}
-
-# ---------------------------------------------------------------- environment
 {
   echo "date: $(date -u)"
-  echo "python: $PY ($(timeout 30 "$PY" --version 2>&1))"
+  echo "python: $PY ($("$PY" --version 2>&1))"
   timeout 30 nvidia-smi || echo "nvidia-smi failed"
   command -v nvcc >/dev/null && timeout 30 nvcc --version || echo "nvcc not on PATH"
-  timeout 60 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" || true
-  timeout 60 "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton not importable"
   lscpu | grep -i 'model name' || true
   git log -1 --format='commit %H %s' 2>/dev/null || true
   git status --short 2>/dev/null | head -50 || true
 } >"$OUT/environment.log" 2>&1
-
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   cap="$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ' || true)"
   [[ -n "$cap" ]] && export TORCH_CUDA_ARCH_LIST="$cap"
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# ---------------------------------------------------------------- 1. build (C++ + CUDA sources)
-# Its time is issue 13's build-time figure (one architecture).
-run_step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
-timeout 60 "$PY" -c "import rcl_kernels as rk; print(rk.available_backends())" >"$OUT/backends.log" 2>&1
-
-# ---------------------------------------------------------------- 2. the must-show rows
-# Issues 11 and 13: N = 32,768 bf16 d = 128 (each pass, against the flash proxy and eager).
-bench n32k-bf16 120 --shapes 32768:128:1000 --dtypes bf16 --modes fwd,bwd,fwdbwd \
-  --backends "$FUSED,reference,flash_sdpa,infcl"
-# Issue 11: N = 8,192 (against torch.compile of the formula) and issue 12's last row.
-bench n8k-bf16 120 --shapes 8192:128:1000 --dtypes bf16 --modes fwdbwd \
-  --backends "$FUSED,reference,reference_compile,flash_sdpa,infcl"
-# Issue 12: BCL's training shapes (ImageNet-LT, iNaturalist, CIFAR-100), fp32 "highest" and bf16.
-bench bcl-shapes 120 --shapes 512:1024:1000 512:1024:8142 512:128:100 --dtypes fp32 bf16 \
-  --modes fwdbwd --backends "$FUSED,reference"
-# Issues 11 and 13: fp32 at TF32 and "highest", N = 32,768.
-bench n32k-fp32 90 --shapes 32768:128:1000 --dtypes tf32 fp32 --modes fwdbwd \
-  --backends "$FUSED,reference"
-# Issues 11 and 13: N = 131,072 bf16.
-bench n131k-bf16 90 --shapes 131072:128:1000 --dtypes bf16 --modes fwdbwd \
-  --backends "$FUSED,flash_sdpa,infcl"
-
-# ---------------------------------------------------------------- 3. GPU tests
-# Triton kernels with their first config only (autotuning every shape of the suite would cost
-# minutes of compiles). With pytest-xdist a crashing test (a segfault) takes down one worker,
-# which is replaced, instead of the whole run.
-pytest_args=(-q -m gpu -p no:cacheprovider -rfEs --junitxml "$OUT/pytest-gpu.xml")
-if timeout 30 "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
-  pytest_args+=(--timeout 120)
-fi
-if timeout 30 "$PY" -c "import xdist" >/dev/null 2>&1; then
-  pytest_args+=(-n 4) # 16 cores compile the Triton kernels; the tests are small for the GPU
-fi
-run_step pytest-gpu 180 env RCL_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m pytest "${pytest_args[@]}"
-
-# ---------------------------------------------------------------- 4. crossover sweep
-# Issue 12: time against N for each algorithm at fixed d, C and dtype, for auto's crossovers.
-bench crossover 150 --sizes 256 512 1024 2048 4096 8192 16384 --d 128 1024 --C 1000 \
-  --dtypes bf16 fp32 --modes fwdbwd --rep-ms 100 --plot crossover \
-  --backends "cuda:streaming,cuda:tiled,triton,auto,reference"
-
-# ---------------------------------------------------------------- 5. N = 1,048,576
-# Issue 11's largest row: one warm-up call; do_bench's own estimate and repeat calls are the rest.
-bench n1m-bf16 120 --shapes 1048576:128:1000 --dtypes bf16 --modes fwdbwd --warmup 1 \
-  --rep-ms 1 --backends "triton,cuda"
-
-# ---------------------------------------------------------------- 6. Triton configs
-# Issue 11: each autotune config's time per kernel and variant at N = 32,768 bf16
-# (bench/triton_configs.py; its whole plan takes 8-10 minutes, a session of its own:
-# --budget-s 600); GPU_CHECK_TRITON_CONFIGS_ARGS adds arguments.
-# shellcheck disable=SC2086  # a list of words on purpose
-run_step triton-configs 90 "$PY" bench/triton_configs.py --out "$OUT/triton-configs.json" \
-  --budget-s 75 --shapes bcl-n32768-d128 --dtypes bf16 \
-  --variants default forward-all one-pass one-pass-atomic ${GPU_CHECK_TRITON_CONFIGS_ARGS:-}
-
-# ---------------------------------------------------------------- 7. compute-sanitizer
-SANITIZER="$(command -v compute-sanitizer || true)"
-if [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
-  SANITIZER=/usr/local/cuda/bin/compute-sanitizer
-fi
-# Tiny odd sizes through the public API, forward and backward, fp32 and bf16, each algorithm the
-# backend takes (an algorithm it refuses is reported and skipped).
-SANITIZER_CASE='
-import sys
-import torch
-import torch.nn.functional as F
-import rcl_kernels as rk
-backend = sys.argv[1]
-for algorithm in (None, "streaming", "tiled"):
-    kw = {} if algorithm is None else {"algorithm": algorithm}
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            for n, c, d in ((5, 3, 20), (17, 2, 130), (1, 1, 7)):
-                f = F.normalize(torch.randn(n, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
-                p = F.normalize(torch.randn(c, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
-                y = torch.randint(0, c, (n,), device="cuda")
-                rk.bcl_loss(f, y, p, backend=backend, **kw).backward()
-        torch.cuda.synchronize()
-        print(backend, algorithm or "default", "ok")
-    except (TypeError, ValueError) as error:
-        if algorithm is None or "algorithm" not in str(error):
-            raise
-        print(backend, algorithm, "not offered:", error)
-'
-if [[ -z "$SANITIZER" ]]; then
-  note_step sanitizer "not run" "compute-sanitizer not found"
-else
-  # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  for backend in cuda triton; do
-    if timeout 60 "$PY" -c "import sys, rcl_kernels as rk; sys.exit(rk.available_backends()['$backend'] is not None)"; then
-      run_step "memcheck-$backend" 75 env RCL_KERNELS_TRITON_AUTOTUNE=0 "$SANITIZER" --tool memcheck \
-        --error-exitcode 1 --leak-check no "$PY" -c "$SANITIZER_CASE" "$backend"
-    else
-      note_step "memcheck-$backend" "not run" "backend $backend unavailable (see backends.log)"
-    fi
-  done
-  if timeout 60 "$PY" -c "import sys, rcl_kernels as rk; sys.exit(rk.available_backends()['cuda'] is not None)"; then
-    run_step racecheck-cuda 75 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" -c "$SANITIZER_CASE" cuda
-    # The untimed variants (issue 13: the mma.sync kernels; issue 11: Triton's one-pass backward).
-    run_step memcheck-cuda-mma 75 env RCL_KERNELS_CUDA_VARIANT=mma "$SANITIZER" --tool memcheck \
-      --error-exitcode 1 --leak-check no "$PY" -c "$SANITIZER_CASE" cuda
-    run_step racecheck-cuda-mma 75 env RCL_KERNELS_CUDA_VARIANT=mma "$SANITIZER" --tool racecheck \
-      --error-exitcode 1 "$PY" -c "$SANITIZER_CASE" cuda
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name seconds command <<<"$step"
+  left=$(remaining)
+  log="$OUT/$name.log"
+  if ((left < 10)); then
+    printf '%s\tskipped (budget)\t-\t0\t-\n' "$name" >>"$SUMMARY_TSV"
+    echo "== $name: skipped, ${left} s of the budget left"
+    ANY_FAILED=1
+    continue
   fi
-  if timeout 60 "$PY" -c "import sys, rcl_kernels as rk; sys.exit(rk.available_backends()['triton'] is not None)"; then
-    run_step memcheck-triton-one-pass 75 env RCL_KERNELS_TRITON_AUTOTUNE=0 RCL_KERNELS_TRITON_VARIANT=one-pass \
-      "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" -c "$SANITIZER_CASE" triton
+  if [[ "$name" == wheels && ! -d "$WHEELS" ]]; then
+    printf '%s\tnot run\t-\t0\t-\n' "$name" >>"$SUMMARY_TSV"
+    echo "== wheels: $WHEELS missing (bash bench/fetch_wheels.sh); pytest, ninja may be absent"
+    continue
   fi
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
-fi
+  if [[ "$name" == table ]]; then
+    model_slug="$("$PY" -c 'import torch; from rcl_kernels import autotune; print(autotune.slug(autotune.device_model(torch.device("cuda"))))' 2>/dev/null || echo unknown)"
+    command="${command//TABLE/$model_slug}"
+  fi
+  t=$((seconds < left ? seconds : left))
+  read -ra words <<<"${command//OUT/$OUT}"
+  echo "== $name (timeout ${t} s): $(cut -c1-160 <<<"${words[*]}")"
+  t0=$(date +%s)
+  rc=0
+  timeout -k 10 "$t" "${words[@]}" >"$log" 2>&1 || rc=$?
+  case "$rc" in
+    0) status=ok ;;
+    124 | 137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  [[ "$status" == ok ]] || ANY_FAILED=1
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$log" >>"$SUMMARY_TSV"
+  echo "   -> $status (rc $rc) in $(($(date +%s) - t0)) s; $(remaining) s of the budget left"
+  tail -n 4 "$log" | sed 's/^/   | /'
+done
 
-# ---------------------------------------------------------------- 8. torch.compile at BCL's shapes
-# Issue 12's context (earlier: about 1.0 ms fp32 and 0.79 ms bf16 at N = 512, d = 1024); each
-# case compiles for tens of seconds, so last.
-bench compile-bcl 90 --shapes 512:1024:1000 --dtypes fp32 bf16 --modes fwdbwd \
-  --backends reference_compile
-
-# ---------------------------------------------------------------- summary (printed last)
+# The table auto reads: shipped with the package for this GPU model.
+shopt -s nullglob
+for table in "$OUT"/tuning/*.json; do
+  cp "$table" rcl_kernels/tuning/ && echo "tuning table: rcl_kernels/tuning/$(basename "$table")"
+done
 {
   echo
   echo "gpu_check summary ($(($(date +%s) - START)) s of a ${BUDGET} s budget; logs in $OUT)"
   column -t -s $'\t' "$SUMMARY_TSV" 2>/dev/null || cat "$SUMMARY_TSV"
-  if [[ -f "$OUT/pytest-gpu.log" ]]; then
-    echo "pytest: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest-gpu.log" | tail -n 1)"
-  fi
-  echo "backends: $(tail -n 1 "$OUT/backends.log" 2>/dev/null)"
-  shopt -s nullglob
   rows=("$OUT"/*-gc-*.json)
   if ((${#rows[@]})); then
     echo
-    echo "benchmark rows (median ms / peak MB above inputs)"
     timeout 60 "$PY" bench/bench_loss.py --report "${rows[@]}" --plot none
   fi
 } 2>&1 | tee "$OUT/summary.txt"
-if [[ -n "${GPU_CHECK_ARCHIVE:-}" ]]; then
-  tar czf "$GPU_CHECK_ARCHIVE" -C "$OUT" . && echo "packed $OUT into $GPU_CHECK_ARCHIVE"
+# Plots only where matplotlib is installed, and never part of the status.
+if "$PY" -c "import matplotlib" >/dev/null 2>&1 && ((${#rows[@]})); then
+  timeout 60 "$PY" bench/bench_loss.py --report "${rows[@]}" --out "$OUT" --tag gc-all >/dev/null 2>&1 ||
+    echo "(plotting failed; rows are in $OUT)"
 fi
 exit "$ANY_FAILED"

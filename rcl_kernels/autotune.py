@@ -396,3 +396,71 @@ def _tune_and_store(problem, allow_tf32, eligible, order, device, key) -> str | 
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }})
     return name
+
+
+# --------------------------------------------------------------------------------------------------
+# A tuning table for a device model (bench/gpu_check.sh ships it as rcl_kernels/tuning/<model>.json)
+# --------------------------------------------------------------------------------------------------
+def write_table(path: str, shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype],
+                device: torch.device, grads=(True,), reduction: str = "mean") -> dict:
+    """Tune every (N, d, C) shape (M = N + C) and dtype on `device` (fp32 at the current matmul
+    precision) and write the choices to `path` in the shipped tables' format; returns them."""
+    from .backends import Problem, choose_auto
+
+    previous = _enabled
+    set_enabled(True)
+    model = device_model(device)
+    choices = {}
+    try:
+        for n, d, c in shapes:
+            for dtype in dtypes:
+                for grad in grads:
+                    problem = Problem(device, dtype, n, n + c, d, reduction, grad)
+                    allow_tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+                    chosen = choose_auto(problem, "auto", allow_tf32)
+                    key = problem_key(problem, allow_tf32)
+                    entry = cached("choices", model).get(key) or {"candidate": chosen.name}
+                    choices[key] = {**entry, "candidate": chosen.name}
+                    print(f"{model} {key}: {chosen.name} {entry.get('ms', '')}", flush=True)
+    finally:
+        set_enabled(previous)
+    data = {"format": FORMAT, "versions": versions(), "choices": {model: choices}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return choices
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rcl_kernels.autotune",
+                                     description="Tune auto's choice at given shapes and write a "
+                                                 "tuning table for this device model.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", required=True, metavar="N:d:C")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"],
+                        choices=("float32", "bfloat16", "float16", "float64"))
+    parser.add_argument("--table", metavar="FILE",
+                        help="where to write the table (default rcl_kernels/tuning/<model>.json)")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments only")
+    args = parser.parse_args(argv)
+    shapes = []
+    for item in args.shapes:
+        parts = item.split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            parser.error(f"--shapes: expected N:d:C with positive integers, got {item!r}")
+        shapes.append(tuple(map(int, parts)))
+    if args.dry_run:
+        print(f"autotune: {len(shapes)} shapes x {len(args.dtypes)} dtypes on {args.device}: ok")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch reports no usable CUDA device")
+    device = torch.device(args.device)
+    table = args.table or str(TABLES / f"{slug(device_model(device))}.json")
+    write_table(table, shapes, [getattr(torch, d) for d in args.dtypes], device)
+    print(f"wrote {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
