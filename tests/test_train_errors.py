@@ -303,6 +303,29 @@ def _drop_a_weight(path):
     torch.save(ck, path)
 
 
+def _edit(edit):
+    """A corruption that loads: the checkpoint re-saved with one field changed by `edit`."""
+    def corrupt(path):
+        ck = torch.load(path, weights_only=True)
+        edit(ck)
+        torch.save(ck, path)
+    return corrupt
+
+
+def _flip_a_weight_byte(path):
+    """One bit of a stored weight flipped in place: torch.load reads it as a changed weight."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)  # the largest weight's storage
+    data = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len
+    data[start + member.file_size // 2] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
 RESUME_CASES = {  # case: (corrupt(path), what the message says after the path)
     "empty": (lambda p: open(p, "wb").close(), " is not a readable rcl-train checkpoint (EOFError)"),
     "truncated": (_truncate, " is not a readable rcl-train checkpoint"),
@@ -312,6 +335,29 @@ RESUME_CASES = {  # case: (corrupt(path), what the message says after the path)
     "foreign_pickle": (lambda p: pickle.dump(Objective, open(p, "wb"), protocol=2),
                        " is not a readable rcl-train checkpoint (UnpicklingError"),
     "model_does_not_fit": (_drop_a_weight, ": the saved model or optimizer does not fit this run"),
+    # these loaded and resumed (a flipped byte), or gave a traceback or a wrong message
+    "flipped_byte": (_flip_a_weight_byte, " is damaged: the CRC-32 of "),
+    "config_a_list": (_edit(lambda ck: ck.__setitem__("config", [1, 2])),
+                      ": field 'config': expected a dict, got list [1, 2]"),
+    "history_an_int": (_edit(lambda ck: ck.__setitem__("history", 3)),
+                       ": field 'history': expected a list of per-epoch dicts, got int 3"),
+    "epoch_a_string": (_edit(lambda ck: ck.__setitem__("epoch", "0")),
+                       ": field 'epoch': expected an integer >= 0, got str '0'"),
+    "batch_negative": (_edit(lambda ck: ck.__setitem__("batch", -1)),
+                       ": field 'batch': expected an integer >= 0, got int -1"),
+    "step_off_the_schedule": (_edit(lambda ck: ck.__setitem__("global_step", 4)),
+                              ": field 'epoch', 'batch' or 'global_step': epoch 0, batch 3, step 4 "
+                              "is no position of this run (2 epochs of 6 steps)"),
+    "rng_missing_a_key": (_edit(lambda ck: ck["rng"].pop("numpy")), ": field 'rng': no numpy state"),
+    "rng_of_the_wrong_type": (_edit(lambda ck: ck["rng"].__setitem__("torch", torch.zeros(3))),
+                              ": field 'rng': not a random-generator state"),
+    "rng_not_a_dict": (_edit(lambda ck: ck.__setitem__("rng", 5)),
+                       ": field 'rng': expected a dict with python, numpy, torch, got int 5"),
+    "wall_time_not_a_number": (_edit(lambda ck: ck.__setitem__("wall_time", "1.5")),
+                               ": field 'wall_time': expected a finite number of seconds >= 0"),
+    "nan_weights": (_edit(lambda ck: ck["model"]["fc.weight"].fill_(math.nan)),
+                    ": field 'model': fc.weight holds non-finite values (NaN or inf); rcl-train "
+                    "never saves such a model"),
 }
 
 
@@ -327,6 +373,102 @@ def test_bad_checkpoint_to_resume_is_a_clear_error(fashion_root, tmp_path, capsy
                           "--resume", str(tmp_path))) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rcl-train: error: --resume: {ckpt}{needle}"), err
+    assert "--lr" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "torch_writer"])
+def test_full_disk_while_saving_keeps_the_last_checkpoint(fashion_root, tmp_path, monkeypatch,
+                                                          capsys, error):
+    """torch.save raises OSError(ENOSPC), or its zip writer's RuntimeError (no errno) on a
+    device with no space left: one error line that says so, the temporary file removed, the
+    last good checkpoint kept."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    common = ["--loss", "bcl", "--loss-backend", "reference", "--eval-every", "0"]
+    assert main(tiny_args(fashion_root, tmp_path, *common, "--max-steps", "6")) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    before = ckpt.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"the part written before the disk filled up")
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    capsys.readouterr()
+    assert main(tiny_args(fashion_root, tmp_path, *common, "--resume", str(tmp_path))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rcl-train: error: cannot write the checkpoint {ckpt}: the disk is full"), err
+    assert (f"The last checkpoint, {ckpt} (step 6), is kept: resume with the same flags and "
+            f"--resume {tmp_path}.") in err and err.count("\n") == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert ckpt.read_bytes() == before
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(fashion_root, tmp_path, monkeypatch, capsys):
+    common = ["--loss", "bcl", "--loss-backend", "reference", "--eval-every", "0"]
+    real_step = Trainer.train_step
+    calls = []
+
+    def interrupted_step(self, idx):
+        calls.append(1)
+        if len(calls) == 8:  # in epoch 2, after the checkpoint of step 6
+            raise KeyboardInterrupt
+        return real_step(self, idx)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    assert main(tiny_args(fashion_root, tmp_path, *common)) == 130
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "checkpoint.pt"
+    assert err == (f"rcl-train: error: interrupted at step 7. The last checkpoint, {ckpt} (step 6), "
+                   f"is kept: resume with the same flags and --resume {tmp_path}.\n"), err
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(tiny_args(fashion_root, tmp_path, *common, "--resume", str(tmp_path))) == 0
+
+
+def _read_only(monkeypatch, path):
+    """`path` made read-only; root writes through file modes, so there the probe write fails
+    as it would (PermissionError) instead."""
+    import errno
+    import tempfile
+
+    os.makedirs(path)
+    os.chmod(path, 0o555)
+    if os.geteuid() == 0:
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+
+
+OUT_CASES = {  # case: (make the bad --out(tmp_path, monkeypatch) -> path, message after the path)
+    "an_existing_file": (lambda t, m: (t / "f").write_text("x") and str(t / "f"),
+                         ": an existing file, not a directory"),
+    "under_a_file": (lambda t, m: (t / "f").write_text("x") and str(t / "f" / "run"),
+                     f": lies under {{t}}/f, which is a file, not a directory"),
+    "read_only": (lambda t, m: _read_only(m, t / "ro") or str(t / "ro"),
+                  ": cannot write there (PermissionError"),
+}
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_unusable_out_is_a_clear_error(fashion_root, tmp_path, monkeypatch, capsys, case):
+    make, needle = OUT_CASES[case]
+    out = make(tmp_path, monkeypatch)
+    assert main(tiny_args(fashion_root, out, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rcl-train: error: --out {out}{needle.format(t=tmp_path)}"), err
+
+
+def test_unknown_compile_backend_is_a_clear_error(fashion_root, tmp_path, capsys):
+    assert main(tiny_args(fashion_root, tmp_path, "--compile", "nosuch", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rcl-train: error: --compile nosuch: not a torch.compile backend here "
+                          "(available: ") and "inductor" in err, err
 
 
 @pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "cpu:0x", "cudax"])

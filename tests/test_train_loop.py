@@ -71,6 +71,12 @@ def test_resume_matches_uninterrupted(fashion_root, tmp_path, stop_at):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=0, atol=0)
+    # the first epoch's metrics row covers all its 6 steps, also when stopped and resumed within it
+    row_a, row_b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[0]) for d in (full, part))
+    for key in ("loss", "ce", "con", "lr"):
+        assert row_a[key] == row_b[key], key
+    assert not row_b["resumed_mid_epoch"] and row_b["images_per_s"] > 0
+    assert set(row_b["step_ms"]) == {"data", "model", "loss", "optim"}
 
 
 def test_no_plots_names_only_the_files_written(fashion_root, tmp_path, capsys):
@@ -144,12 +150,49 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     (["--recipe", "bcl-imagenet"], "--recipe"),
     (["--dataset", "cifar10-lt"], "--data-root"),
     (["--loss", "bcl", "--feature-scale", "2"], "--feature-scale"),
+    (["--loss", "none", "--tail-margin", "0.2"], "--tail-margin"),
+    (["--seed", str(2**70)], "argument --seed: expected an integer 0..4294967295"),
+    (["--data-seed", str(2**70)], "argument --data-seed: expected an integer 0..4294967295"),
+    (["--seed", "-1"], "argument --seed"),
 ])
 def test_bad_flags(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_largest_seeds_run(fashion_root, tmp_path):
+    """The largest accepted seeds reach every generator the harness seeds (2**70 overflowed)."""
+    from rcl_train.config import SEED_MAX
+
+    assert main(tiny_args(fashion_root, tmp_path, "--seed", str(SEED_MAX), "--data-seed",
+                          str(SEED_MAX), "--limit-train", "60", "--max-steps", "1",
+                          "--loss", "none")) == 0
+
+
+def test_progress_bar_counts_epochs_from_one(fashion_root, tmp_path, monkeypatch):
+    """The bar's epoch= agrees with the log's 'epoch 1'."""
+    from rcl_train import train as T
+
+    postfixes = []
+
+    class Bar:
+        def set_postfix(self, **kw):
+            postfixes.append(kw["epoch"])
+
+        def update(self, n):
+            pass
+
+        def write(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "_progress_bar", lambda *a, **k: Bar())
+    assert main(tiny_args(fashion_root, tmp_path, "--loss", "none", "--max-steps", "7")) == 0
+    assert postfixes == [1] * 6 + [2]
 
 
 def test_unavailable_backend_is_reported(fashion_root, tmp_path, capsys):

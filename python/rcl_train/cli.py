@@ -7,7 +7,11 @@ import sys
 
 from .config import parse_config
 from .data import DataNotFoundError
-from .errors import NonFiniteError
+from .errors import Interrupted, NonFiniteError, OutputError, error_reason
+
+
+def _error(message) -> None:
+    print(f"rcl-train: error: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -18,11 +22,23 @@ def main(argv=None) -> int:
     try:
         rep = train(cfg)
     except (DataNotFoundError, FileNotFoundError, ValueError) as e:
-        print(f"rcl-train: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except NonFiniteError as e:
-        print(f"rcl-train: error: {e}", file=sys.stderr)
+        _error(e)
         return 3
+    except OutputError as e:
+        _error(e)
+        return 1
+    except OSError as e:  # writing the metrics, the report or a plot
+        _error(f"cannot write the run's output in {cfg.out} ({error_reason(e)})")
+        return 1
+    except Interrupted as e:
+        _error(e)
+        return 130
+    except KeyboardInterrupt:  # before training began (loading the data, building the model)
+        _error("interrupted before training began; no checkpoint was written.")
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
         print(summary_text(rep))
         print(f"report: {cfg.out}/report.json ({', '.join(rep['files'][1:])})")

@@ -20,6 +20,12 @@ RESUME_IDENTITY = (
 )
 
 
+# Flags that apply to some contrastive losses only: rcl-train refuses them with another --loss,
+# and the study passes them to those recipes alone.
+LOSS_ONLY_FLAGS = {"--feature-scale": ("rcl",), "--tail-margin": ("rcl",)}
+
+SEED_MAX = 2**32 - 1  # NumPy's seed range; the harness derives its generators' seeds from it
+
 # Presets: the defaults of a published recipe; flags given on the command line override them.
 RECIPES = {
     # BCL on CIFAR-100-LT (Zhu et al., CVPR 2022; github.com/FlamieZhu/Balanced-Contrastive-Learning).
@@ -73,12 +79,13 @@ class TrainConfig:
     resume: str | None = None
     progress: bool = True
     plots: bool = True
+    tensorboard: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _int_at_least(lo: int):
+def int_at_least(lo: int):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -90,11 +97,22 @@ def _int_at_least(lo: int):
     return parse
 
 
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
 
 
-def _float_at_least(lo: float, strict: bool = False):
+def seed_int(text: str) -> int:
+    """A seed: an integer in 0..SEED_MAX (larger ones overflow torch's and NumPy's generators)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..{SEED_MAX}, got {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..{SEED_MAX}, got {v}")
+    return v
+
+
+def float_at_least(lo: float, strict: bool = False):
     def parse(text: str) -> float:
         try:
             v = float(text)
@@ -107,78 +125,117 @@ def _float_at_least(lo: float, strict: bool = False):
     return parse
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to a flag's help, except where the help gives the default in words:
+    switches (a bool default reads wrongly: --no-progress (default: True)) and flags whose
+    default is None."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+TRAIN_FLAGS_EPILOG = ("Any other flag (after an optional --) goes to every rcl-train run, e.g. "
+                      "--data-root DIR --loss-backend cpu --batch-size 64; see rcl-train --help.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="rcl-train",
         description="Train a long-tailed classifier with LA-CE + BCL/RCL/SupCon (rcl_kernels losses).",
-        epilog="Exit status: 0 done; 2 bad flags or unreadable input (data files, --resume); "
+        epilog="Exit status: 0 done; 1 the output could not be written (a full disk); 2 bad flags "
+               "or unusable input (data files, --resume, --out); "
                "3 training diverged (non-finite loss, gradient or parameter: stopped before the "
-               "optimizer step, the last good checkpoint kept).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               "optimizer step, the last good checkpoint kept); 130 interrupted (Ctrl-C: the "
+               "last checkpoint kept, the message says how to resume).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
-                   help="start from a published recipe's settings (other flags override them): "
+                   help="start from a published recipe's settings (other flags override them; "
+                        "default: none): "
                         + "; ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in r.items())
                                     for k, r in RECIPES.items()))
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="long-tailed training set (the test set stays balanced)")
     g.add_argument("--data-root", default=None,
                    help=f"data directory (fmnist-lt default: {DEFAULT_FMNIST_ROOT}; CIFAR: required)")
-    g.add_argument("--imbalance", type=_float_at_least(1.0), default=d.imbalance,
+    g.add_argument("--imbalance", type=float_at_least(1.0), default=d.imbalance,
                    help="imbalance ratio rho = n_max / n_min of the long-tailed training set")
-    g.add_argument("--data-seed", type=int, default=d.data_seed,
+    g.add_argument("--data-seed", type=seed_int, default=d.data_seed,
                    help="seed of the long-tailed subset draw (fixed across training seeds)")
-    g.add_argument("--limit-train", type=_positive_int, default=None,
-                   help="keep about this many training images (stratified, for quick demos/tests)")
-    g.add_argument("--limit-test", type=_positive_int, default=None,
-                   help="evaluate on about this many test images (stratified)")
+    g.add_argument("--limit-train", type=positive_int, default=None,
+                   help="keep about this many training images (stratified, for quick "
+                        "demos/tests; default: all)")
+    g.add_argument("--limit-test", type=positive_int, default=None,
+                   help="evaluate on about this many test images (stratified; default: all)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=("auto",) + tuple(ARCH_DEPTHS), default=d.arch,
                    help="backbone; auto = resnet8 for fmnist-lt (28x28), resnet32 for CIFAR")
-    g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim,
+    g.add_argument("--feat-dim", type=positive_int, default=d.feat_dim,
                    help="contrastive feature dimension")
     g = p.add_argument_group("loss: alpha * LA-CE + beta * contrastive")
     g.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="contrastive term (rcl = BCL + RCL's rebalancing)")
-    g.add_argument("--loss-backend", choices=BACKENDS, default=d.loss_backend)
-    g.add_argument("--alpha", type=_float_at_least(0.0), default=d.alpha, help="LA-CE weight")
-    g.add_argument("--beta", type=_float_at_least(0.0), default=d.beta, help="contrastive weight")
-    g.add_argument("--temperature", type=_float_at_least(0.0, strict=True), default=d.temperature)
-    g.add_argument("--feature-scale", type=_float_at_least(0.0, strict=True), default=None,
-                   help="RCL feature scale (default: the rcl_kernels default)")
-    g.add_argument("--tail-margin", type=_float_at_least(0.0), default=d.tail_margin,
-                   help="RCL tail-class margin m_max")
-    g.add_argument("--la-tau", type=_float_at_least(0.0), default=d.la_tau,
+    g.add_argument("--loss-backend", choices=BACKENDS, default=d.loss_backend,
+                   help="implementation of the contrastive loss (rcl_kernels backend=); auto: the "
+                        "fastest available on the device")
+    g.add_argument("--alpha", type=float_at_least(0.0), default=d.alpha, help="LA-CE weight")
+    g.add_argument("--beta", type=float_at_least(0.0), default=d.beta, help="contrastive weight")
+    g.add_argument("--temperature", type=float_at_least(0.0, strict=True), default=d.temperature,
+                   help="temperature of the contrastive loss")
+    g.add_argument("--feature-scale", type=float_at_least(0.0, strict=True), default=None,
+                   help="RCL feature scale, --loss rcl only (default: rcl_kernels.rcl_loss's "
+                        "own, 1.0)")
+    g.add_argument("--tail-margin", type=float_at_least(0.0), default=d.tail_margin,
+                   help="RCL tail-class margin m_max, --loss rcl only")
+    g.add_argument("--la-tau", type=float_at_least(0.0), default=d.la_tau,
                    help="logit-adjustment strength of LA-CE")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    g.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=d.lr)
-    g.add_argument("--momentum", type=_float_at_least(0.0), default=d.momentum)
-    g.add_argument("--weight-decay", type=_float_at_least(0.0), default=d.weight_decay)
-    g.add_argument("--warmup-epochs", type=_float_at_least(0.0), default=d.warmup_epochs,
+    g.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help="length of the schedule in epochs")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="images per step (the global batch under torchrun)")
+    g.add_argument("--lr", type=float_at_least(0.0, strict=True), default=d.lr,
+                   help="peak learning rate of SGD")
+    g.add_argument("--momentum", type=float_at_least(0.0), default=d.momentum,
+                   help="SGD momentum")
+    g.add_argument("--weight-decay", type=float_at_least(0.0), default=d.weight_decay,
+                   help="SGD weight decay")
+    g.add_argument("--warmup-epochs", type=float_at_least(0.0), default=d.warmup_epochs,
                    help="linear warm-up length (at most a fifth of the run), then cosine decay")
-    g.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop after this many optimizer steps in total (schedule still spans --epochs)")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in total (schedule still spans "
+                        "--epochs; default: no limit)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=seed_int, default=d.seed,
+                   help="seed of the model's initialization, the sample order and augmentation")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp,
                    help="autocast of the model's forward; auto = bf16 on CUDA, off on the CPU "
                         "(the loss runs outside it, in the dtype the features come in)")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default=d.channels_last,
-                   help="channels_last memory format for the model and its inputs; auto = on CUDA")
+                   help="channels_last memory format for the model and its inputs; auto = on "
+                        "(faster convolutions on CUDA and on the CPU)")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model (default backend inductor)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
+                   help="torch.compile the model with BACKEND (inductor when none is given; "
+                        "default: not compiled)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--eval-every", type=nonneg_int, default=d.eval_every,
                    help="evaluate every N epochs (0: only at the end)")
     g.add_argument("--out", default=d.out, help="output directory")
     g.add_argument("--resume", default=None, metavar="CKPT",
-                   help="checkpoint file or output directory to resume from")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+                   help="checkpoint file or output directory to resume from (default: start afresh)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also log the training curves to TensorBoard event files in DIR (needs "
+                        "the tensorboard package; default: off)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a progress bar)")
+    g.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="skip the PNG plots (default: curves.png and confusion.png)")
     return p
 
 
@@ -193,10 +250,10 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.dataset != "fmnist-lt" and cfg.data_root is None:
         parser.error(f"--dataset {cfg.dataset} needs --data-root (a local copy of the CIFAR python files)")
-    if cfg.feature_scale is not None and cfg.loss != "rcl":
-        parser.error("--feature-scale applies to --loss rcl only")
-    if cfg.tail_margin and cfg.loss != "rcl":
-        parser.error("--tail-margin applies to --loss rcl only")
+    for flag, losses in LOSS_ONLY_FLAGS.items():
+        field = flag[2:].replace("-", "_")
+        if getattr(cfg, field) != getattr(TrainConfig, field) and cfg.loss not in losses:
+            parser.error(f"{flag} applies to --loss {' or '.join(losses)} only")
     return cfg
 
 

@@ -153,7 +153,8 @@ class DistributedRun:
             return cfg, log
         self._scratch = tempfile.mkdtemp(prefix=f"rcl-train-rank{self.rank}-")
         sys.stdout = open(os.devnull, "w")
-        return dataclasses.replace(cfg, out=self._scratch, progress=False, plots=False), _silent
+        return dataclasses.replace(cfg, out=self._scratch, progress=False, plots=False,
+                                   tensorboard=None), _silent
 
     def wrap(self, model: nn.Module, objective, device: torch.device, batch_size: int) -> nn.Module:
         """Synchronize BatchNorm, hand the process group to the loss, wrap the model in DDP."""

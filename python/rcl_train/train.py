@@ -20,12 +20,14 @@ from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, s
                          set_rng_state)
 from .config import TrainConfig, check_resume_compatible
 from .data import load_dataset
-from .errors import NonFiniteError, error_reason
+from .errors import Interrupted, NonFiniteError, OutputError, error_reason
 from . import distributed as dist_run
 from .losses import Objective
 from .metrics import compute_metrics, predict
 from .models import build_model, default_arch
 from .optim import build_optimizer, build_scheduler
+from .outdir import prepare_out_dir
+from .tensorboard_log import TensorBoardLog
 from .timing import StepTimer
 
 METRICS_NAME = "metrics.jsonl"
@@ -49,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of an epoch: a pure function of (seed, epoch), so resuming needs no state."""
+    """The sample order of an epoch: a pure function of (seed, epoch), so resuming needs no state.
+    (seed < 2**32, so the generator's seed stays within int64.)"""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(n, generator=g)
 
@@ -83,14 +86,19 @@ class Trainer:
             cfg, log = self.dist.rank_config(cfg, log)
         self.cfg = cfg
         self.log = log
+        prepare_out_dir(cfg.out)
+        # before the data loads: a missing tensorboard package is reported at once
+        self.tb = TensorBoardLog.check(cfg.tensorboard)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":  # fixed batch shapes: let cuDNN pick its fastest kernels
             torch.backends.cudnn.benchmark = True
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        self.memory_format = (torch.channels_last if cfg.channels_last == "on" or (
-            cfg.channels_last == "auto" and self.device.type == "cuda") else torch.contiguous_format)
+        # channels_last by default: cuDNN's and oneDNN's convolutions are faster in it, on CUDA
+        # and on the CPU alike
+        self.memory_format = (torch.contiguous_format if cfg.channels_last == "off"
+                              else torch.channels_last)
         self.data = data if data is not None else load_dataset(
             cfg.dataset, cfg.data_root, cfg.imbalance, cfg.data_seed, cfg.limit_train, cfg.limit_test)
         seed_everything(cfg.seed)
@@ -114,7 +122,11 @@ class Trainer:
             self.train_model = self.dist.wrap(self.model, self.objective, self.device,
                                               self.batch_size)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model, backend=cfg.compile)
+            try:
+                self.train_model = torch.compile(self.train_model, backend=cfg.compile)
+            except RuntimeError as e:  # torch._dynamo's InvalidBackend
+                raise ValueError(f"--compile {cfg.compile}: not a torch.compile backend here "
+                                 f"(available: {', '.join(torch._dynamo.list_backends())})") from e
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          round(cfg.warmup_epochs * self.steps_per_epoch))
         # The whole (long-tailed) training set lives on the device as one uint8 tensor; batches
@@ -127,7 +139,10 @@ class Trainer:
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.history: list[dict] = []
         self.previous_wall = 0.0
-        os.makedirs(cfg.out, exist_ok=True)
+        self.saved_step = None  # global step of the checkpoint on disk written or resumed by this run
+        # running sums of an epoch stopped mid-way, kept in the checkpoint so that the resumed
+        # epoch's metrics row covers all its steps
+        self._partial = None
         self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(cfg.out, METRICS_NAME)
         self._rng_to_restore = None
@@ -135,6 +150,8 @@ class Trainer:
             self._load(cfg.resume)
         else:
             open(self.metrics_path, "w").close()
+        if cfg.tensorboard:
+            self.tb = TensorBoardLog(cfg.tensorboard, purge_step=self.global_step if cfg.resume else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _kept_checkpoint(self) -> str:
@@ -149,14 +166,26 @@ class Trainer:
             raise NonFiniteError(
                 f"the model has non-finite parameters after step {self.global_step}: not saved. "
                 f"{self._kept_checkpoint()} Try a lower --lr.")
-        save_checkpoint(
-            self.ckpt_path,
-            config=self.cfg.to_dict(), model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            epoch=self.epoch, batch=self.batch,
-            global_step=self.global_step, history=self.history,
-            wall_time=self.previous_wall + (time.perf_counter() - self.t0),
-        )
+        try:
+            save_checkpoint(
+                self.ckpt_path,
+                config=self.cfg.to_dict(), model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                epoch=self.epoch, batch=self.batch,
+                global_step=self.global_step, history=self.history,
+                wall_time=self.previous_wall + (time.perf_counter() - self.t0),
+                epoch_partial=self._partial,
+            )
+        except OutputError as e:
+            raise OutputError(f"{e}. {self.resume_hint()}") from e
+        self.saved_step = self.global_step
+
+    def resume_hint(self) -> str:
+        """Where this run's last checkpoint is and how to resume from it."""
+        if self.saved_step is None:
+            return "No checkpoint of this run was written."
+        return (f"The last checkpoint, {self.ckpt_path} (step {self.saved_step}), is kept: resume "
+                f"with the same flags and --resume {self.cfg.out}.")
 
     def _load(self, path: str) -> None:
         path = resolve_checkpoint(path)
@@ -169,7 +198,16 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"--resume: {path}: the saved model or optimizer does not fit this "
                              f"run ({error_reason(e)})") from e
-        self.epoch, self.batch, self.global_step = ck["epoch"], ck["batch"], ck["global_step"]
+        epoch, batch, step = ck["epoch"], ck["batch"], ck["global_step"]
+        if (epoch > self.cfg.epochs or batch >= self.steps_per_epoch
+                or step != epoch * self.steps_per_epoch + batch):
+            raise ValueError(f"--resume: {path}: field 'epoch', 'batch' or 'global_step': epoch "
+                             f"{epoch}, batch {batch}, step {step} is no position of this run "
+                             f"({self.cfg.epochs} epochs of {self.steps_per_epoch} steps)")
+        self.epoch, self.batch, self.global_step = epoch, batch, step
+        self._partial = ck.get("epoch_partial")
+        if os.path.abspath(path) == os.path.abspath(self.ckpt_path):
+            self.saved_step = step
         self.history = list(ck["history"])
         self.previous_wall = float(ck.get("wall_time", 0.0))
         self._rng_to_restore = ck["rng"]
@@ -261,7 +299,12 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs and not stopped:
                 order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
-                sums, count, ep_images, ep_t0 = {}, 0, 0, time.perf_counter()
+                # an epoch resumed mid-way continues the sums of its first part
+                part = self._partial or {"sums": {}, "steps": 0, "images": 0, "seconds": 0.0,
+                                         "step_ms": {}}
+                self._partial = None
+                sums, count, ep_images = dict(part["sums"]), part["steps"], part["images"]
+                ep_t0 = time.perf_counter() - part["seconds"]
                 while self.batch < self.steps_per_epoch:
                     if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
                         stopped = True
@@ -274,19 +317,26 @@ class Trainer:
                     ep_images += len(idx)
                     for k, v in parts.items():
                         sums[k] = sums.get(k, 0.0) + v
+                    if self.tb:
+                        self.tb.step(self.global_step, parts)
                     rate = ep_images / max(time.perf_counter() - ep_t0, 1e-9)
-                    bar.set_postfix(epoch=self.epoch, loss=f"{parts['loss']:.3f}",
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{parts['loss']:.3f}",
                                     lr=f"{parts['lr']:.4f}", img_s=f"{rate:.0f}", refresh=False)
                     bar.update(1)
+                step_ms = _merge_step_ms(part["step_ms"], part["steps"], self.timer.collect(),
+                                         count - part["steps"])
                 if stopped and self.batch < self.steps_per_epoch:
-                    break  # mid-epoch stop: the checkpoint below records the position
+                    # mid-epoch stop: the checkpoint below records the position and the sums
+                    self._partial = {"sums": sums, "steps": count, "images": ep_images,
+                                     "seconds": time.perf_counter() - ep_t0, "step_ms": step_ms}
+                    break
                 ep_time = time.perf_counter() - ep_t0
                 row = {"epoch": self.epoch + 1, "step": self.global_step}
                 row.update({k: v / max(1, count) for k, v in sums.items() if k != "lr"})
                 row["lr"] = sums.get("lr", 0.0) / max(1, count)
                 row["epoch_time_s"] = ep_time
                 row["images_per_s"] = ep_images / ep_time if ep_time > 0 else None
-                row["step_ms"] = self.timer.collect()  # mean per step: data, model, loss, optim
+                row["step_ms"] = step_ms  # mean per step: data, model, loss, optim
                 row["resumed_mid_epoch"] = count < self.steps_per_epoch
                 last_epoch = self.epoch + 1 == cfg.epochs
                 if (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last_epoch:
@@ -298,12 +348,16 @@ class Trainer:
                 self.history.append(row)
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if self.tb:
+                    self.tb.epoch(row)
                 self.epoch += 1
                 self.batch = 0
                 (bar.write if cfg.progress else self.log)(self._epoch_line(row))
                 self._save()
         finally:
             bar.close()
+            if self.tb:
+                self.tb.close()
         if stopped:
             self._save()
         final = last_eval if (last_eval is not None and not stopped) else self.evaluate()
@@ -333,10 +387,22 @@ class Trainer:
         return s
 
 
+def _merge_step_ms(first: dict, first_steps: int, second: dict, second_steps: int) -> dict:
+    """The mean step split over both parts of an epoch resumed mid-way."""
+    if not first or not second:
+        return second or first
+    total = first_steps + second_steps
+    return {k: (first.get(k, 0.0) * first_steps + v * second_steps) / total
+            for k, v in second.items()}
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     trainer = Trainer(cfg, log=log)
     try:
         return trainer.run()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {trainer.global_step}. "
+                          f"{trainer.resume_hint()}") from None
     finally:
         if trainer.dist is not None:
             trainer.dist.close()
