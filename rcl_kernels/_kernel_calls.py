@@ -53,7 +53,9 @@ def _tiled_block_rows(z, k) -> int:
     acc_bytes = _acc_bytes(z)
     if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
         return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
-                                        operand_bytes=acc_bytes, max_rows=planner.CPU_TILED_MAX_ROWS)
+                                        operand_bytes=acc_bytes,
+                                        cache_bytes=planner.CPU_BLOCK_BYTES,
+                                        min_rows=planner.CPU_MIN_BLOCK_ROWS)
     return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
                                     operand_bytes=z.element_size())
 

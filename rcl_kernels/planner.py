@@ -64,16 +64,29 @@ def reduction_splits(
     return max(1, splits)
 
 
-# On the CPU a block of scores should stay in the caches between the GEMM that writes it and the
-# epilogue and GEMMs that read it: 256 rows was fastest at N = 4,096, M = 5,096 (64 to 4,096
-# tried, one thread; 1,024 rows: 1.16x slower, 4,096: 1.7x).
-CPU_TILED_MAX_ROWS = 256
+# On the CPU a block of scores is written by one GEMM and read by the epilogue and the two gradient
+# GEMMs: it should stay in the last-level cache in between, and its rows are the inner dimension of
+# the dk GEMM (dk += Pᵀ·Z_block reads and writes all of dk [M, d] per block), so blocks should be
+# few and not thin. A block's scores take at most this many bytes (a cache budget that holds on
+# small machines of either vendor): BCL's N = 512, M = 1,512 is one block, N = 4,096, M = 5,096
+# ten blocks of 410 rows.
+CPU_BLOCK_BYTES = 8 << 20
+# Thinner blocks make dk's traffic per block (8·M·d bytes for 2·rows·M·d flops) bound by memory
+# bandwidth; this many rows keep about 50 flops per byte. Capped by the workspace budget.
+CPU_MIN_BLOCK_ROWS = 64
 
 
 def tiled_block_rows(rows: int, columns: int, *, acc_bytes: int, operand_bytes: int,
-                     max_rows: int | None = None) -> int:
-    """Anchor rows per block of the tiled algorithm: as many as fit WORKSPACE_BUDGET_BYTES of
-    scores (accumulation dtype) plus, when the GEMM operands are narrower, their probabilities."""
-    per_row = columns * (acc_bytes + (operand_bytes if operand_bytes != acc_bytes else 0))
-    block = WORKSPACE_BUDGET_BYTES // max(per_row, 1)
-    return max(1, min(rows, block, max_rows or block))
+                     cache_bytes: int | None = None, min_rows: int = 1) -> int:
+    """Anchor rows per block of the tiled algorithm, for blocks of equal size.
+
+    A block's scores (accumulation dtype) plus, when the GEMM operands are narrower, its
+    probabilities take at most WORKSPACE_BUDGET_BYTES, and at most `cache_bytes` when given, but
+    the block has at least `min_rows` rows while the workspace budget allows.
+    """
+    per_row = max(1, columns * (acc_bytes + (operand_bytes if operand_bytes != acc_bytes else 0)))
+    limit = WORKSPACE_BUDGET_BYTES // per_row
+    block = limit if cache_bytes is None else max(cache_bytes // per_row, min(min_rows, limit))
+    block = max(1, min(rows, block, limit))
+    blocks = -(-rows // block) if rows > 0 else 1
+    return max(1, -(-rows // blocks))

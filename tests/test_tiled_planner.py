@@ -1,0 +1,36 @@
+"""Row blocks of the tiled algorithm (rcl_kernels.planner.tiled_block_rows)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rcl_kernels import planner
+
+CPU = dict(acc_bytes=4, operand_bytes=4, cache_bytes=planner.CPU_BLOCK_BYTES,
+           min_rows=planner.CPU_MIN_BLOCK_ROWS)
+
+
+def test_bcl_shape_is_one_block_on_either_device():
+    """BCL's shape (N = 512 anchors, M = 1,512 columns): one block, so the dk GEMM runs once with
+    all 512 rows as its inner dimension instead of twice with 256."""
+    for acc, operand in ((4, 4), (4, 2)):
+        assert planner.tiled_block_rows(512, 1512, acc_bytes=acc, operand_bytes=operand) == 512
+    assert planner.tiled_block_rows(512, 1512, **CPU) == 512
+
+
+def test_cpu_blocks_fit_the_cache_budget_and_are_equal():
+    rows = planner.tiled_block_rows(4096, 5096, **CPU)
+    assert rows * 5096 * 4 <= planner.CPU_BLOCK_BYTES
+    assert -(-4096 // rows) * rows - 4096 < -(-4096 // rows)  # no thin last block
+
+
+@pytest.mark.parametrize("columns", [lambda n: n + 1, lambda n: n + 1000, lambda n: 5 * n + 3,
+                                     lambda n: 200_000])
+def test_blocks_cover_the_rows_within_the_workspace_budget(columns):
+    for n in range(0, 3000, 37):
+        m = columns(n)
+        rows = planner.tiled_block_rows(n, m, **CPU)
+        assert 1 <= rows <= max(n, 1)
+        blocks = -(-n // rows)
+        assert blocks * rows - n < max(blocks, 1), (n, m, rows)  # equal blocks
+        assert rows * m * 4 <= planner.WORKSPACE_BUDGET_BYTES or rows == 1
