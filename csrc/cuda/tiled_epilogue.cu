@@ -32,13 +32,17 @@ __device__ __forceinline__ void put(double& dst, double x) { dst = x; }
 __device__ __forceinline__ void put(__half& dst, float x) { dst = __float2half_rn(x); }
 __device__ __forceinline__ void put(__nv_bfloat16& dst, float x) { dst = __float2bfloat16_rn(x); }
 
-// (max, sum of exp(t − max)) pairs merged; −inf max means an empty pair.
+// (max, sum of exp(t − max)) pairs merged; −inf max means an empty pair, whose sum is 0, or NaN
+// after a NaN logit: sum·0 keeps that NaN through every merge.
 template <typename Acc>
 __device__ __forceinline__ void merge(Acc& max, Acc& sum, Acc other_max, Acc other_sum) {
   const Acc m = other_max > max ? other_max : max;
-  if (m == neg_inf(Acc())) return;
-  sum = (max == neg_inf(Acc()) ? Acc(0) : sum * exp_acc(max - m)) +
-        (other_max == neg_inf(Acc()) ? Acc(0) : other_sum * exp_acc(other_max - m));
+  if (m == neg_inf(Acc())) {
+    sum += other_sum;
+    return;
+  }
+  sum = (max == neg_inf(Acc()) ? sum * Acc(0) : sum * exp_acc(max - m)) +
+        (other_max == neg_inf(Acc()) ? other_sum * Acc(0) : other_sum * exp_acc(other_max - m));
   max = m;
 }
 
@@ -63,12 +67,12 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
   Acc* lse_out = static_cast<Acc*>(a.lse);
   Acc lse;
   if (a.compute_lse) {
-    // Online (max, sum) per thread; a NaN logit skips the max and poisons the sum.
+    // Online (max, sum) per thread; a NaN logit skips the max and poisons the sum for good.
     Acc max = neg_inf(Acc()), sum = Acc(0);
     for (int64_t j = tid; j < a.m; j += kThreads) {
       const Acc t = logit(j);
       if (t > max) {
-        sum = (max == neg_inf(Acc()) ? Acc(0) : sum * exp_acc(max - t)) + Acc(1);
+        sum = (max == neg_inf(Acc()) ? sum * Acc(0) : sum * exp_acc(max - t)) + Acc(1);
         max = t;
       } else if (t != neg_inf(Acc())) {
         sum += exp_acc(t - max);
@@ -87,7 +91,9 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
     if (tid == 0) {
       Acc row_max = warp_max[0], row_sum = warp_sum[0];
       for (int w = 1; w < kWarps; ++w) merge(row_max, row_sum, warp_max[w], warp_sum[w]);
-      const Acc value = row_max == neg_inf(Acc()) ? row_max : row_max + log_acc(row_sum);
+      // Every logit NaN (a NaN scale): the max stays −inf, the sum is NaN, and so is the lse.
+      const Acc value = row_max == neg_inf(Acc()) ? (row_sum == row_sum ? row_max : row_sum)
+                                                  : row_max + log_acc(row_sum);
       lse_out[r] = value;
       warp_max[0] = value;  // broadcast
     }
@@ -97,9 +103,14 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
     lse = lse_out[r];
   }
   if (a.probabilities == nullptr) return;
+  Acc factor = Acc(1);
+  if (a.weights != nullptr) {
+    const Acc weights_max = *static_cast<const Acc*>(a.weights_max);
+    factor = weights_max == Acc(0) ? Acc(0) : static_cast<const Acc*>(a.weights)[i] / weights_max;
+  }
   Op* p = static_cast<Op*>(a.probabilities) + r * a.m;
   for (int64_t j = tid; j < a.m; j += kThreads) {
-    put(p[j], lse == neg_inf(Acc()) ? Acc(0) : exp_acc(logit(j) - lse));
+    put(p[j], lse == neg_inf(Acc()) ? Acc(0) : exp_acc(logit(j) - lse) * factor);
   }
 }
 

@@ -1,7 +1,8 @@
 // Runs the CUDA epilogue of the tiled algorithm (tiled_epilogue.cu) on the host under
 // cuda_host_emu.h and compares lse and the probabilities with a dense double formula on the same
 // scores, for every operand dtype, with and without a given lse, with self offsets inside, before
-// and past the row, rows whose only column is masked, a NaN score, and several row blocks (r0).
+// and past the row, rows whose only column is masked, NaN scores and a NaN scale, probabilities
+// scaled by the gradient's row weights, and several row blocks (r0).
 // The hardware itself (warp shuffles, timing) is tests/test_backends.py's business on a GPU.
 //
 //   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/tiled_epilogue_test.cpp
@@ -27,7 +28,9 @@ double as_double(__nv_bfloat16 v) { return __bfloat162float(v); }
 struct Case {
   int64_t n, m, r0, rows, self_offset;
   double scale;
-  bool nan_score;  // a NaN in the scores of the block's first row
+  bool nan_score;  // a NaN in the scores of the block's first row, column nan_column
+  int64_t nan_column = 0;
+  bool weighted = false;  // probabilities scaled by row weights / their max
 };
 
 int failures = 0;
@@ -48,7 +51,13 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
   std::vector<Acc> scores(c.rows * c.m), rb(c.n), cb(c.m);
   std::vector<int64_t> rl(c.n), cl(c.m);
   for (auto& v : scores) v = Acc(normal(rng));
-  if (c.nan_score && !scores.empty()) scores[0] = std::numeric_limits<Acc>::quiet_NaN();
+  if (c.nan_score && !scores.empty()) scores[c.nan_column] = std::numeric_limits<Acc>::quiet_NaN();
+  std::vector<Acc> weights(c.n);
+  for (auto& v : weights) v = Acc(normal(rng));
+  if (c.n > 1) weights[1] = Acc(0);
+  double weights_max = 0;
+  for (Acc v : weights) weights_max = std::max(weights_max, std::abs(double(v)));
+  const Acc weights_max_acc = Acc(weights_max);
   for (auto& v : rb) v = Acc(normal(rng));
   for (auto& v : cb) v = Acc(normal(rng));
   for (auto& v : rl) v = label(rng);
@@ -64,7 +73,10 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
     }
     const double lse = dense_lse::row_lse(t);
     want_lse[r] = lse;
-    for (int64_t j = 0; j < c.m; ++j) want_p[r * c.m + j] = lse == ninf ? 0.0 : std::exp(t[j] - lse);
+    const double factor = c.weighted ? double(weights[i]) / weights_max : 1.0;
+    for (int64_t j = 0; j < c.m; ++j) {
+      want_p[r * c.m + j] = lse == ninf ? 0.0 : std::exp(t[j] - lse) * factor;
+    }
   }
   std::vector<Acc> lse(c.rows);
   if (!compute_lse) for (int64_t r = 0; r < c.rows; ++r) lse[r] = Acc(want_lse[r]);
@@ -77,6 +89,10 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
   a.col_labels = cl.data();
   a.row_bias = rb.data();
   a.col_bias = cb.data();
+  if (c.weighted) {
+    a.weights = weights.data();
+    a.weights_max = &weights_max_acc;
+  }
   a.rows = c.rows;
   a.m = c.m;
   a.r0 = c.r0;
@@ -110,7 +126,11 @@ int main() {
       {3, 1, 0, 3, 0, 1.0, false},      // each row's only column is its own: lse = −inf for row 0
       {6, 300, 2, 4, 100, 3.0, false},   // distributed: the self columns start at 100
       {6, 50, 0, 6, -10, 3.0, false},    // no self column in range
-      {8, 600, 0, 3, 0, 10.0, true},     // a NaN score poisons its row only
+      {8, 600, 0, 3, 0, 10.0, true},     // a NaN score on the masked self column: no effect
+      {8, 600, 0, 3, 0, 10.0, true, 7},  // a NaN score poisons its row only, wherever it lies
+      {4, 600, 0, 4, 0, std::numeric_limits<double>::quiet_NaN(), false},  // NaN scale: all NaN
+      {40, 1000, 13, 9, 0, 5.0, false, 0, true},  // probabilities scaled by row weights
+      {4, 600, 0, 4, 1, 2.0, true, 700, true},     // the same, a NaN in the second row
   };
   for (const Case& c : cases) {
     for (bool compute_lse : {true, false}) {
