@@ -133,7 +133,8 @@ class Variant:
     # (d ≤ 256; larger d streams it as the default does).
     resident_z: bool = False
     # Forward: programs in groups of this many row blocks across every column split (a swizzle
-    # for L2 reuse of Z tiles); 1 = row blocks fastest, as launched.
+    # for L2 reuse of Z tiles); 1 = row blocks fastest, as launched. With one column split (large
+    # N) the order is the same either way: every program streams all of K.
     group_m: int = 1
     # Forward: autotune also over 128-wide tiles with 8 warps and 3-4 stages.
     wide_configs: bool = False
@@ -404,7 +405,10 @@ if triton is not None:
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         col_start = pid_s * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, M)
-        for n0 in range(col_start, col_end, BLOCK_N):
+        # flatten: the column loop and the d loop of _scores_tile become one software-pipelined
+        # loop, so the copies of the next column tile's first chunks overlap this tile's softmax
+        # (nested, the d loop's pipeline drains and restarts on every column tile).
+        for n0 in tl.range(col_start, col_end, BLOCK_N, flatten=True):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
             k_blk = k_ptr + _row_offset(n0, stride_km)
@@ -575,28 +579,75 @@ if triton is not None:
                  mask=mask_n[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
-    def _add_dz(dz_ptr, sem_ptr, m0, mask_m, D, contribution, pid_n,
+    def _wait_turn(lock, turn):
+        """0 once column block `turn` may add to the rows of `lock`, run by every thread of the
+        program: on the GPU each thread spins (an acquire load at GPU scope, so the stores
+        released with the turn are visible to it) until *lock counts turn·(threads per program)
+        releases, one per thread of each earlier block (_pass_turn).
+
+        The spin is a PTX loop inside one elementwise op, and the hand-over has no barrier: the
+        main loop around it then has neither a nested loop nor a gpu.barrier, so Triton still
+        software-pipelines it. The interpreter runs programs one by one in ticket order, where
+        the turn has always come (and one release stands for the program)."""
+        if _INTERP:
+            seen = tl.atomic_cas(lock, turn, turn)
+            while seen != turn:
+                seen = tl.atomic_cas(lock, turn, turn)
+            return seen - turn
+        else:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .pred rcl_wait;
+                .reg .u32 rcl_want;
+                mov.u32 rcl_want, %ntid.x;
+                mul.lo.u32 rcl_want, rcl_want, $2;
+                RCL_WAIT_TURN:
+                ld.global.acquire.gpu.b32 $0, [$1];
+                setp.ne.u32 rcl_wait, $0, rcl_want;
+                @rcl_wait nanosleep.u32 32;
+                @rcl_wait bra RCL_WAIT_TURN;
+                sub.u32 $0, $0, rcl_want;
+                }""",
+                "=r,l,r", [lock, turn], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _pass_turn(lock):
+        """Pass the turn on: every thread of the program adds 1 to *lock with release semantics
+        at GPU scope, after its own stores (the asm has side effects, so no store moves past
+        it; no barrier, which would stop the pipelining)."""
+        if _INTERP:
+            tl.atomic_add(lock, 1, sem="release")
+        else:
+            tl.inline_asm_elementwise("red.release.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0;",
+                                      "=r,l", [lock], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _add_dz(dz_ptr, sem_ptr, m0, mask_m, D, contribution, col_block,
                 BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr):
-        """dz[m0 : m0 + BLOCK_M] += contribution, from column block pid_n of the one-pass kernel.
+        """dz[m0 : m0 + BLOCK_M] += contribution, from column block col_block of the one-pass
+        kernel.
 
         DETERMINISTIC: the column blocks add in their order, 0, 1, 2, ..., as FlashAttention's
-        deterministic backward does: sem[row block] counts the blocks that have added, and block
-        pid_n waits for its turn. Lower blocks are launched first, so the wait always ends (and
-        under the interpreter, which runs programs one after another in launch order, it never
-        waits). Otherwise: unordered fp32 atomics."""
+        deterministic backward does: sem[1 + row block] counts the releases of the blocks that
+        have added, and block col_block waits for its turn (_wait_turn). Programs take their
+        column block from a ticket (_bwd_kernel), so the blocks they wait for started before
+        them and the wait ends whatever order the hardware starts programs in. The host zeroes
+        the counters for every launch. Otherwise: unordered fp32 atomics."""
         offs_d = tl.arange(0, D_PAD)
-        ptrs = (dz_ptr + _row_offset(m0, D) + tl.arange(0, BLOCK_M)[:, None] * D
-                + offs_d[None, :])
         mask = mask_m[:, None] & (offs_d < D)[None, :]
+        row0 = m0
         if DETERMINISTIC:
-            lock = sem_ptr + m0 // BLOCK_M
-            while tl.atomic_cas(lock, pid_n, pid_n) != pid_n:
-                pass
+            lock = sem_ptr + 1 + m0 // BLOCK_M
+            # row0 (= m0) depends on the wait's result, so nothing moves the loads below
+            # before the wait.
+            row0 += _wait_turn(lock, col_block)
+        ptrs = (dz_ptr + _row_offset(row0, D) + tl.arange(0, BLOCK_M)[:, None] * D
+                + offs_d[None, :])
+        if DETERMINISTIC:
             # .cg: read through L2, where the previous block's stores are (L1 is not coherent).
             current = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(ptrs, current + contribution, mask=mask)
-            tl.debug_barrier()  # every thread's stores are issued before the turn passes on
-            tl.atomic_xchg(lock, pid_n + 1)
+            _pass_turn(lock)
         else:
             tl.atomic_add(ptrs, contribution, mask=mask, sem="relaxed")
 
@@ -615,8 +666,15 @@ if triton is not None:
         and dz[rows] += P·K (·g·scale), added across column blocks by _add_dz. 6 N·M·d flops
         instead of the two-pass kernels' 8 (each recomputes S)."""
         num_col_blocks = tl.cdiv(M, BLOCK_N)
-        pid_n = tl.program_id(0) % num_col_blocks
-        pid_s = tl.program_id(0) // num_col_blocks
+        if DETERMINISTIC:
+            # Work in ticket order (sem[0]): a program's column block comes from the order in
+            # which programs start, not from program_id, so every block it waits for is already
+            # running.
+            ticket = tl.atomic_add(sem_ptr, 1, sem="relaxed")
+        else:
+            ticket = tl.program_id(0)
+        pid_n = ticket % num_col_blocks
+        pid_s = ticket // num_col_blocks
         col0 = pid_n * BLOCK_N
         offs_n = col0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
@@ -720,11 +778,15 @@ if triton is not None:
     # and fp32 dz contributions stream through. ptxas for sm_90 at d = 128: 64 x 64 with 8 warps
     # takes 254 registers without spills (bf16); 4 warps, 16 warps (128 registers) or 128-wide
     # tiles spill hundreds of bytes. 32 x 64 spills nowhere (also bf16 d = 256) but runs its
-    # 32-row product on mma.sync instead of wgmma.
+    # 32-row product on mma.sync instead of wgmma. At 128 < d <= 256 the 64 x 64 tiles spill
+    # (about 500 bytes deterministic, 180 with atomics), and the deterministic kernel's pipelined
+    # loop spills 68 bytes with them at d = 128, so there the spill-free 32 x 64 (238 registers
+    # at d = 256, pipelined) comes first: it is what runs when autotuning is off.
     _ONE_PASS_CONFIGS = [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=8, num_stages=st)
         for bm, bn, st in ((64, 64, 2), (64, 64, 3), (32, 64, 2))
     ]
+    _ONE_PASS_WIDE_D = 128  # above this d (any d when deterministic), 32 x 64 comes first
 
     def _pow2_at_least_16(x: int) -> int:
         return max(16, triton.next_power_of_2(max(int(x), 1)))
@@ -912,6 +974,8 @@ def kernel_configs(kernel: str, variant: Variant | str = "default", d: int = 128
     if kernel == "dk":
         return list(_DK_CONFIGS)
     if kernel == "one_pass":
+        if d > _ONE_PASS_WIDE_D or variant.deterministic:  # spill-free first (see above)
+            return [_ONE_PASS_CONFIGS[2], *_ONE_PASS_CONFIGS[:2]]
         return list(_ONE_PASS_CONFIGS)
     raise ValueError(f"kernel must be one of forward, dz, dk, one_pass, got {kernel!r}")
 
@@ -1069,6 +1133,13 @@ def _dk_pass(b: _Backward, splits=None, config=None) -> torch.Tensor:
     return out[0] if splits == 1 else out.sum(0)
 
 
+def _one_pass_sems(n: int, device) -> torch.Tensor:
+    """The deterministic one-pass kernel's counters, zeroed (every launch needs fresh ones, as
+    the CUDA mma kernels' workspace): the ticket counter, then one turn counter per row block of
+    the smallest BLOCK_M of any config (16)."""
+    return torch.zeros((1 + _cdiv(n, 16),), device=device, dtype=torch.int32)
+
+
 def _one_pass(b: _Backward, splits=None, config=None) -> tuple[torch.Tensor, torch.Tensor]:
     """dz, dk by the one-pass kernel: dz accumulates in place (zeroed first), dk in the same
     row-split partials as the two-pass dk kernel."""
@@ -1077,8 +1148,7 @@ def _one_pass(b: _Backward, splits=None, config=None) -> tuple[torch.Tensor, tor
                                      splits)
     dz = _alloc((n, d), device, torch.float32).zero_()
     dk_out = _alloc((splits, m, d), device, torch.float32)
-    # One turn counter per row block of the smallest BLOCK_M of any config (16).
-    sem = torch.zeros((_cdiv(n, 16),), device=device, dtype=torch.int32)
+    sem = _one_pass_sems(n, device)
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]) * splits,)  # noqa: E731
     _launch("one_pass", kernel_configs("one_pass", b.variant, d), grid,
             (*b.kernel_args(b.gmax(), dz, dk_out, sem), *b.scalars(rows_per_split)),

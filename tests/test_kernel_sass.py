@@ -133,11 +133,11 @@ def test_triton_one_pass_deterministic_loop_is_pipelined(tmp_path):
     while the current one is handed over, and its 2- and 3-stage configs differ (a ring of 2 or
     3 Z buffers in shared memory)."""
     rows = _triton_rows(tmp_path, "--kernels", "one_pass", "--variants", "one-pass", "--dtypes",
-                        "bf16", "--shapes", "bcl-n32768-d128", "--configs", "0", "1")
-    assert [r["config"] for r in rows] == ["64x64-w8-s2", "64x64-w8-s3"], rows
+                        "bf16", "--shapes", "bcl-n32768-d128")
     for row in rows:
         assert "error" not in row and row["ptx_cp_async"] + row["ptx_tma"] > 0, row
-    assert rows[0]["shared_bytes"] < rows[1]["shared_bytes"], rows
+    shared = {row["config"]: row["shared_bytes"] for row in rows}
+    assert shared["64x64-w8-s2"] < shared["64x64-w8-s3"], rows
 
 
 @pytest.mark.parametrize("shape", ["bcl-n32768-d128", "bcl-n32768-d256"])

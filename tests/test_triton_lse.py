@@ -340,6 +340,27 @@ def test_backward_deterministic(variant):
 
 
 @pytest.mark.triton_interpret
+def test_one_pass_tickets_and_turns(monkeypatch):
+    """The deterministic one-pass kernel takes its work from a ticket counter (sem[0]: one ticket
+    per program) and passes one turn per column block on every row block (sem[1 + row block];
+    under the interpreter one release stands for all threads of a program), on fresh zeroed
+    counters for every launch; both launches match the float64 formula."""
+    n, m = 40, 70
+    made = []
+    make = T._one_pass_sems
+    monkeypatch.setattr(T, "_one_pass_sems", lambda *a: made.append(make(*a)) or made[-1])
+    inp, g = make_inputs(n, m, 33, torch.bfloat16, self_offset=2)
+    for _ in range(2):
+        check_against_oracle(inp, g, torch.bfloat16, False, "one-pass", dk_splits=2)
+    bm, bn = T._INTERP_ONE_PASS["BLOCK_M"], T._INTERP_ONE_PASS["BLOCK_N"]
+    col_blocks, row_blocks, splits = -(-m // bn), -(-n // bm), 2
+    expected = [col_blocks * splits] + [col_blocks] * row_blocks
+    assert len(made) == 2 and made[0] is not made[1]
+    for sems in made:
+        assert sems[:1 + row_blocks].tolist() == expected and not sems[1 + row_blocks:].any()
+
+
+@pytest.mark.triton_interpret
 def test_tiny_grad_fp16_does_not_underflow():
     """g of a mean over a million anchors: g·p would underflow in fp16 without max|g| scaling."""
     inp, g = make_inputs(17, 40, 20, torch.float16)
