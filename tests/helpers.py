@@ -11,27 +11,13 @@ import torch
 import torch.multiprocessing as mp
 
 from rcl_kernels.backends import BACKENDS
-
-# Absolute floors of the rule: err(backend) <= 2·err(reference in the same dtype) + floor.
-FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
-
-def relative_error(value: torch.Tensor, truth: torch.Tensor, magnitude: float = 0.0) -> float:
-    """‖value − truth‖ / max(‖truth‖, magnitude) over all entries (absolute when both are zero).
-
-    `magnitude` is the size of the terms that cancel into `truth`: a loss is a difference of
-    logit-sized terms (log-sum-exp minus the positives' mean), so a loss of 0.01 from logits of
-    size 10 carries absolute errors of order eps·10 in any dtype and any order of summation."""
-    value, truth = value.double().cpu(), truth.double().cpu()
-    scale = max(truth.norm().item(), magnitude)
-    return (value - truth).norm().item() / (scale if scale > 0 else 1.0)
+from rcl_kernels.selftest import FLOORS, relative_error, rule_check  # noqa: F401 (tests import them)
 
 
 def assert_within_rule(name: str, value, low_precision_reference, truth, dtype, magnitude=0.0):
     """The FlashAttention rule: at most 2x the error of the reference run in the same dtype,
     plus a small floor."""
-    err = relative_error(value, truth, magnitude)
-    allowed = 2 * relative_error(low_precision_reference, truth, magnitude) + FLOORS[dtype]
+    err, allowed = rule_check(value, low_precision_reference, truth, dtype, magnitude)
     assert err <= allowed, f"{name}: relative error {err:.3e} > allowed {allowed:.3e} ({dtype})"
 
 
