@@ -159,3 +159,88 @@ def test_throughput_peak_memory_is_that_of_the_timed_steps(monkeypatch):
     row = throughput.measure(["--device", "cpu"], None, steps=2, warmup=3)
     assert events == ["step"] * 3 + ["reset"] + ["step"] * 2
     assert row["peak_mb"] == 1.0 and row["device"] == "fake"
+
+
+def test_study_passes_loss_only_flags_to_their_recipes():
+    """--tail-margin and --feature-scale reach BCL+RCL alone: rcl-train refuses them with --loss
+    none or bcl, so the whole study failed."""
+    from types import SimpleNamespace
+
+    from rcl_train.config import parse_config
+
+    flags = ["--data-root", "D", "--tail-margin", "0.1", "--feature-scale=2", "--lr", "0.05"]
+    s = study.Study(SimpleNamespace(work_dir="w", out="o", seeds=[0]), flags)
+    for recipe in study.RECIPES:
+        argv = s.argv(recipe, 0, 1, "out")
+        cfg = parse_config(argv)  # a flag that does not apply would exit 2 here
+        rcl = recipe == "BCL+RCL"
+        assert (cfg.tail_margin, cfg.feature_scale) == ((0.1, 2.0) if rcl else (0.0, None)), recipe
+        assert cfg.lr == 0.05 and cfg.data_root == "D"
+    assert study.flags_for("BCL", ["--tail-margin", "0.1", "--seed", "3"]) == ["--seed", "3"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--budget-s", "nan"], "argument --budget-s: expected a finite number > 0.0, got nan"),
+    (["--budget-s", "-5"], "argument --budget-s: expected a finite number > 0.0, got -5"),
+    (["--target-epochs", "0"], "argument --target-epochs: expected an integer >= 1, got 0"),
+    (["--seeds", "0", str(2**70)], "argument --seeds: expected an integer 0..4294967295"),
+    (["--parallel", "0"], "argument --parallel: expected an integer >= 1, got 0"),
+])
+def test_study_bad_flags(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(tmp_path / "o"), "--epochs", "auto", "--budget-s", "60", *argv,
+                    "--", "--data-root", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_study_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert study.main(["--out", str(tmp_path / "o"), "--epochs", "auto", "--budget-s", "60", "--",
+                       "--data-root", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m rcl_train.study: error: Fashion-MNIST not found"), err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--backends", ""], "argument --backends: expected a comma-separated list, got ''"),
+    (["--batch-sizes", ","], "argument --batch-sizes: expected a comma-separated list, got ','"),
+    (["--backends", "reference,metal"], "argument --backends: unknown backend 'metal'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+])
+def test_throughput_bad_flags(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        throughput.main([*argv, "--out", str(tmp_path), "--", "--data-root", str(tmp_path)])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_throughput_errors_are_one_line(fashion_root, tmp_path, monkeypatch, capsys):
+    """Missing data and --out a file: an error line and exit 2; a diverging run: a row that says
+    so and exit 1. No traceback."""
+    from rcl_train.errors import NonFiniteError
+
+    prog = "python -m rcl_train.throughput: error: "
+    assert throughput.main(["--out", str(tmp_path / "o"), "--", "--data-root", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith(prog + "Fashion-MNIST not found")
+    (tmp_path / "f").write_text("x")
+    assert throughput.main(["--out", str(tmp_path / "f"), "--", "--data-root", fashion_root]) == 2
+    assert capsys.readouterr().err == f"{prog}--out {tmp_path / 'f'}: an existing file, not a directory\n"
+
+    def diverging(argv, data, steps, warmup):
+        raise NonFiniteError("non-finite loss at step 2 (epoch 1, lr 0.1)")
+
+    monkeypatch.setattr(throughput, "measure", diverging)
+    assert throughput.main(["--backends", "reference", "--batch-sizes", "16", "--out",
+                            str(tmp_path / "o"), "--", "--data-root", fashion_root,
+                            "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "| reference | 16 | diverged: non-finite loss at step 2" in out
+
+
+@pytest.mark.parametrize("module", [study, throughput])
+def test_tool_help_says_where_other_flags_go(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Any other flag (after an optional --) goes to every rcl-train run" in out
+    assert "(default: " in out

@@ -27,16 +27,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .cli import main as train_main
-from .config import parse_config
-from .data import load_dataset
+from .config import (LOSS_ONLY_FLAGS, TRAIN_FLAGS_EPILOG, HelpFormatter, float_at_least,
+                     positive_int, parse_config, seed_int)
+from .data import DataNotFoundError, load_dataset
+from .outdir import prepare_out_dir
 
 RECIPES = {"LA-CE": ["--loss", "none"], "BCL": ["--loss", "bcl"], "BCL+RCL": ["--loss", "rcl"]}
+INTERRUPTED = 130  # rcl-train's exit status after a Ctrl-C
 KEYS = ("balanced_accuracy", "overall_accuracy", "many", "medium", "few")
 SUMMARY_RESERVE_S = 20  # kept from the budget for the table and the plot
 
 
 def slug(recipe: str) -> str:
     return recipe.lower().replace("+", "_").replace("-", "")
+
+
+def flags_for(recipe: str, flags: list[str]) -> list[str]:
+    """`flags` without those that do not apply to `recipe`'s loss (config.LOSS_ONLY_FLAGS: e.g.
+    --tail-margin goes to BCL+RCL alone; rcl-train refuses it with another loss)."""
+    loss = RECIPES[recipe][1]
+    out, i = [], 0
+    while i < len(flags):
+        flag, inline = flags[i].partition("=")[0], "=" in flags[i]
+        losses = LOSS_ONLY_FLAGS.get(flag)
+        width = 2 if losses is not None and not inline else 1  # --flag VALUE or --flag=VALUE
+        if losses is None or loss in losses:
+            out += flags[i:i + width]
+        i += width
+    return out
 
 
 def plan_epochs(budget_s: float, per_epoch_s: float, startup_s: float, waves: int,
@@ -59,7 +77,7 @@ class Study:
         return time.perf_counter() - self.t0
 
     def argv(self, recipe: str, seed: int, epochs: int, out: str, extra=()) -> list[str]:
-        return [*self.flags, *RECIPES[recipe], "--seed", str(seed), "--epochs", str(epochs),
+        return [*flags_for(recipe, self.flags), *RECIPES[recipe], "--seed", str(seed), "--epochs", str(epochs),
                 "--no-progress", "--no-plots", "--out", out, *extra]
 
     def run_one(self, job) -> dict:
@@ -79,6 +97,8 @@ class Study:
                 except subprocess.TimeoutExpired:
                     code = "timeout"
         wall = time.perf_counter() - t0
+        if code == INTERRUPTED:  # Ctrl-C reached the run: stop the study, not only this run
+            raise KeyboardInterrupt
         self.log(f"{recipe} seed {seed}: exit {code} after {wall:.0f} s")
         return {"recipe": recipe, "seed": seed, "exit": code, "wall_s": wall, "out": out}
 
@@ -247,23 +267,41 @@ def _epochs(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rcl_train.study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rcl_train.study", description=__doc__.split("\n\n")[0],
+                                epilog=TRAIN_FLAGS_EPILOG + " Flags of one loss only (--tail-margin, "
+                                "--feature-scale) go to the recipes of that loss alone.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="where study.json, study.md and curves.png go")
-    p.add_argument("--work-dir", default=None, help="where the runs go (default <out>/runs)")
-    p.add_argument("--epochs", type=_epochs, default="auto")
-    p.add_argument("--target-epochs", type=int, default=100)
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds for the whole study (needed by --epochs auto)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--parallel", type=int, default=1,
+    p.add_argument("--work-dir", default=None, help="where the runs go (default: <out>/runs)")
+    p.add_argument("--epochs", type=_epochs, default="auto",
+                   help="epochs of every run, or auto: the most that fit --budget-s")
+    p.add_argument("--target-epochs", type=positive_int, default=100,
+                   help="the most epochs --epochs auto may choose")
+    p.add_argument("--budget-s", type=float_at_least(0.0, strict=True), default=None,
+                   help="seconds for the whole study (needed by --epochs auto; default: none)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
+                   help="training seeds; every recipe runs with each")
+    p.add_argument("--parallel", type=positive_int, default=1,
                    help="runs at once (separate processes); 1 = one after the other, in-process")
     args, flags = p.parse_known_args(argv)
     if args.epochs == "auto" and not args.budget_s:
         p.error("--epochs auto needs --budget-s")
-    if args.parallel < 1:
-        p.error(f"--parallel: expected an integer >= 1, got {args.parallel}")
     flags = [a for a in flags if a != "--"]
-    doc = Study(args, flags).run()
+    try:
+        prepare_out_dir(args.out)
+        if args.work_dir:
+            prepare_out_dir(args.work_dir, "--work-dir")
+        doc = Study(args, flags).run()
+    except (ValueError, DataNotFoundError) as e:  # the data, a directory
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:  # a failed calibration run, writing the results
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{p.prog}: error: interrupted; the finished runs are in {args.work_dir or os.path.join(args.out, 'runs')}",
+              file=sys.stderr)
+        return INTERRUPTED
     print(markdown(doc))
     return 0 if all(r["complete"] for r in doc["runs"]) else 1
 

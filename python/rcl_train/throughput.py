@@ -24,9 +24,11 @@ import time
 
 import torch
 
-from .config import parse_config
-from .data import load_dataset
+from .config import TRAIN_FLAGS_EPILOG, HelpFormatter, int_at_least, parse_config
+from .data import DataNotFoundError, load_dataset
+from .errors import NonFiniteError
 from .losses import BACKENDS
+from .outdir import prepare_out_dir
 from .train import Trainer, epoch_order
 
 
@@ -86,6 +88,9 @@ def run(backends, batch_sizes, steps, warmup, train_argv, out_dir, log=print):
                         break
                     except ValueError as e:  # e.g. a loss backend not available here
                         row = {"backend": backend, "batch": batch, "error": str(e)}
+                        break
+                    except NonFiniteError as e:  # timed steps of a diverging run mean nothing
+                        row = {"backend": backend, "batch": batch, "error": f"diverged: {e}"}
                         break
                     except Exception as e:
                         if not _is_oom(e):
@@ -150,28 +155,47 @@ def _batch_size(text: str):
     return int(text)
 
 
+def _list_of(parse):
+    """A comma-separated list of at least one item, each read by `parse`."""
+    def read(text: str) -> list:
+        items = [parse(b) for b in text.split(",") if b.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return items
+    return read
+
+
+def _backend(text: str) -> str:
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; expected some of "
+                                         f"{', '.join(BACKENDS)}")
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rcl_train.throughput",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="reference,auto",
-                   type=lambda s: [b for b in s.split(",") if b],
+                                description=__doc__.split("\n\n")[0], epilog=TRAIN_FLAGS_EPILOG,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--backends", default=["reference", "auto"], type=_list_of(_backend),
                    help=f"comma-separated loss backends ({', '.join(BACKENDS)})")
-    p.add_argument("--batch-sizes", default=[256, "max"],
-                   type=lambda s: [_batch_size(b) for b in s.split(",") if b],
+    p.add_argument("--batch-sizes", default=[256, "max"], type=_list_of(_batch_size),
                    help="comma-separated batch sizes; max = the largest that fits")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="runs/throughput")
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int_at_least(0), default=3,
+                   help="untimed steps before them")
+    p.add_argument("--out", default="runs/throughput",
+                   help="where throughput.json and throughput.md go")
     args, train_argv = p.parse_known_args(argv)
-    bad = [b for b in args.backends if b not in BACKENDS]
-    if bad:
-        p.error(f"--backends: unknown {', '.join(bad)}; expected some of {', '.join(BACKENDS)}")
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
     train_argv = [a for a in train_argv if a != "--"]
-    rows, n = run(args.backends, args.batch_sizes, args.steps, args.warmup, train_argv, args.out)
+    try:
+        prepare_out_dir(args.out)
+        rows, n = run(args.backends, args.batch_sizes, args.steps, args.warmup, train_argv,
+                      args.out)
+    except (ValueError, DataNotFoundError) as e:  # the data, --out, a bad rcl-train flag value
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(table(rows, n))
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
