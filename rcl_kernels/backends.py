@@ -91,6 +91,9 @@ class Candidate:
         return {self.algorithm: self.lse} if self.lse is not None else {}
 
 
+_MADE: dict[str, tuple[Candidate, ...]] = {}
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -102,11 +105,16 @@ class Backend:
     # (environment variable, its default): the variant a bare name or "<name>:streaming" means.
     variant_variable: tuple[str, str] | None = None
 
-    @functools.cached_property
+    @property
     def candidates(self) -> tuple[Candidate, ...]:
-        made = self.make_candidates()
-        return made or (Candidate(self.name, None, self.name, timed_on=("cpu", "cuda"),
-                                  description="plain PyTorch, N x M matrices: the oracle"),)
+        # Built once per backend name, kept in a plain dict (torch.compile traces a dict lookup,
+        # not functools.cached_property's lock).
+        made = _MADE.get(self.name)
+        if made is None:
+            made = _MADE[self.name] = self.make_candidates() or (
+                Candidate(self.name, None, self.name, timed_on=("cpu", "cuda"),
+                          description="plain PyTorch, N x M matrices: the oracle"),)
+        return made
 
     @property
     def fused(self) -> bool:
