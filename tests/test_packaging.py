@@ -98,8 +98,9 @@ def package(tmp_path_factory):
 def test_sdist_holds_every_source_and_the_license(package):
     with tarfile.open(package["sdist"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    needed = {p for p in package["files"] if p.startswith(("csrc/", "rcl_kernels/", "python/",
-                                                           "examples/", "docs/"))}
+    needed = {p for p in package["files"] if p.startswith(("csrc/", "python/rcl_train/",
+                                                           "examples/", "docs/"))
+              or (p.startswith("rcl_kernels/") and p.endswith(".py"))}
     needed |= {"LICENSE", "README.md", "setup.py", "pyproject.toml"}
     assert needed <= names, sorted(needed - names)
     assert "rcl_kernels/_build_info.json" not in names  # each build records its own torch
