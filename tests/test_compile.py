@@ -54,8 +54,8 @@ def loss_and_grads(fn, features, labels, centers, counts, grad: bool):
 
 def assert_same(traced, eager, name=""):
     for got, expected in zip(traced, eager, strict=True):
-        if expected is None:  # the standalone preset has no centers gradient
-            assert got is None, name
+        if expected is None:  # no centers gradient (supcon, standalone); compiled: None or zeros
+            assert got is None or not got.any(), name
         else:
             torch.testing.assert_close(got, expected, msg=lambda m: f"{name}: {m}")
 
@@ -79,6 +79,9 @@ def losses_and_grads(fn, features, labels, centers, counts, grad: bool):
 
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+# Each preset's gradient is taken from one graph with retain_graph=True, which a compiled backward
+# with donated buffers refuses.
+@torch._functorch.config.patch(donated_buffer=False)
 def test_every_preset_compiles_on_every_backend(backend, mode):
     gen = fresh_generator()
     counts = torch.arange(CLASSES, 0, -1).double() * 40
