@@ -181,11 +181,14 @@ RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_b
     }
     T row_sum = 0;
     for (int i = 0; i < W; ++i) row_sum += sum[i];
-    lse[r] = row_max == kNegInf ? kNegInf : row_max + std::log(row_sum);
+    // A row whose logits are all NaN (a NaN scale or input) keeps max −inf, as NaN compares
+    // false, but its sum is NaN: its lse is NaN, as the streaming kernel's, never −inf.
+    lse[r] = row_max == kNegInf ? (row_sum == row_sum ? kNegInf : row_sum)
+                                : row_max + std::log(row_sum);
     if (!probabilities) continue;
     // p = e^(t − max) / sum (0 for a row without columns), flushed below kTiny: no denormals
     // into the GEMMs.
-    const T inverse = row_sum > 0 ? T(1) / row_sum : T(0);
+    const T inverse = row_sum > 0 ? T(1) / row_sum : row_sum == row_sum ? T(0) : row_sum;
     const V tiny = V{} + ExpTraits<T>::kTiny;
     for (int64_t c = 0; c < m; c += W) {
       const int64_t count = std::min<int64_t>(W, m - c);

@@ -103,6 +103,10 @@ void check_arguments(const at::Tensor& z, const at::Tensor& k, const at::Tensor&
               "tiled_lse: row_labels and row_bias must have N = ", z.size(0), " entries");
   TORCH_CHECK(col_labels.numel() == k.size(0) && col_bias.numel() == k.size(0),
               "tiled_lse: col_labels and col_bias must have M = ", k.size(0), " entries");
+  // int64 labels, as the streaming ops take them: a label is compared, never converted here.
+  TORCH_CHECK(row_labels.scalar_type() == at::kLong && col_labels.scalar_type() == at::kLong,
+              "tiled_lse: row_labels and col_labels must be int64, got ", row_labels.scalar_type(),
+              " and ", col_labels.scalar_type());
   for (const at::Tensor* t : {&k, &row_labels, &col_labels, &row_bias, &col_bias}) {
     TORCH_CHECK(t->device() == z.device(), "tiled_lse: every argument must be on z's device ",
                 z.device(), ", got one on ", t->device());
