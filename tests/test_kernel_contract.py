@@ -1,8 +1,8 @@
 """One argument contract for every fused candidate's kernel ops (Kernels.forward / backward),
-generated from the backend registry: each candidate that runs on this machine's CPU gets the same
-bad inputs and must answer alike — int64 labels only, and a NaN scale gives a NaN lse and NaN
-gradients, never a finite or infinite number. GPU candidates run the same cases under pytest -m gpu
-through tests/test_backends.py's device parametrization; here only what this machine can run."""
+generated from the backend registry: each candidate that runs on this machine's CPU (the Triton
+variants too, where the tests set TRITON_INTERPRET) gets the same inputs and must answer alike:
+int64 labels only, and a NaN scale gives a NaN lse and NaN gradients, never a finite or infinite
+number."""
 
 import math
 
