@@ -45,7 +45,7 @@ def test_implementation_syntax():
     ("flash_sdpa:tiled", "an algorithm applies to the rk backends"),
     ("triton{1X=2}", "NAME=value"),
     ("triton{X}", "NAME=value"),
-    ("triton{X=1", "expected backend[:algorithm]"),
+    ("triton{X=1", "expected backend[:algorithm|:variant]"),
 ])
 def test_implementation_syntax_errors(text, message):
     with pytest.raises(ValueError, match="--backends") as info:
