@@ -16,15 +16,6 @@ import rcl_kernels as rk
 from rcl_kernels import _validation
 
 
-@pytest.fixture
-def batch():
-    gen = fresh_generator()
-    features = random_features((8, 2, 16), gen).float()
-    labels = draw_labels("uniform", 8, 4, gen)
-    centers = random_features((4, 16), gen).float()
-    return features, labels, centers
-
-
 def test_flat_and_view_layouts_agree(batch):
     features, labels, centers = batch
     flat = torch.cat(torch.unbind(features, dim=1))  # view-major

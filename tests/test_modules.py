@@ -7,20 +7,10 @@ import inspect
 
 import pytest
 import torch
-from helpers import draw_labels, fresh_generator, random_features
 
 import rcl_kernels as rk
 
 COUNTS = [100, 50, 10, 2]
-
-
-@pytest.fixture
-def batch():
-    gen = fresh_generator()
-    features = random_features((8, 2, 16), gen).float()
-    labels = draw_labels("uniform", 8, 4, gen)
-    centers = random_features((4, 16), gen).float()
-    return features, labels, centers
 
 
 BAD_CONSTRUCTIONS = [
