@@ -15,7 +15,7 @@ An implementation is written `backend[:algorithm|:variant][{NAME=value,...}]`:
   {...}      environment variables of the case's subprocess, e.g. `auto{RCL_KERNELS_AUTOTUNE=0}`.
              Quote it in a shell: braces with a comma are brace-expanded.
 
-Inputs follow the protocol of the first GPU run (shared/gpu-runs/2026-11-26-h100.md): features
+Inputs follow the protocol of the first GPU run (2026-11-26, docs/gpu-status.md): features
 [N/2, 2, d] L2-normalized (two views; one view when N is odd), labels long-tailed over C classes
 (class k drawn with probability proportional to imbalance^(-k/(C-1)), imbalance 100 by default; 1
 is uniform), centers [C, d] L2-normalized, temperature 0.1.

@@ -339,7 +339,7 @@ def available_backends() -> dict[str, str | None]:
 # The static order: auto's fallback when nothing measured on this machine is at hand.
 # --------------------------------------------------------------------------------------------------
 # Largest N·M at which the N x M reference was measured faster than every fused backend on an
-# H100 (shared/gpu-runs/2026-11-26-h100.md: N = 512, M = 8,654, d = 1024, fp32: reference 2.22 ms,
+# H100 (the 2026-11-26 run, docs/gpu-status.md: N = 512, M = 8,654, d = 1024, fp32: reference 2.22 ms,
 # cuda 13.1 ms, triton 27.5 ms; at N = 512, M = 1,512 in fp32 and bf16 likewise). At the next
 # measured size (N = 8,192, M = 9,192, d = 128, bf16) triton won (3.71 ms against 5.67 ms).
 _CUDA_REFERENCE_MAX_ENTRIES = 512 * 8654

@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-# Bytes of split partials a kernel may hold at once (issue 11: ≤ 64 MB above inputs and
-# gradients at N = 32,768).
+# Bytes of split partials a kernel may hold at once (the memory target: ≤ 64 MB above
+# inputs and gradients at N = 32,768).
 WORKSPACE_BUDGET_BYTES = 32 << 20
 # Programs per SM the planner aims for: about two waves keeps every SM busy through the tail.
 PROGRAMS_PER_SM = 2

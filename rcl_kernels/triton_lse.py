@@ -26,7 +26,7 @@ Kernels
 Variants (`Variant`, presets in VARIANTS; the default is the form timed on the H100): logits in
 log2 units with exp2, masks only on the tiles that need them, a resident Z row tile, grouped
 program order and wider autotune configs for the forward; the one-pass backward; 3xTF32 for fp32
-"highest" (issue 11). Each is a constexpr flag of the same kernels, so every variant shares the
+"highest". Each is a constexpr flag of the same kernels, so every variant shares the
 code it does not change.
 Split counts come from rcl_kernels.planner (shared with the cuda backend), which keeps the
 partial buffers under its workspace budget.
@@ -119,7 +119,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 @dataclass(frozen=True)
 class Variant:
-    """A selectable form of the kernels (issue 11). Variant() is the form timed on the H100
+    """A selectable form of the kernels. Variant() is the form timed on the H100
     (gpu-runs/2026-11-26-h100.md); every other value is untimed until bench/triton_configs.py has
     run on a GPU, so nothing selects one by default. Every variant computes the same op and meets
     the same tolerances (tests/test_triton_lse.py)."""
@@ -201,7 +201,7 @@ if triton is not None:
         """fp32 -> TF32 (10 mantissa bits, kept in fp32): round to nearest, ties away from zero.
 
         Tensor cores read only the top 19 bits of an fp32 operand, i.e. they truncate, which
-        biases every product towards zero (issue 9: a 4e-5 loss error where cuBLAS, which rounds,
+        biases every product towards zero (measured: a 4e-5 loss error where cuBLAS, which rounds,
         gives 2e-7). cvt.rna.tf32.f32 is the rounding of wmma::__float_to_tf32 (the cuda backend)
         and the only f32->tf32 conversion sm_80 has. The interpreter cannot run PTX, so it does
         the same on the bits: inf and NaN pass unchanged, a finite value past the largest TF32
@@ -748,7 +748,7 @@ if triton is not None:
         _cfg(128, 64, 64, 8, 3),
         _cfg(128, 128, 32, 8, 3),
     ]
-    # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines (issue 11). ptxas for
+    # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines. ptxas for
     # sm_90 (bench/results/triton-sass-*.txt): no spills for bf16/fp16/TF32; fp32 FMA spills
     # (kilobytes with a resident Z tile), and TF32 with a resident Z tile needs more shared
     # memory than an SM has for 128 x 128 and 64 x 128 x 4 stages: the autotuner drops what

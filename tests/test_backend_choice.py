@@ -1,5 +1,5 @@
-"""The backend registry: capability tables, refusals that list every reason, and auto's choice
-(issue 10), read from the Backend objects without needing the hardware they describe."""
+"""The backend registry: capability tables, refusals that list every reason, and auto's choice,
+read from the Backend objects without needing the hardware they describe."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_auto_on_cpu_picks_the_measured_fused_backend():
 
 
 def test_auto_on_cuda_follows_the_measured_crossover():
-    """The order comes from the H100 run (shared/gpu-runs/2026-11-26-h100.md): the reference
+    """The order comes from the H100 run of 2026-11-26 (docs/gpu-status.md): the reference
     wins up to N·M = 512·8654, triton above it, cuda for fp32 "highest"."""
     order = backends.static_order
     assert order(problem("cuda", rows=512, columns=8654), False)[0] == "reference"
