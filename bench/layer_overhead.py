@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fixed costs of one loss call at small shapes: aten ops and time of forward + backward, eager and
 under torch.compile (inductor, fullgraph), one thread, RCL preset with a tail margin, `cpu`
-backend. Used to choose how the fused loss is wrapped (issue 10): an outer custom op hides the
+backend. Used to choose how the fused loss is wrapped: an outer custom op hides the
 O((N + M)·d) glue from Inductor, an autograd.Function over the kernel ops does not.
 
     python bench/layer_overhead.py [--algorithm streaming|tiled]

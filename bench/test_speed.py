@@ -20,7 +20,7 @@ import cases
 import rcl_kernels as rk
 
 # (implementations, N, d, C, dtype): the CPU row of the issues (N = 4,096) and a small one; on a
-# GPU, BCL's training shapes (issue 12) and the large-batch ones (issues 11 and 13).
+# GPU, BCL's training shapes and the large-batch ones.
 CPU = [(("cpu", "cpu:tiled", "reference", "reference_compile"), n, 128, 1000, "float32")
        for n in (1024, 4096)]
 GPU_FUSED = ("triton", "cuda", "cuda:streaming", "cuda:tiled", "auto")

@@ -1,6 +1,6 @@
 """Bad calls of the CUDA LSE ops, each in a child process (tests/test_cuda_lse.py, test_cuda_mma.py).
 
-Issue 9: on the first H100 run the d > MAX_D call killed the pytest process. A child runs the calls
+On the first H100 run the d > MAX_D call killed the pytest process. A child runs the calls
 named on its command line in order and prints a JSON line per call; if it dies, the parent records
 the call and the signal and starts a new child for the calls after it, so every call gets a verdict.
 

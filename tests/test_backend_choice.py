@@ -18,7 +18,7 @@ def problem(device="cpu", dtype=torch.float32, rows=64, columns=128, dim=16):
 
 
 def test_cuda_streaming_refuses_a_dim_above_its_limit_with_the_reason():
-    """Issue 9.2: d = 5000 on the cuda backend crashed the process; now the capability table
+    """d = 5000 on the cuda backend crashed the process; now the capability table
     names d and the limit, and the tiled algorithm (no limit) still takes it."""
     cuda = BACKENDS["cuda"]
     big = problem("cuda", dim=5000)

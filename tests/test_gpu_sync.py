@@ -1,4 +1,4 @@
-"""A loss call with a known number of classes never waits for the GPU (issue 12): no host-device
+"""A loss call with a known number of classes never waits for the GPU: no host-device
 synchronization, so a training step can be captured in a CUDA graph and replayed."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Memory above the inputs of the fused loss's PyTorch glue (issue 11: at most 64 MB above the inputs
+"""Memory above the inputs of the fused loss's PyTorch glue (at most 64 MB above the inputs
 and gradients at N = 32,768, d = 128, bf16), measured by the live bytes of every tensor the glue
 creates, with stand-in kernels whose outputs are the real kernels' (lse, and dz, dk in fp32)."""
 

@@ -93,7 +93,7 @@ GPU_KERNEL_OPS = {
 @pytest.mark.parametrize("kernels", GPU_KERNEL_OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_gpu_kernel_ops(kernels, dtype):
-    """Schema, fake kernel and real kernel agree for every GPU op (issue 10)."""
+    """Schema, fake kernel and real kernel agree for every GPU op."""
     forward, backward, fwd_extra, bwd_extra = GPU_KERNEL_OPS[kernels]
     if kernels.startswith("cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"rcl_kernels::{forward}", "CUDA"):

@@ -432,7 +432,7 @@ def test_round_tf32_reference():
 
 @pytest.mark.triton_interpret
 def test_tf32_products_round_to_nearest():
-    """With allow_tf32 the products see z and k rounded to nearest TF32 (issue 9: truncation
+    """With allow_tf32 the products see z and k rounded to nearest TF32 (truncation
     biased the loss by 4e-5 on the H100). The kernels' lse must match the float64 formula on
     the rounded inputs to fp32 accuracy: unrounded or truncated operands miss it by ~1e-4."""
     inp, g = make_inputs(40, 70, 96, torch.float32, self_offset=1)
@@ -542,7 +542,7 @@ def test_unavailable_reason():
 
 def test_unavailable_reason_interpret_set_after_import(monkeypatch):
     """Kernels built compiled refuse CPU tensors, and say why when TRITON_INTERPRET was set too
-    late (issue 9: available_backends() claimed triton then)."""
+    late (available_backends() claimed triton then)."""
     monkeypatch.setattr(T, "INTERPRETED", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "after" in T.unavailable_reason(torch.device("cpu"))
