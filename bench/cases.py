@@ -6,6 +6,9 @@ An implementation is written `backend[:algorithm|:variant][{NAME=value,...}]`:
              reference_compile: the reference call under torch.compile;
              flash_sdpa: PyTorch flash attention with q = Z [1,1,N,d], k = v = K [1,1,M,d], bf16,
              the physical-limit proxy (our op does 4 of attention's 7 matrix products), GPU only;
+             gemm_floor: the three plain GEMMs of the tiled algorithm in the case's dtype,
+             S = Z·Kᵀ forward, dZ = P·K and dK = Pᵀ·Z backward (autograd of one mm), the floor
+             that the tiled algorithm is measured against;
              pml_supcon (pytorch-metric-learning SupConLoss, M = N) and infcl (Inf-CL
              cal_inf_loss), peers where installed.
   :algorithm "auto", "streaming" or "tiled", passed as algorithm= to the rk call; without it the
@@ -30,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 RK_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-BASELINES = ("reference_compile", "flash_sdpa")
+BASELINES = ("reference_compile", "flash_sdpa", "gemm_floor")
 PEERS = {"pml_supcon": "pytorch_metric_learning", "infcl": "inf_cl"}
 KNOWN = RK_BACKENDS + BASELINES + tuple(PEERS)
 PRESETS = ("bcl", "supcon", "rcl")
@@ -39,7 +42,7 @@ MODES = ("fwd", "bwd", "fwdbwd")
 DEVICES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",), "flash_sdpa": ("cuda",),
            "infcl": ("cuda",)}
 # Implementations that build N x M matrices, skipped above the memory budget.
-MATERIALIZING = ("reference", "reference_compile", "pml_supcon")
+MATERIALIZING = ("reference", "reference_compile", "pml_supcon", "gemm_floor")
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TEMPERATURE = 0.1
 
@@ -111,10 +114,12 @@ def columns_for(preset: str, backend: str, n: int, c: int) -> int:
 def flop_count(backend: str, mode: str, n: int, m: int, d: int) -> tuple[int, str]:
     """Useful flops of one call, so TFLOP/s compare across implementations. Ours (DESIGN §8,
     the streaming count): forward 2·N·M·d (one product), backward 6·N·M·d (recompute + two
-    products), together 8·N·M·d. flash_sdpa counts attention's: 4, 10, 14·N·M·d."""
-    per = ({"fwd": 4, "bwd": 10, "fwdbwd": 14} if backend == "flash_sdpa"
-           else {"fwd": 2, "bwd": 6, "fwdbwd": 8})[mode]
-    prefix = "attention: " if backend == "flash_sdpa" else ""
+    products), together 8·N·M·d. flash_sdpa counts attention's: 4, 10, 14·N·M·d; gemm_floor its
+    own: 2, 4, 6·N·M·d."""
+    per = {"flash_sdpa": {"fwd": 4, "bwd": 10, "fwdbwd": 14},
+           "gemm_floor": {"fwd": 2, "bwd": 4, "fwdbwd": 6}}.get(
+               backend, {"fwd": 2, "bwd": 6, "fwdbwd": 8})[mode]
+    prefix = {"flash_sdpa": "attention: ", "gemm_floor": "GEMMs: "}.get(backend, "")
     return per * n * m * d, f"{prefix}{per}*N*M*d"
 
 
@@ -193,6 +198,15 @@ def build(impl: Impl, preset: str, n: int, d: int, c: int, dtype: str, device: s
                 return F.scaled_dot_product_attention(q, kv, kv)
 
         return Case(attention, (q, kv), grad_out)
+
+    if impl.backend == "gemm_floor":
+        m = columns_for(preset, impl.backend, n, c)
+        z = F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+        k = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
+        z, k = (t.to(device, getattr(torch, dtype)).requires_grad_() for t in (z, k))
+        # A row-stochastic P, as the tiled algorithm's probabilities are.
+        p = torch.softmax(torch.randn(n, m, generator=gen), dim=1).to(device, z.dtype)
+        return Case(lambda: z @ k.t(), (z, k), p)
 
     views = 2 if n % 2 == 0 else 1
     b = n // views

@@ -27,8 +27,11 @@
 //   tiled_lse_* the tiled algorithm (csrc/tiled/): ATen GEMMs into a workspace of block_rows rows
 //               of scores and one device epilogue per block, for CPU and CUDA tensors alike. Its
 //               GEMMs follow PyTorch's float32 matmul precision themselves.
-//               tiled_lse_forward_backward returns (lse, dz, dk) for given per-anchor weights w
-//               of the gradient (dz = scale·diag(w)·P·K, dk = scale·Pᵀ·diag(w)·Z) from one pass.
+//               tiled_loss_forward_backward(w, ...) returns (lse, positive_sum, dz, dk) from one
+//               pass: positive_sum_i = Σ_{j∈Pos(i)} <z_i, k_j> (Pos(i): the columns of the
+//               anchor's label but its self column) and (dz, dk) the gradient of the loss
+//               Σ_i w_i·(lse_i − mean_{j∈Pos(i)} t_ij), i.e. G = scale·diag(w)·(P − Y) with
+//               Y_ij = [j ∈ Pos(i)] / |Pos(i)|: dz = G·K, dk = Gᵀ·Z.
 // The Triton pair (triton_lse_*) is a Python custom op with the arguments of cuda_lse_*, a
 // variant name in place of the split counts (rcl_kernels/_ops.py).
 #include <Python.h>
@@ -74,7 +77,7 @@ TORCH_LIBRARY(rcl_kernels, m) {
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale, int block_rows) -> (Tensor, Tensor)");
   m.def(
-      "tiled_lse_forward_backward(Tensor weights, Tensor z, Tensor k, Tensor row_labels, "
+      "tiled_loss_forward_backward(Tensor weights, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, int self_offset, float scale, "
-      "int block_rows) -> (Tensor, Tensor, Tensor)");
+      "int block_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -20,14 +20,17 @@ class Kernels:
         forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32) -> lse
         backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset,
                  scale, allow_tf32) -> (dz, dk)
-        forward_backward(weights, z, k, ..., self_offset, scale, allow_tf32) -> (lse, dz, dk):
-                 the gradient for given per-anchor weights in the same pass (None: the
-                 algorithm has none, as a streaming forward cannot know a row's lse in time)
+        loss_forward_backward(weights, z, k, ..., self_offset, scale, allow_tf32)
+                 -> (lse, positive_sum, dz, dk): in the forward's pass, the positives' score sums
+                 Σ_{j∈Pos(i)} <z_i, k_j> and the gradient of the whole loss
+                 Σ_i weights_i·(lse_i − mean_{j∈Pos(i)} t_ij) for per-anchor weights known up
+                 front (None: the algorithm has none, as a streaming forward cannot know a row's
+                 lse in time)
     """
 
     forward: Callable
     backward: Callable
-    forward_backward: Callable | None = None
+    loss_forward_backward: Callable | None = None
     max_dim: int | None = None  # largest feature dimension the kernels take
 
 
@@ -74,9 +77,9 @@ def _tiled_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse,
     )
 
 
-def _tiled_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
-                            scale, allow_tf32):
-    return torch.ops.rcl_kernels.tiled_lse_forward_backward(
+def _tiled_loss_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias,
+                                 self_offset, scale, allow_tf32):
+    return torch.ops.rcl_kernels.tiled_loss_forward_backward(
         weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
         _tiled_block_rows(z, k),
     )
@@ -84,7 +87,7 @@ def _tiled_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col
 
 # The GEMMs of the tiled algorithm follow PyTorch's float32 matmul precision by themselves, so
 # allow_tf32 needs no passing on.
-TILED = Kernels(_tiled_forward, _tiled_backward, _tiled_forward_backward)
+TILED = Kernels(_tiled_forward, _tiled_backward, _tiled_loss_forward_backward)
 
 
 def _cuda_tile(dtype: torch.dtype) -> int:

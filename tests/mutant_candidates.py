@@ -13,9 +13,9 @@ def _perturbed_forward(*args):
     return TILED.forward(*args) * 1.001
 
 
-def _perturbed_forward_backward(*args):
-    lse, dz, dk = TILED.forward_backward(*args)
-    return lse * 1.001, dz, dk
+def _perturbed_loss_forward_backward(*args):
+    lse, positive_dots, dz, dk = TILED.loss_forward_backward(*args)
+    return lse * 1.001, positive_dots, dz, dk
 
 
 def _crash(*args):
@@ -28,7 +28,7 @@ def _hang(*args):
 
 
 for variant, kernels in {
-    "perturbed": Kernels(_perturbed_forward, TILED.backward, _perturbed_forward_backward),
+    "perturbed": Kernels(_perturbed_forward, TILED.backward, _perturbed_loss_forward_backward),
     "crashing": Kernels(_crash, _crash, _crash),
     "hanging": Kernels(_hang, _hang, _hang),
 }.items():

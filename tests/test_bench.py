@@ -65,6 +65,21 @@ def test_flop_formulas():
     assert [cases.flop_count("flash_sdpa", mode, n, m, d)[0] for mode in cases.MODES] == [
         4 * n * m * d, 10 * n * m * d, 14 * n * m * d]
     assert cases.flop_count("cpu", "fwdbwd", n, m, d)[1] == "8*N*M*d"
+    assert [cases.flop_count("gemm_floor", mode, n, m, d)[0] for mode in cases.MODES] == [
+        2 * n * m * d, 4 * n * m * d, 6 * n * m * d]
+
+
+def test_the_gemm_floor_case_runs_the_three_products_of_the_tiled_algorithm():
+    """Forward S = Z·Kᵀ [N, M]; backward P·K and Pᵀ·Z, the shapes of dZ and dK."""
+    import torch
+
+    case = cases.build(cases.parse_impl("gemm_floor"), "bcl", 6, 4, 3, "float32", "cpu")
+    z, k = case.leaves
+    scores = case.forward()
+    assert scores.shape == (6, 9) and z.shape == (6, 4) and k.shape == (9, 4)
+    dz, dk = case.backward(scores)
+    torch.testing.assert_close(dz, case.grad_output @ k.detach())
+    torch.testing.assert_close(dk, case.grad_output.T @ z.detach())
     # The issue's figure: 8·N·M·d at N = 32,768, M = N + 1000, d = 128 in 12.6 ms is 90 TFLOP/s.
     flops, _ = cases.flop_count("triton", "fwdbwd", 32768, 33768, 128)
     assert flops / 12.6e-3 / 1e12 == pytest.approx(89.9, abs=0.1)

@@ -70,14 +70,57 @@ def test_tiled_ops_take_an_empty_or_single_row(n):
     labels, col_labels = torch.zeros(n, dtype=torch.long), torch.arange(7) % 2
     row_bias, col_bias = torch.zeros(n, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
     weights = torch.ones(n, dtype=torch.float64)
-    lse, dz, dk = op("tiled_lse_forward_backward")(weights, z, k, labels, col_labels, row_bias,
-                                                   col_bias, 0, 2.0, 4)
-    assert lse.shape == (n,) and dz.shape == (n, 5) and dk.shape == (7, 5)
+    lse, positive_dots, dz, dk = op("tiled_loss_forward_backward")(
+        weights, z, k, labels, col_labels, row_bias, col_bias, 0, 2.0, 4)
+    assert lse.shape == positive_dots.shape == (n,) and dz.shape == (n, 5) and dk.shape == (7, 5)
     if n == 0:
         assert torch.equal(dk, torch.zeros_like(dk))
     else:
         expected = torch.logsumexp(2.0 * (z @ k[1:].T), dim=1)  # the self column 0 is masked
         torch.testing.assert_close(lse, expected)
+
+
+def dense_weighted_loss(weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
+                        scale):
+    """tiled_loss_forward_backward's contract (csrc/ops.cpp) in float64 with N x M matrices and
+    autograd: (lse, positive_sum, dz, dk) of Σ_i w_i·(lse_i − scale·positive_sum_i / |Pos(i)|)."""
+    z, k = (t.detach().double().requires_grad_() for t in (z, k))
+    scores = z @ k.T
+    same = row_labels[:, None] == col_labels[None, :]
+    self_column = torch.arange(k.shape[0])[None, :] == (torch.arange(z.shape[0]) + self_offset)[:, None]
+    logits = scale * scores + torch.where(same, row_bias.double()[:, None], col_bias.double()[None, :])
+    lse = torch.logsumexp(logits.masked_fill(self_column, float("-inf")), dim=1)
+    positive = same & ~self_column
+    positive_sum = (scores * positive).sum(dim=1)
+    loss = (weights.double() * (lse - scale * positive_sum / positive.sum(dim=1).clamp(min=1))).sum()
+    dz, dk = torch.autograd.grad(loss, (z, k))
+    return lse.detach(), positive_sum.detach(), dz, dk
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("block_rows", [1, 5, 64])
+@pytest.mark.parametrize("self_offset", [0, 3, -40], ids=["self", "shifted", "no-self"])
+def test_tiled_loss_forward_backward_vs_float64(dtype, block_rows, self_offset):
+    """Every output of the one-pass op against float64 autograd of its contract: several row
+    blocks, self columns at, after or outside the anchors, a class with one member (rows without
+    a positive), zero and negative weights."""
+    gen = fresh_generator()
+    n, m, d = 11, 17, 6
+    z, k = random_features((n, d), gen).to(dtype), random_features((m, d), gen).to(dtype)
+    row_labels = torch.tensor([0, 1, 1, 2, 0, 3, 1, 0, 2, 2, 1])  # class 3: one anchor
+    col_labels = torch.cat([row_labels, torch.tensor([0, 1, 4, 2, 0, 1])])
+    acc = accumulation_dtype(dtype)
+    row_bias = torch.randn(n, generator=gen, dtype=torch.float64).to(acc)
+    col_bias = torch.randn(m, generator=gen, dtype=torch.float64).to(acc)
+    weights = torch.randn(n, generator=gen, dtype=torch.float64).to(acc)
+    weights[2] = 0
+    args = (weights, z, k, row_labels, col_labels, row_bias, col_bias, self_offset, 2.5)
+    got = op("tiled_loss_forward_backward")(*args, block_rows)
+    want = dense_weighted_loss(*args)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, value, truth in zip(("lse", "positive_sum", "dz", "dk"), got, want):
+        assert value.dtype == acc, name
+        torch.testing.assert_close(value.double(), truth, rtol=tolerance, atol=tolerance, msg=name)
 
 
 GPU_KERNEL_OPS = {
@@ -124,15 +167,15 @@ def test_gpu_kernel_ops_refuse_per_anchor_vectors_on_the_host(kernels):
             op(backward)(bad_grad, *args, bad_lse, 0, 3.0, *bwd_extra)
     if kernels == "cuda:tiled":
         with pytest.raises(RuntimeError, match="weights must"):
-            op("tiled_lse_forward_backward")(grad.cpu(), *args, 0, 3.0, 5)
+            op("tiled_loss_forward_backward")(grad.cpu(), *args, 0, 3.0, 5)
     torch.cuda.synchronize()
 
 
-def test_opcheck_tiled_forward_backward():
+def test_opcheck_tiled_loss_forward_backward():
     for dtype in (torch.float64, torch.float32):
         args = lse_args(dtype)
         weights = torch.rand(args[0].shape[0], dtype=args[4].dtype)
-        torch.library.opcheck(op("tiled_lse_forward_backward"), (weights, *args, 0, 3.0, 5))
+        torch.library.opcheck(op("tiled_loss_forward_backward"), (weights, *args, 0, 3.0, 5))
 
 
 # The fake kernels run without the device, so the CUDA ops' fakes are checked here too.

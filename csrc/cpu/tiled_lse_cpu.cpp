@@ -120,11 +120,30 @@ RCL_INLINE typename Lanes<T, Bytes>::V exp_shifted(typename Lanes<T, Bytes>::V x
   return x < cutoff ? V{} : poly * bit_cast<V>(bits);
 }
 
-// One block of rows of the epilogue (tiled_lse.h), for rows [row_begin, row_end) of the block.
+// Flushes |v| below kTiny to 0: no denormals into the GEMMs that read the probabilities.
 template <typename T, int Bytes>
-RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_begin,
-                              int64_t row_end, T* scores, T* lse, bool compute_lse,
-                              bool probabilities) {
+RCL_INLINE typename Lanes<T, Bytes>::V flush_tiny(typename Lanes<T, Bytes>::V v) {
+  using V = typename Lanes<T, Bytes>::V;
+  const V tiny = V{} + ExpTraits<T>::kTiny;
+  return (v < tiny) & (v > -tiny) ? V{} : v;
+}
+
+// The raw pointers of one block (tiled_lse.h's Block) for the row loop.
+template <typename T>
+struct Rows {
+  int64_t r0;
+  T* scores;        // [rows, M]
+  T* lse;           // [rows]
+  bool compute_lse;
+  bool probabilities;
+  const T* row_factor;  // [N], or null
+  T* positive_sum;      // [rows], or null
+};
+
+// Rows [row_begin, row_end) of one block of the epilogue (tiled_lse.h).
+template <typename T, int Bytes>
+RCL_INLINE void epilogue_rows(const tiled::Problem& p, const Rows<T>& b, int64_t row_begin,
+                              int64_t row_end) {
   using L = Lanes<T, Bytes>;
   using V = typename L::V;
   constexpr int W = L::kWidth;
@@ -136,35 +155,52 @@ RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_b
   const T* row_bias = p.row_bias.data_ptr<T>();
   const T scale = static_cast<T>(p.scale);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    T* t = scores + r * m;
-    const int32_t label = row_labels[r0 + r];
-    const T same_bias = row_bias[r0 + r];
-    const int64_t self = r0 + r + p.self_offset;
-    // t = scale·s + (same class ? row bias : column bias), the self column −inf.
-    auto logits = [&](int64_t c, int64_t count) {
+    T* t = b.scores + r * m;
+    const int64_t i = b.r0 + r;
+    const int32_t label = row_labels[i];
+    const T same_bias = row_bias[i];
+    const int64_t self = i + p.self_offset;
+    const bool has_self = self >= 0 && self < m;
+    const T factor = b.row_factor != nullptr ? b.row_factor[i] : T(1);
+    auto same_class = [&](int64_t c, int64_t count) {
       const auto labels = load<typename L::Labels>(col_labels + c, count, int32_t(-1));
-      const auto same = __builtin_convertvector(labels == label, typename L::I);
-      return load<V>(t + c, count, T(0)) * scale +
-             (same ? V{} + same_bias : load<V>(col_bias + c, count, T(0)));
+      return __builtin_convertvector(labels == label, typename L::I);
     };
-    const T given_lse = compute_lse ? T(0) : lse[r];
-    if (!compute_lse) {
+    // t = scale·s + (same class ? row bias : column bias), the self column −inf.
+    auto logits = [&](const V& s, const typename L::I& same, int64_t c, int64_t count) {
+      return s * scale + (same ? V{} + same_bias : load<V>(col_bias + c, count, T(0)));
+    };
+    if (!b.compute_lse) {
       // Probabilities from the given lse in one pass; rows with lse = −inf have every logit −inf:
       // shifting by +inf floors them to 0.
-      const T shift = given_lse == kNegInf ? std::numeric_limits<T>::infinity() : given_lse;
+      const T given = b.lse[r];
+      const T shift = given == kNegInf ? std::numeric_limits<T>::infinity() : given;
       for (int64_t c = 0; c < m; c += W) {
         const int64_t count = std::min<int64_t>(W, m - c);
-        store(t + c, exp_shifted<T, Bytes>(logits(c, count) - shift), count);
+        const V s = load<V>(t + c, count, T(0));
+        const V e = exp_shifted<T, Bytes>(logits(s, same_class(c, count), c, count) - shift);
+        store(t + c, flush_tiny<T, Bytes>(e * factor), count);
       }
-      if (self >= 0 && self < m) t[self] = T(0);
+      if (has_self) t[self] = T(0);
       continue;
     }
-    V max = V{} + kNegInf;
+    // The positives' score sum and count ride along the logits pass (the self column is taken
+    // out after it).
+    const bool positives = b.positive_sum != nullptr;
+    const bool self_positive = has_self && col_labels[self] == label;
+    const T self_score = has_self ? t[self] : T(0);
+    V max = V{} + kNegInf, positive_sum{}, positive_count{};
     for (int64_t c = 0; c < m; c += W) {
       const int64_t count = std::min<int64_t>(W, m - c);
-      store(t + c, logits(c, count), count);
+      const V s = load<V>(t + c, count, T(0));
+      const auto same = same_class(c, count);
+      if (positives) {
+        positive_sum += same ? s : V{};
+        positive_count += same ? V{} + T(1) : V{};
+      }
+      store(t + c, logits(s, same, c, count), count);
     }
-    if (self >= 0 && self < m) t[self] = kNegInf;
+    if (has_self) t[self] = kNegInf;
     for (int64_t c = 0; c < m; c += W) {
       const V v = load<V>(t + c, std::min<int64_t>(W, m - c), kNegInf);
       max = v > max ? v : max;  // a NaN logit is skipped here and poisons the sum below
@@ -176,25 +212,40 @@ RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_b
     for (int64_t c = 0; c < m; c += W) {
       const int64_t count = std::min<int64_t>(W, m - c);
       const V e = exp_shifted<T, Bytes>(load<V>(t + c, count, kNegInf) - shift);
-      if (probabilities) store(t + c, e, count);  // e^(t − max), scaled to p below
+      if (b.probabilities) store(t + c, e, count);  // e^(t − max), scaled to p below
       sum += e;
     }
     T row_sum = 0;
     for (int i = 0; i < W; ++i) row_sum += sum[i];
     // A row whose logits are all NaN (a NaN scale or input) keeps max −inf, as NaN compares
     // false, but its sum is NaN: its lse is NaN, as the streaming kernel's, never −inf.
-    lse[r] = row_max == kNegInf ? (row_sum == row_sum ? kNegInf : row_sum)
-                                : row_max + std::log(row_sum);
-    if (!probabilities) continue;
-    // p = e^(t − max) / sum (0 for a row without columns), flushed below kTiny: no denormals
-    // into the GEMMs.
+    b.lse[r] = row_max == kNegInf ? (row_sum == row_sum ? kNegInf : row_sum)
+                                  : row_max + std::log(row_sum);
+    T n_positive = 0, target = 0;
+    if (positives) {
+      T total = 0;
+      for (int i = 0; i < W; ++i) {
+        total += positive_sum[i];
+        n_positive += positive_count[i];
+      }
+      if (self_positive) {
+        total -= self_score;
+        n_positive -= T(1);
+      }
+      b.positive_sum[r] = total;
+      target = n_positive > 0 ? T(1) / n_positive : T(0);
+    }
+    if (!b.probabilities) continue;
+    // p = e^(t − max) / sum (0 for a row without columns), minus the positives' target, times the
+    // row factor.
     const T inverse = row_sum > 0 ? T(1) / row_sum : row_sum == row_sum ? T(0) : row_sum;
-    const V tiny = V{} + ExpTraits<T>::kTiny;
     for (int64_t c = 0; c < m; c += W) {
       const int64_t count = std::min<int64_t>(W, m - c);
-      const V value = load<V>(t + c, count, T(0)) * inverse;
-      store(t + c, value < tiny ? V{} : value, count);
+      V value = load<V>(t + c, count, T(0)) * inverse;
+      if (positives) value -= same_class(c, count) ? V{} + target : V{};
+      store(t + c, flush_tiny<T, Bytes>(value * factor), count);
     }
+    if (has_self) t[self] = T(0);  // masked: neither a probability nor a positive
   }
 }
 
@@ -202,9 +253,8 @@ RCL_INLINE void epilogue_rows(const tiled::Problem& p, int64_t r0, int64_t row_b
 #define RCL_CPU_VARIANTS 1
 #define RCL_DEFINE_VARIANT(name, target, bytes)                                                    \
   template <typename T>                                                                            \
-  target void name(const tiled::Problem& p, int64_t r0, int64_t begin, int64_t end, T* scores,   \
-                   T* lse, bool compute_lse, bool probabilities) {                                 \
-    epilogue_rows<T, bytes>(p, r0, begin, end, scores, lse, compute_lse, probabilities);           \
+  target void name(const tiled::Problem& p, const Rows<T>& b, int64_t begin, int64_t end) {        \
+    epilogue_rows<T, bytes>(p, b, begin, end);                                                     \
   }
 RCL_DEFINE_VARIANT(rows_avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))), 64)
 RCL_DEFINE_VARIANT(rows_avx2, __attribute__((target("avx2,fma"))), 32)
@@ -212,13 +262,12 @@ RCL_DEFINE_VARIANT(rows_avx2, __attribute__((target("avx2,fma"))), 32)
 #endif
 
 template <typename T>
-void rows_baseline(const tiled::Problem& p, int64_t r0, int64_t begin, int64_t end, T* scores,
-                   T* lse, bool compute_lse, bool probabilities) {
-  epilogue_rows<T, 16>(p, r0, begin, end, scores, lse, compute_lse, probabilities);
+void rows_baseline(const tiled::Problem& p, const Rows<T>& b, int64_t begin, int64_t end) {
+  epilogue_rows<T, 16>(p, b, begin, end);
 }
 
 template <typename T>
-using RowsFn = void (*)(const tiled::Problem&, int64_t, int64_t, int64_t, T*, T*, bool, bool);
+using RowsFn = void (*)(const tiled::Problem&, const Rows<T>&, int64_t, int64_t);
 
 // The widest variant PyTorch itself uses on this CPU (at::get_cpu_capability honours
 // ATEN_CPU_CAPABILITY and checks the CPU's features, whatever its vendor).
@@ -232,17 +281,19 @@ RowsFn<T> rows_for_this_cpu() {
   return &rows_baseline<T>;
 }
 
-void cpu_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::Tensor& lse,
-                  bool compute_lse, at::Tensor& probabilities) {
+void cpu_epilogue(const tiled::Problem& p, tiled::Block& block) {
   // On the CPU the operands are in the accumulation dtype, so probabilities alias the scores.
-  TORCH_INTERNAL_ASSERT(!probabilities.defined() || probabilities.data_ptr() == scores.data_ptr());
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "tiled_lse_cpu_epilogue", [&] {
+  const bool with_p = block.probabilities.defined();
+  TORCH_INTERNAL_ASSERT(!with_p || block.probabilities.data_ptr() == block.scores.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES(block.scores.scalar_type(), "tiled_lse_cpu_epilogue", [&] {
     static const RowsFn<scalar_t> rows = rows_for_this_cpu<scalar_t>();
-    scalar_t* s = scores.data_ptr<scalar_t>();
-    scalar_t* l = lse.data_ptr<scalar_t>();
-    const bool with_p = probabilities.defined();
-    at::parallel_for(0, scores.size(0), 8, [&](int64_t begin, int64_t end) {
-      rows(p, r0, begin, end, s, l, compute_lse, with_p);
+    const Rows<scalar_t> b{
+        block.r0, block.scores.data_ptr<scalar_t>(), block.lse.data_ptr<scalar_t>(),
+        block.compute_lse, with_p,
+        block.row_factor.defined() ? block.row_factor.data_ptr<scalar_t>() : nullptr,
+        block.positive_sum.defined() ? block.positive_sum.data_ptr<scalar_t>() : nullptr};
+    at::parallel_for(0, block.scores.size(0), 8, [&](int64_t begin, int64_t end) {
+      rows(p, b, begin, end);
     });
   });
 }
@@ -276,7 +327,8 @@ tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::T
 TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
   m.impl("tiled_lse_forward", &tiled::forward_op<&cpu_problem, &cpu_epilogue>);
   m.impl("tiled_lse_backward", &tiled::backward_op<&cpu_problem, &cpu_epilogue>);
-  m.impl("tiled_lse_forward_backward", &tiled::forward_backward_op<&cpu_problem, &cpu_epilogue>);
+  m.impl("tiled_loss_forward_backward",
+         &tiled::loss_forward_backward_op<&cpu_problem, &cpu_epilogue>);
 }
 
 }  // namespace rcl_kernels

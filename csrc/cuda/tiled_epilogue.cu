@@ -46,11 +46,25 @@ __device__ __forceinline__ void merge(Acc& max, Acc& sum, Acc other_max, Acc oth
   max = m;
 }
 
+// Σ over the block of one value per thread, in a fixed order (deterministic); every thread gets
+// the total. `slots` holds kWarps values of shared memory.
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* slots) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) slots[threadIdx.x / 32] = value;
+  __syncthreads();
+  T total = slots[0];
+  for (int w = 1; w < kWarps; ++w) total += slots[w];
+  __syncthreads();  // the slots may be reused
+  return total;
+}
+
 template <typename Acc, typename Op>
 __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue a) {
   RCL_DYNAMIC_SMEM(smem);
   Acc* warp_max = reinterpret_cast<Acc*>(smem);
   Acc* warp_sum = warp_max + kWarps;
+  int* warp_count = reinterpret_cast<int*>(warp_sum + kWarps);
   const int tid = threadIdx.x;
   const int64_t r = blockIdx.x;
   const int64_t i = a.r0 + r;
@@ -60,15 +74,19 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
   const Acc* col_bias = static_cast<const Acc*>(a.col_bias);
   const Acc scale = static_cast<Acc>(a.scale);
   const int64_t self = i + a.self_offset;
+  const bool positives = a.positive_sum != nullptr;
+  auto positive = [&](int64_t j) { return j != self && a.col_labels[j] == label; };
   auto logit = [&](int64_t j) -> Acc {
     if (j == self) return neg_inf(Acc());
     return scale * s[j] + (a.col_labels[j] == label ? same_bias : col_bias[j]);
   };
   Acc* lse_out = static_cast<Acc*>(a.lse);
   Acc lse;
+  Acc target = Acc(0);  // 1 / |Pos(i)| with positive_sum
   if (a.compute_lse) {
     // Online (max, sum) per thread; a NaN logit skips the max and poisons the sum for good.
-    Acc max = neg_inf(Acc()), sum = Acc(0);
+    Acc max = neg_inf(Acc()), sum = Acc(0), positive_sum = Acc(0);
+    int positive_count = 0;
     for (int64_t j = tid; j < a.m; j += kThreads) {
       const Acc t = logit(j);
       if (t > max) {
@@ -77,6 +95,17 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
       } else if (t != neg_inf(Acc())) {
         sum += exp_acc(t - max);
       }
+      if (positives && positive(j)) {
+        positive_sum += s[j];
+        ++positive_count;
+      }
+    }
+    if (positives) {
+      // Before the max/sum merge, which reuses warp_max[0] to broadcast the lse.
+      positive_sum = block_sum(positive_sum, warp_sum);
+      positive_count = block_sum(positive_count, warp_count);
+      if (tid == 0) static_cast<Acc*>(a.positive_sum)[r] = positive_sum;
+      target = positive_count > 0 ? Acc(1) / Acc(positive_count) : Acc(0);
     }
     for (int offset = 16; offset > 0; offset /= 2) {
       const Acc other_max = __shfl_xor_sync(0xffffffffu, max, offset);
@@ -103,21 +132,19 @@ __global__ void __launch_bounds__(kThreads) tiled_epilogue_kernel(TiledEpilogue 
     lse = lse_out[r];
   }
   if (a.probabilities == nullptr) return;
-  Acc factor = Acc(1);
-  if (a.weights != nullptr) {
-    const Acc weights_max = *static_cast<const Acc*>(a.weights_max);
-    factor = weights_max == Acc(0) ? Acc(0) : static_cast<const Acc*>(a.weights)[i] / weights_max;
-  }
+  const Acc factor = a.row_factor != nullptr ? static_cast<const Acc*>(a.row_factor)[i] : Acc(1);
   Op* p = static_cast<Op*>(a.probabilities) + r * a.m;
   for (int64_t j = tid; j < a.m; j += kThreads) {
-    put(p[j], lse == neg_inf(Acc()) ? Acc(0) : exp_acc(logit(j) - lse) * factor);
+    Acc value = lse == neg_inf(Acc()) ? Acc(0) : exp_acc(logit(j) - lse);
+    if (positives && positive(j)) value -= target;
+    put(p[j], value * factor);
   }
 }
 
 template <typename Acc, typename Op>
 cudaError_t launch(const TiledEpilogue& a, cudaStream_t stream) {
   RCL_LAUNCH((tiled_epilogue_kernel<Acc, Op>), dim3(unsigned(a.rows)), kThreads,
-             2 * kWarps * sizeof(Acc), stream, a);
+             2 * kWarps * sizeof(Acc) + kWarps * sizeof(int), stream, a);
   return cudaGetLastError();
 }
 

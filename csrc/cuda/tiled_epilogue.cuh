@@ -4,9 +4,13 @@
 //   t_j   = scale·S[r, j] + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j]),
 //           −inf on the self column j = i + self_offset;
 //   lse_r = log Σ_j exp(t_j)                     (written when compute_lse, otherwise read);
-//   p_rj  = exp(t_j − lse_r)·f_i, 0 when lse_r = −inf (written when probabilities is not null),
-//           with the row factor f_i = weights[i] / weights_max[0] (0 when that max is 0; 1 without
-//           weights): the gradient's row weights, folded in so that the GEMMs need no pass;
+//   with positive_sum (and compute_lse): positive_sum_r = Σ_{j∈Pos(i)} S[r, j], Pos(i) the
+//           columns of label row_labels[i] other than the self column;
+//   p_rj  = (exp(t_j − lse_r) − y_rj)·f_i, written when probabilities is not null: 0 when
+//           lse_r = −inf and on the self column, y_rj = [j ∈ Pos(i)] / |Pos(i)| with
+//           positive_sum (the loss's gradient), 0 without it, and the row factor
+//           f_i = row_factor[i] (1 without it): the gradient's weights, folded in so that the
+//           GEMMs need no pass;
 //   a NaN logit anywhere in a row (a NaN scale included) makes lse_r NaN.
 #pragma once
 
@@ -26,8 +30,8 @@ struct TiledEpilogue {
   const int64_t* col_labels = nullptr;  // [m]
   const void* row_bias = nullptr;       // [N] Acc
   const void* col_bias = nullptr;       // [m] Acc
-  const void* weights = nullptr;        // [N] Acc, or null
-  const void* weights_max = nullptr;    // [1] Acc (max |weights|), or null
+  const void* row_factor = nullptr;     // [N] Acc, or null
+  void* positive_sum = nullptr;         // [rows] Acc, or null
   int64_t rows = 0, m = 0, r0 = 0, self_offset = 0;
   double scale = 1.0;
   bool compute_lse = true;

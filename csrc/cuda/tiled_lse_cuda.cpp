@@ -14,23 +14,25 @@
 namespace rcl_kernels {
 namespace {
 
-void cuda_epilogue(const tiled::Problem& p, int64_t r0, at::Tensor& scores, at::Tensor& lse,
-                   bool compute_lse, at::Tensor& probabilities) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+void cuda_epilogue(const tiled::Problem& p, tiled::Block& block) {
+  const c10::cuda::CUDAGuard guard(block.scores.device());
+  auto pointer = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
   rcl_cuda::TiledEpilogue args;
-  args.scores = scores.data_ptr();
-  args.lse = lse.data_ptr();
-  args.probabilities = probabilities.defined() ? probabilities.data_ptr() : nullptr;
+  args.scores = block.scores.data_ptr();
+  args.lse = block.lse.data_ptr();
+  args.probabilities = pointer(block.probabilities);
   args.row_labels = p.row_labels.data_ptr<int64_t>();
   args.col_labels = p.col_labels.data_ptr<int64_t>();
   args.row_bias = p.row_bias.data_ptr();
   args.col_bias = p.col_bias.data_ptr();
-  args.rows = scores.size(0);
-  args.m = scores.size(1);
-  args.r0 = r0;
+  args.row_factor = pointer(block.row_factor);
+  args.positive_sum = pointer(block.positive_sum);
+  args.rows = block.scores.size(0);
+  args.m = block.scores.size(1);
+  args.r0 = block.r0;
   args.self_offset = p.self_offset;
   args.scale = p.scale;
-  args.compute_lse = compute_lse;
+  args.compute_lse = block.compute_lse;
   args.type = elem_type(p.z.scalar_type());
   C10_CUDA_CHECK(rcl_cuda::launch_tiled_epilogue(args, c10::cuda::getCurrentCUDAStream()));
 }
@@ -61,7 +63,8 @@ tiled::Problem cuda_problem(const at::Tensor& z, const at::Tensor& k, const at::
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
   m.impl("tiled_lse_forward", &tiled::forward_op<&cuda_problem, &cuda_epilogue>);
   m.impl("tiled_lse_backward", &tiled::backward_op<&cuda_problem, &cuda_epilogue>);
-  m.impl("tiled_lse_forward_backward", &tiled::forward_backward_op<&cuda_problem, &cuda_epilogue>);
+  m.impl("tiled_loss_forward_backward",
+         &tiled::loss_forward_backward_op<&cuda_problem, &cuda_epilogue>);
 }
 
 }  // namespace rcl_kernels

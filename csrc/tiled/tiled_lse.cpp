@@ -2,6 +2,7 @@
 #include "tiled/tiled_lse.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace rcl_kernels::tiled {
 namespace {
@@ -15,12 +16,14 @@ void gemm_abt(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-// out += aᵀ·b in the accumulation dtype.
-void add_gemm_atb(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out = aᵀ·b (accumulate: out += aᵀ·b) in the accumulation dtype. beta = 0 on the first block
+// means out is never read, so it needs no zero fill (BLAS semantics, which ATen keeps).
+void gemm_atb(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const double beta = accumulate ? 1.0 : 0.0;
   if (a.scalar_type() == out.scalar_type()) {
-    out.addmm_(a.t(), b);
+    out.addmm_(a.t(), b, beta);
   } else {
-    at::addmm_out(out, out, a.t(), b, out.scalar_type());
+    at::addmm_out(out, out, a.t(), b, out.scalar_type(), beta);
   }
 }
 
@@ -48,44 +51,60 @@ Workspace make_workspace(const Problem& p, int64_t block_rows, bool with_probabi
   return w;
 }
 
-// One pass over every row block; `weights` defined: also the gradient.
+// The gradient's per-row factor of the probabilities, and what dz and dk are multiplied by at the
+// end (undefined: nothing). With operands in the accumulation dtype the factor is w·scale. With
+// 16-bit operands the probabilities are rounded to them, so the factor is w / max|w| (in [−1, 1]:
+// a float16 product of a tiny weight and a small probability would underflow) and max|w|·scale,
+// a device scalar (no sync), multiplies the results.
+std::pair<at::Tensor, at::Tensor> row_factor(const Problem& p, const at::Tensor& weights) {
+  const at::Tensor w = weights.to(p.acc);
+  if (p.z.scalar_type() == p.acc) return {w * p.scale, at::Tensor()};
+  at::Tensor w_max = w.numel() > 0 ? w.abs().amax() : at::ones({}, w.options());
+  w_max = at::where(w_max > 0, w_max, at::ones_like(w_max));
+  return {w / w_max, w_max * p.scale};
+}
+
+// One pass over every row block. `weights` defined: also the gradient of Σ_i w_i·lse_i, or with
+// `positive_sum` defined that of Σ_i w_i·L_i (tiled_lse.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue epilogue,
                                                    at::Tensor lse, bool compute_lse,
-                                                   const at::Tensor& weights, int64_t block_rows) {
+                                                   const at::Tensor& weights,
+                                                   const at::Tensor& positive_sum,
+                                                   int64_t block_rows) {
   const int64_t n = p.z.size(0), m = p.k.size(0);
   const bool gradient = weights.defined();
   block_rows = std::max<int64_t>(1, std::min(block_rows, n));
   Workspace ws = make_workspace(p, block_rows, gradient);
-  at::Tensor dz, dk, w, w_scaled, w_max;
+  at::Tensor dz, dk, post;
+  Block block;
+  block.compute_lse = compute_lse;
   if (gradient) {
     dz = at::empty({n, p.z.size(1)}, p.z.options().dtype(p.acc));
-    dk = at::zeros({m, p.k.size(1)}, p.k.options().dtype(p.acc));
-    w = weights.to(p.acc).unsqueeze(1);
-    // For dk the row weights are divided by max|w| (a device scalar: no sync), so that w·z stays
-    // within |z| when rounded to a 16-bit operand dtype; max|w| goes back in at full precision.
-    w_max = n > 0 ? w.abs().amax() : at::ones({}, w.options());  // amax refuses an empty tensor
-    w_max = at::where(w_max > 0, w_max, at::ones_like(w_max));
-    w_scaled = w / w_max;
+    dk = n > 0 ? at::empty({m, p.k.size(1)}, p.k.options().dtype(p.acc))
+               : at::zeros({m, p.k.size(1)}, p.k.options().dtype(p.acc));
+    std::tie(block.row_factor, post) = row_factor(p, weights);
   }
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t r1 = std::min(n, r0 + block_rows), rows = r1 - r0;
-    at::Tensor scores = ws.scores.narrow(0, 0, rows);
-    at::Tensor lse_rows = lse.narrow(0, r0, rows);
-    at::Tensor probabilities = gradient ? ws.probabilities.narrow(0, 0, rows) : at::Tensor();
+    block.r0 = r0;
+    block.scores = ws.scores.narrow(0, 0, rows);
+    block.lse = lse.narrow(0, r0, rows);
+    block.probabilities = gradient ? ws.probabilities.narrow(0, 0, rows) : at::Tensor();
+    block.positive_sum = positive_sum.defined() ? positive_sum.narrow(0, r0, rows) : at::Tensor();
     const at::Tensor z_rows = p.z.narrow(0, r0, rows);
-    gemm_abt(scores, z_rows, p.k);
-    epilogue(p, r0, scores, lse_rows, compute_lse, probabilities);
+    gemm_abt(block.scores, z_rows, p.k);
+    epilogue(p, block);
     if (!gradient) continue;
-    // dz rows: (P·K) scaled by scale·w in the accumulation dtype.
+    // The row factor is in the probabilities: dz rows = G·K, dk += Gᵀ·Z_b (block order:
+    // deterministic).
     at::Tensor dz_rows = dz.narrow(0, r0, rows);
-    gemm_ab(dz_rows, probabilities, p.k);
-    dz_rows.mul_(w.narrow(0, r0, rows) * p.scale);
-    // dk += Pᵀ·(w/max|w| ⊙ Z): the rows of this block, summed in block order (deterministic).
-    const at::Tensor weighted_z =
-        (z_rows.to(p.acc) * w_scaled.narrow(0, r0, rows)).to(p.z.scalar_type());
-    add_gemm_atb(dk, probabilities, weighted_z);
+    gemm_ab(dz_rows, block.probabilities, p.k);
+    gemm_atb(dk, block.probabilities, z_rows, /*accumulate=*/r0 > 0);
   }
-  if (gradient) dk.mul_(w_max * p.scale);
+  if (post.defined()) {
+    dz.mul_(post);
+    dk.mul_(post);
+  }
   return {lse, dz, dk};
 }
 
@@ -116,23 +135,25 @@ void check_arguments(const at::Tensor& z, const at::Tensor& k, const at::Tensor&
 
 at::Tensor forward(const Problem& p, Epilogue epilogue, int64_t block_rows) {
   at::Tensor lse = at::empty({p.z.size(0)}, p.z.options().dtype(p.acc));
-  return std::get<0>(run(p, epilogue, lse, /*compute_lse=*/true, at::Tensor(), block_rows));
+  return std::get<0>(
+      run(p, epilogue, lse, /*compute_lse=*/true, at::Tensor(), at::Tensor(), block_rows));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward(const Problem& p, Epilogue epilogue,
                                             const at::Tensor& lse, const at::Tensor& weights,
                                             int64_t block_rows) {
   auto result = run(p, epilogue, lse.to(p.acc).contiguous(), /*compute_lse=*/false, weights,
-                    block_rows);
+                    at::Tensor(), block_rows);
   return {std::get<1>(result), std::get<2>(result)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(const Problem& p,
-                                                                 Epilogue epilogue,
-                                                                 const at::Tensor& weights,
-                                                                 int64_t block_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_forward_backward(
+    const Problem& p, Epilogue epilogue, const at::Tensor& weights, int64_t block_rows) {
   at::Tensor lse = at::empty({p.z.size(0)}, p.z.options().dtype(p.acc));
-  return run(p, epilogue, lse, /*compute_lse=*/true, weights, block_rows);
+  at::Tensor positive_sum = at::empty({p.z.size(0)}, p.z.options().dtype(p.acc));
+  auto [lse_out, dz, dk] =
+      run(p, epilogue, lse, /*compute_lse=*/true, weights, positive_sum, block_rows);
+  return {lse_out, positive_sum, dz, dk};
 }
 
 }  // namespace rcl_kernels::tiled

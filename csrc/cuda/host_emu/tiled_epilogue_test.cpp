@@ -2,7 +2,8 @@
 // cuda_host_emu.h and compares lse and the probabilities with a dense double formula on the same
 // scores, for every operand dtype, with and without a given lse, with self offsets inside, before
 // and past the row, rows whose only column is masked, NaN scores and a NaN scale, probabilities
-// scaled by the gradient's row weights, and several row blocks (r0).
+// scaled by the gradient's row factors, the loss's gradient (positive sums and the positives'
+// target subtracted), and several row blocks (r0).
 // The hardware itself (warp shuffles, timing) is tests/test_backends.py's business on a GPU.
 //
 //   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/tiled_epilogue_test.cpp
@@ -30,7 +31,8 @@ struct Case {
   double scale;
   bool nan_score;  // a NaN in the scores of the block's first row, column nan_column
   int64_t nan_column = 0;
-  bool weighted = false;  // probabilities scaled by row weights / their max
+  bool weighted = false;   // probabilities scaled by row factors
+  bool positives = false;  // positive sums and the positives' target (with compute_lse)
 };
 
 int failures = 0;
@@ -52,19 +54,17 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
   std::vector<int64_t> rl(c.n), cl(c.m);
   for (auto& v : scores) v = Acc(normal(rng));
   if (c.nan_score && !scores.empty()) scores[c.nan_column] = std::numeric_limits<Acc>::quiet_NaN();
-  std::vector<Acc> weights(c.n);
-  for (auto& v : weights) v = Acc(normal(rng));
-  if (c.n > 1) weights[1] = Acc(0);
-  double weights_max = 0;
-  for (Acc v : weights) weights_max = std::max(weights_max, std::abs(double(v)));
-  const Acc weights_max_acc = Acc(weights_max);
+  std::vector<Acc> factors(c.n);
+  for (auto& v : factors) v = Acc(normal(rng));
+  if (c.n > 1) factors[1] = Acc(0);
+  const bool positives = c.positives && compute_lse;
   for (auto& v : rb) v = Acc(normal(rng));
   for (auto& v : cb) v = Acc(normal(rng));
   for (auto& v : rl) v = label(rng);
   for (auto& v : cl) v = label(rng);
   // The dense formula, row by row.
   const double ninf = -std::numeric_limits<double>::infinity();
-  std::vector<double> want_lse(c.rows), want_p(c.rows * c.m), t(c.m);
+  std::vector<double> want_lse(c.rows), want_p(c.rows * c.m), want_positive(c.rows), t(c.m);
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.r0 + r;
     for (int64_t j = 0; j < c.m; ++j) {
@@ -73,14 +73,26 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
     }
     const double lse = dense_lse::row_lse(t);
     want_lse[r] = lse;
-    const double factor = c.weighted ? double(weights[i]) / weights_max : 1.0;
+    const double factor = c.weighted ? double(factors[i]) : 1.0;
+    double positive_sum = 0;
+    int64_t positive_count = 0;
     for (int64_t j = 0; j < c.m; ++j) {
-      want_p[r * c.m + j] = lse == ninf ? 0.0 : std::exp(t[j] - lse) * factor;
+      if (j != i + c.self_offset && cl[j] == rl[i]) {
+        positive_sum += double(scores[r * c.m + j]);
+        ++positive_count;
+      }
+    }
+    want_positive[r] = positive_sum;
+    for (int64_t j = 0; j < c.m; ++j) {
+      const bool positive = positives && j != i + c.self_offset && cl[j] == rl[i];
+      const double p = lse == ninf ? 0.0 : std::exp(t[j] - lse);
+      want_p[r * c.m + j] = (p - (positive ? 1.0 / double(positive_count) : 0.0)) * factor;
     }
   }
   std::vector<Acc> lse(c.rows);
   if (!compute_lse) for (int64_t r = 0; r < c.rows; ++r) lse[r] = Acc(want_lse[r]);
   std::vector<Op> p(c.rows * c.m);
+  std::vector<Acc> positive_sums(c.rows);
   rcl_cuda::TiledEpilogue a;
   a.scores = scores.data();
   a.lse = lse.data();
@@ -89,10 +101,8 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
   a.col_labels = cl.data();
   a.row_bias = rb.data();
   a.col_bias = cb.data();
-  if (c.weighted) {
-    a.weights = weights.data();
-    a.weights_max = &weights_max_acc;
-  }
+  if (c.weighted) a.row_factor = factors.data();
+  if (positives) a.positive_sum = positive_sums.data();
   a.rows = c.rows;
   a.m = c.m;
   a.r0 = c.r0;
@@ -110,6 +120,10 @@ void run(const Case& c, rcl_cuda::ElemType type, bool compute_lse, const char* n
                           std::to_string(c.self_offset) + (compute_lse ? " lse" : " given-lse");
   for (int64_t r = 0; r < c.rows; ++r) {
     expect_close(tag + " lse[" + std::to_string(r) + "]", double(lse[r]), want_lse[r], tolerance);
+    if (positives) {
+      expect_close(tag + " positive_sum[" + std::to_string(r) + "]", double(positive_sums[r]),
+                   want_positive[r], tolerance);
+    }
     for (int64_t j = 0; j < c.m; ++j) {
       expect_close(tag + " p[" + std::to_string(r) + "," + std::to_string(j) + "]",
                    as_double(p[r * c.m + j]), want_p[r * c.m + j], tolerance);
@@ -129,8 +143,12 @@ int main() {
       {8, 600, 0, 3, 0, 10.0, true},     // a NaN score on the masked self column: no effect
       {8, 600, 0, 3, 0, 10.0, true, 7},  // a NaN score poisons its row only, wherever it lies
       {4, 600, 0, 4, 0, std::numeric_limits<double>::quiet_NaN(), false},  // NaN scale: all NaN
-      {40, 1000, 13, 9, 0, 5.0, false, 0, true},  // probabilities scaled by row weights
+      {40, 1000, 13, 9, 0, 5.0, false, 0, true},  // probabilities scaled by row factors
       {4, 600, 0, 4, 1, 2.0, true, 700, true},     // the same, a NaN in the second row
+      {40, 1000, 13, 9, 0, 5.0, false, 0, true, true},  // the loss's gradient
+      {6, 300, 2, 4, 100, 3.0, false, 0, true, true},   // the same, self columns from 100
+      {3, 1, 0, 3, 0, 1.0, false, 0, true, true},       // rows without a positive: target 0
+      {5, 7, 0, 5, -10, 2.0, false, 0, false, true},    // no self column: all same-label columns
   };
   for (const Case& c : cases) {
     for (bool compute_lse : {true, false}) {

@@ -1,0 +1,54 @@
+"""rcl_kernels.fused: the glue around the kernels. On a GPU every ATen op it runs is a kernel
+launch, and at BCL's shapes (N = 512) the launches, not the GEMMs, set the time; so the number of
+ops it dispatches is counted here, on the CPU, where the same Python runs."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from helpers import draw_labels, fresh_generator, random_features
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rcl_kernels as rk
+
+# Ops that only make a view or read a scalar back: no kernel launch on a GPU.
+_NO_LAUNCH = (torch.ops.aten.detach, torch.ops.aten._local_scalar_dense)
+# Forward + backward of the BCL preset through the tiled algorithm: validation, class tables, the
+# one kernel call, the losses from its positive sums, the non-finite check and the gradient's
+# scaling (58 when this bound was set; the per-anchor glue with segment sums needs about 90).
+MAX_OPS = 64
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket not in _NO_LAUNCH:
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bcl_step_ops(n: int, d: int, num_classes: int = 10) -> collections.Counter:
+    gen = fresh_generator()
+    features = random_features((n // 2, 2, d), gen).float().requires_grad_()
+    centers = random_features((num_classes, d), gen).float().requires_grad_()
+    labels = draw_labels("longtail", n // 2, num_classes, gen)
+    step = lambda: torch.autograd.grad(  # noqa: E731
+        rk.bcl_loss(features, labels, centers, backend="cpu:tiled"), (features, centers))
+    step()  # first call: imports, warnings, caches
+    with _OpCounter() as counter:
+        step()
+    return counter.ops
+
+
+@pytest.mark.parametrize("n, d", [(64, 32), (512, 256)])
+def test_the_tiled_step_dispatches_a_bounded_number_of_ops_whatever_n(n, d):
+    ops = _bcl_step_ops(n, d)
+    assert ops["rcl_kernels.tiled_loss_forward_backward"] == 1, ops
+    assert sum(ops.values()) <= MAX_OPS, sorted(ops.items(), key=lambda item: -item[1])
+    # No segment sums or per-chunk loops: the count does not grow with N.
+    assert ops == _bcl_step_ops(64, 32)
