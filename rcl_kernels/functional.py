@@ -197,7 +197,9 @@ def contrastive_loss(
         column_labels = torch.cat([all_labels, prototype_labels])
     # float32 inputs follow PyTorch's matmul precision, as torch.matmul does.
     allow_tf32 = anchors.dtype == torch.float32 and _float32_matmul_allows_tf32()
-    problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0], anchors.shape[1])
+    needs_grad = torch.is_grad_enabled() and (anchors.requires_grad or columns.requires_grad)
+    problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0],
+                      anchors.shape[1], reduction, needs_grad)
     impl, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
     # The loss runs in the dtype of its inputs whatever autocast says, on every backend alike (the
     # reference's matmul would otherwise be autocast and the kernels would not).

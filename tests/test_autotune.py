@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+import rcl_kernels as rk
 from rcl_kernels import autotune, backends
 from rcl_kernels.backends import Candidate, Problem
 
@@ -227,3 +228,24 @@ def test_measure_times_a_real_candidate():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dataclasses.replace(candidate)
+
+
+@pytest.mark.parametrize("reduction, requires_grad, expected", [
+    ("mean", True, "|mean|grad=1"), ("none", True, "|none|grad=1"), ("sum", False, "|sum|grad=0")])
+def test_the_loss_keys_its_choice_by_its_reduction_and_whether_it_needs_gradients(
+        tuning, monkeypatch, reduction, requires_grad, expected):
+    """A mean with gradients runs the one-pass tiled op, a per-anchor loss or a forward only do
+    not: each is its own choice."""
+    seen = []
+    real_choose = autotune.choose
+
+    def spy(problem, allow_tf32, eligible, order):
+        seen.append(autotune.problem_key(problem, allow_tf32))
+        return real_choose(problem, allow_tf32, eligible, order)
+
+    monkeypatch.setattr(autotune, "choose", spy)
+    times, _ = tuning
+    times.update({"cpu:tiled": 0.01, "cpu:streaming": 0.02, "reference": 0.03})
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 4), dim=-1).requires_grad_(requires_grad)
+    rk.supcon_loss(features, torch.arange(8) % 3, reduction=reduction)
+    assert seen and expected in seen[0], seen
