@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from . import _ops  # noqa: F401 (registers the torch.ops.rcl_kernels ops called here)
 from . import planner
 
 
