@@ -343,24 +343,17 @@ def available_backends() -> dict[str, str | None]:
 # cuda 13.1 ms, triton 27.5 ms; at N = 512, M = 1,512 in fp32 and bf16 likewise). At the next
 # measured size (N = 8,192, M = 9,192, d = 128, bf16) triton won (3.71 ms against 5.67 ms).
 _CUDA_REFERENCE_MAX_ENTRIES = 512 * 8654
-# CPU, BCL's own shape (N = 512, M = 1,512, d = 1024, fp32, forward + backward): on a 2-core AMD
-# EPYC the reference took 36.6 ms against tiled's 42.9 ms; on a 2-core Xeon 26.8 against 23.8
-# (bench/results/cpu-crossover.csv), and at N = 256 12.7 against 13.1. At d = 128 tiled wins
-# from N = 256 on both (2.1x at N = 512 on the Xeon), and at N = 4,096 by 7.4x on the EPYC. So
-# the reference goes first only where the product is small and wide: a tie at worst on either.
-_CPU_REFERENCE_MAX_ENTRIES = 512 * 1512
-_CPU_REFERENCE_MIN_DIM = 512
-
+# CPU: cpu:tiled first at every shape. With the loss's gradient in its one pass it was the fastest
+# candidate at every shape of the crossover (N = 256-16,384, d = 128 and 1024, fp32, forward +
+# backward, BCL preset) on a 2-core AMD EPYC: at N = 256, d = 1024 19.6 ms against the
+# reference's 22.8, at BCL's N = 512, d = 1024 41.7 against 50.7 (bench/results/cpu-auto-check.json).
 
 def static_order(problem: Problem, allow_tf32: bool) -> list[str]:
     """Candidate names in the order auto tries them without measurements of this machine, fastest
     measured first."""
     entries = problem.rows * problem.columns
     if problem.device.type != "cuda":
-        fused = ["cpu:tiled", "cpu:streaming", "triton:streaming"]
-        if entries <= _CPU_REFERENCE_MAX_ENTRIES and problem.dim >= _CPU_REFERENCE_MIN_DIM:
-            return ["reference"] + fused
-        return fused
+        return ["cpu:tiled", "cpu:streaming", "triton:streaming"]
     fused = ["triton:streaming", "cuda:streaming"]
     if problem.dtype == torch.float32 and not allow_tf32:
         # fp32 "highest", N = 32,768: cuda 72.2 ms, triton 111.6 ms (same GPU run).

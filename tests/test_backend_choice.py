@@ -53,9 +53,11 @@ def test_auto_on_cpu_picks_the_measured_fused_backend():
     assert (candidate.name, algorithm) == ("cpu:tiled", "tiled")
     candidate, algorithm = select_backend("auto", "streaming", problem(), allow_tf32=False)
     assert (candidate.name, algorithm) == ("cpu:streaming", "streaming")
-    # BCL's own shape (N = 512, M = 1,512, d = 1024): the reference ties or wins on both vendors.
-    candidate, _ = select_backend("auto", "auto", problem(rows=512, columns=1512, dim=1024), False)
-    assert candidate.name == "reference"
+    # Small and wide, BCL's own shape (N = 512, M = 1,512, d = 1024) included: tiled too.
+    for rows, columns in ((256, 1256), (512, 1512)):
+        candidate, _ = select_backend("auto", "auto", problem(rows=rows, columns=columns, dim=1024),
+                                      False)
+        assert candidate.name == "cpu:tiled"
 
 
 def test_auto_on_cuda_follows_the_measured_crossover():
