@@ -5,9 +5,11 @@ For every shape of the grid, `auto` and each candidate run forward + backward of
 the same inputs, in interleaved rounds (auto, then each candidate, then again), so that a drift of
 the machine's speed (a shared VM, a neighbour) hits them alike; times are the median over rounds.
 A candidate whose first round is over --drop times the best first round is timed once: it cannot
-be the fastest. The first call of `auto` tunes (its cost is reported) with a fresh cache.
+be the fastest. The first call of `auto` tunes (its cost is reported) with a fresh cache. With
+gemm_floor among the candidates, every time is also given as a multiple of those three GEMMs.
 
   python bench/auto_check.py --sizes 256 512 1024 2048 4096 8192 16384 --d 128 1024 --tag auto-check
+  python bench/auto_check.py --sizes 512 4096 --d 128 1024 --candidates cpu:tiled gemm_floor reference --tag gemm-floor-check
 """
 
 from __future__ import annotations
@@ -97,19 +99,25 @@ def main(argv=None) -> int:
                 if r == 0:
                     best = min(v[0] for v in times.values())
                     dropped = {label for label, v in times.items()
-                               if label != "auto" and v[0] > args.drop * best}
+                               if label not in ("auto", "gemm_floor") and v[0] > args.drop * best}
                     per_round_s = sum(v[0] for label, v in times.items() if label not in dropped) / 1e3
                     rounds = max(3, min(args.rounds, int(args.budget_s / max(per_round_s, 1e-9))))
                 if r + 1 >= rounds:
                     break
             medians = {label: statistics.median(v) for label, v in times.items()}
-            fastest = min((label for label in medians if label != "auto"), key=medians.get)
+            # The fastest loss implementation; gemm_floor (three bare GEMMs, not a loss) is the
+            # floor the others are compared with.
+            fastest = min((label for label in medians if label not in ("auto", "gemm_floor")),
+                          key=medians.get)
             row = {"N": n, "M": m, "d": d, "C": args.C, "auto_chose": chosen,
                    "auto_first_call_s": round(first_call_s, 3),
                    "median_ms": {label: round(v, 3) for label, v in medians.items()},
                    "samples": {label: len(v) for label, v in times.items()},
                    "fastest": fastest, "auto_vs_fastest": round(medians["auto"] / medians[fastest], 3),
                    "loadavg": runner.loadavg()}
+            if "gemm_floor" in medians:
+                row["vs_gemm_floor"] = {label: round(v / medians["gemm_floor"], 3)
+                                        for label, v in medians.items()}
             rows.append(row)
             print(f"[auto-check] {row}", flush=True)
     meta["loadavg_end"] = runner.loadavg()
