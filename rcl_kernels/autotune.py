@@ -23,10 +23,9 @@ As cuDNN's benchmark mode and Triton's autotuner do, one level up (algorithms an
 - **Switch**: RCL_KERNELS_AUTOTUNE=0 (or set_enabled(False)) turns timing off; the lookups above
   stay. The default is on: the first call of a key costs about 13 calls' time (a warm-up and up
   to three timed calls per eligible candidate, three on the CPU), once per machine, as the disk
-  cache keeps it. Measured on a 2-core AMD EPYC (AVX512), BCL's shape (N = 512, M = 1,512,
-  d = 1024, fp32, forward + backward), under a load average of 10-17 from other work: first call
-  6.5 s, then 0.45-0.50 s per call (auto picked cpu:tiled, 344 ms, over the reference's 448 ms
-  and streaming's 513 ms in that noisy run).
+  cache keeps it. Measured on a quiet 2-core AMD EPYC (AVX512), fp32, forward + backward: 0.15 s
+  at N = 256, d = 128; 0.78 s at BCL's shape (N = 512, M = 1,512, d = 1024); 12 s at N = 4,096,
+  d = 1024 (bench/results/cpu-auto-check.json). A training run pays it once per shape bucket.
 """
 
 from __future__ import annotations
