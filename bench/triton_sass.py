@@ -60,11 +60,11 @@ SHAPES = {  # name -> (N, M, d): BCL at N = 32,768 (C = 1000), BCL on iNaturalis
 KERNELS = ("forward", "dz", "dk", "one_pass")
 
 
-def pointer_type(param: str, dtype: torch.dtype) -> str:
+def pointer_type(param: str, dtype: torch.dtype, labels: str = "i64") -> str:
     if param in ("z_ptr", "k_ptr"):
         return "*" + TRITON_TYPES[dtype]
     if param.endswith("lab_ptr"):
-        return "*i64"
+        return "*" + labels
     if param == "sem_ptr":
         return "*i32"
     return "*fp32"
@@ -76,9 +76,11 @@ def problem_values(kernel: str, n: int, m: int, d: int) -> dict:
                 stride_zm=d, stride_km=d, N_KEY=T._bucket(n), M_KEY=T._bucket(m))
 
 
-def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, config):
+def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, config,
+                   labels: str = "i64"):
     """Compile `kernel` of `variant` at `shape` (N, M, d) with `config` for sm_90, as a launch
-    would: (the compiled kernel, ptxas's log). Raises what triton.compile raises."""
+    would, with labels of type `labels` ("i64" or "i32"): (the compiled kernel, ptxas's log).
+    Raises what triton.compile raises."""
     dtype, allow_tf32 = DTYPES[dtype_name]
     n, m, d = shape
     fn = T._KERNELS[kernel][0]
@@ -89,7 +91,7 @@ def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, con
     if kernel == "forward":
         constexprs["WRITE_LSE"] = True
     elif kernel in ("dz", "dk"):
-        constexprs["BLOCK_D"] = T._block_d(d, dtype)
+        constexprs.update(T.chunk_meta(kernel, d, dtype, constexprs["INPUT_PRECISION"]))
     for name, rule in T._HEURISTICS[kernel].items():  # D_PAD, EVEN_*: as the launch computes them
         constexprs[name] = rule({**values, **constexprs})
     signature, attrs = {}, {}
@@ -98,7 +100,7 @@ def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, con
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = pointer_type(name, dtype)
+            signature[name] = pointer_type(name, dtype, labels)
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif name == "scale":
             signature[name] = "fp32"
@@ -121,11 +123,13 @@ def compile_one(job: dict) -> dict:
     kernel, variant, dtype_name, shape_name = (job["kernel"], job["variant"], job["dtype"],
                                                job["shape"])
     config = T.kernel_configs(kernel, variant, SHAPES[shape_name][2])[job["config"]]
+    labels = job.get("labels", "i64")
     row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
-               shape=shape_name, config=T.config_label(config))
+               shape=shape_name, config=T.config_label(config), labels=labels)
     start = time.perf_counter()
     try:
-        compiled, log = compile_kernel(kernel, variant, dtype_name, SHAPES[shape_name], config)
+        compiled, log = compile_kernel(kernel, variant, dtype_name, SHAPES[shape_name], config,
+                                       labels)
     except Exception as error:  # a config that does not compile is a finding, not a crash
         row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return row
@@ -139,9 +143,11 @@ def compile_one(job: dict) -> dict:
 
 
 def ptx_counts(ptx: str) -> dict:
-    """Warpgroup MMA, mma.sync, TF32 roundings and the asynchronous copies of a pipelined loop
-    (cp.async, or TMA: cp.async.bulk) in the PTX."""
+    """Warpgroup MMA, mma.sync, TF32 roundings, the asynchronous copies of a pipelined loop
+    (cp.async, or TMA: cp.async.bulk) and the 64-bit equality tests (the label compares of
+    int64 labels) in the PTX."""
     return dict(ptx_wgmma=ptx.count("wgmma.mma_async"), ptx_mma_sync=ptx.count("mma.sync"),
+                ptx_setp_eq_64=len(re.findall(r"\bsetp\.(?:eq|ne)\.[bsu]64\b", ptx)),
                 ptx_cvt_rna_tf32=ptx.count("cvt.rna.tf32.f32"),
                 ptx_cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.shared", ptx)),
                 ptx_tma=ptx.count("cp.async.bulk"))
@@ -150,21 +156,23 @@ def ptx_counts(ptx: str) -> dict:
 def ttgir_counts(ttgir: str) -> dict:
     """ttgir_drains_in_loop: `async_wait {num = 0}` (wait for every copy in flight) in the body of
     a loop that holds another loop: an inner loop's software pipeline drained and restarted on
-    every trip of the outer loop."""
-    stack, drains = [], 0  # one entry per open region: [is an scf.for, holds an scf.for]
+    every trip of the outer loop. ttgir_loads_in_loop: global loads (`tt.load`) left in a loop
+    body, outside its software pipeline (the pipelined ones became async copies)."""
+    stack, drains, loads = [], 0, 0  # one entry per open region: [is an scf.for, holds an scf.for]
     for line in ttgir.splitlines():
         text = line.strip()
         if text.startswith("}") and stack:
             stack.pop()
         if "ttg.async_wait" in text and "num = 0 " in text:
             drains += any(is_for and inner for is_for, inner in stack)
+        loads += " = tt.load " in text and any(is_for for is_for, _ in stack)
         if text.endswith("{"):
             is_for = "scf.for" in text
             if is_for:
                 for frame in stack:
                     frame[1] = frame[1] or frame[0]
             stack.append([is_for, False])
-    return dict(ttgir_drains_in_loop=drains)
+    return dict(ttgir_drains_in_loop=drains, ttgir_loads_in_loop=loads)
 
 
 def sass_counts(cubin: bytes) -> dict:
@@ -198,7 +206,7 @@ def tool(name: str) -> str:
     return found
 
 
-def plan(kernels, variants, dtypes, shapes, configs=None) -> list[dict]:
+def plan(kernels, variants, dtypes, shapes, configs=None, labels="i64") -> list[dict]:
     """One job per distinct compiled kernel (triton_lse.kernel_builds), named by every variant
     that runs it; `configs`: only these indices into each kernel's autotune list."""
     jobs = []
@@ -210,13 +218,14 @@ def plan(kernels, variants, dtypes, shapes, configs=None) -> list[dict]:
                 if configs is not None and index not in configs:
                     continue
                 jobs.append(dict(kernel=kernel, variant=names[0], variants=names, dtype=dtype,
-                                 shape=shape, config=index))
+                                 shape=shape, config=index, labels=labels))
     return jobs
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["shape", "kernel", "variant", "dtype", "config", "ptx_wgmma", "sass_hgmma",
-               "sass_hmma", "ptx_cp_async", "ptx_tma", "sass_instructions", "registers", "spill_stores", "spill_loads",
+    columns = ["shape", "kernel", "variant", "dtype", "labels", "config", "ptx_wgmma", "sass_hgmma",
+               "sass_hmma", "ptx_cp_async", "ptx_tma", "ttgir_loads_in_loop", "ptx_setp_eq_64",
+               "sass_instructions", "registers", "spill_stores", "spill_loads",
                "shared_bytes", "ptx_cvt_rna_tf32", "compile_s", "error"]
     table = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
@@ -251,12 +260,14 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", type=int, metavar="INDEX",
                         help="only these indices into each kernel's autotune configs (0: the "
                              "one that runs when autotuning is off)")
+    parser.add_argument("--labels", choices=["i64", "i32"], default="i64",
+                        help="label dtype the kernels are compiled for (default: i64)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, help="also write the table here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     tool("cuobjdump")
-    jobs = plan(args.kernels, args.variants, args.dtypes, args.shapes, args.configs)
+    jobs = plan(args.kernels, args.variants, args.dtypes, args.shapes, args.configs, args.labels)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs))
     text = header() + format_table(rows) + "\n"

@@ -38,16 +38,20 @@ def compiled_kernel_for(op_name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rcl_kernels::{op_name}", dispatch_key)
 
 
-def check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse=None, grad_lse=None):
+def check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse=None, grad_lse=None,
+                   label_dtypes=(torch.int64,)):
     """The argument contract of every LSE kernel op (csrc/ops.cpp), as torch._check calls so that
-    it holds for fake tensors too."""
+    it holds for fake tensors too. label_dtypes: the Triton ops also take int32 labels (both of
+    one dtype), which their kernels compare in 32 bits."""
     torch._check(z.dim() == 2 and k.dim() == 2, lambda: f"z and k must be 2-D, got {z.shape}, {k.shape}")
     n, m = z.shape[0], k.shape[0]
     torch._check(z.shape[1] == k.shape[1], lambda: f"z {tuple(z.shape)} and k {tuple(k.shape)} must share d")
     torch._check(z.dtype in FLOATING and k.dtype == z.dtype,
                  lambda: f"z and k must share a floating dtype, got {z.dtype} and {k.dtype}")
     acc = accumulation_dtype(z.dtype)
-    vectors = {"row_labels": (row_labels, n, torch.int64), "col_labels": (col_labels, m, torch.int64),
+    label_dtype = row_labels.dtype if row_labels.dtype in label_dtypes else torch.int64
+    vectors = {"row_labels": (row_labels, n, label_dtype),
+               "col_labels": (col_labels, m, label_dtype),
                "row_bias": (row_bias, n, acc), "col_bias": (col_bias, m, acc)}
     if lse is not None:
         vectors["lse"] = (lse, n, acc)
@@ -60,13 +64,19 @@ def check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse=None, g
     torch._check(k.device == z.device, lambda: f"k must be on {z.device}, got {k.device}")
 
 
-def _fake_forward(z, k, row_labels, col_labels, row_bias, col_bias, *options):
-    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias)
+TRITON_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _fake_forward(z, k, row_labels, col_labels, row_bias, col_bias, *options,
+                  label_dtypes=(torch.int64,)):
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, label_dtypes=label_dtypes)
     return z.new_empty((z.shape[0],), dtype=accumulation_dtype(z.dtype))
 
 
-def _fake_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, *options):
-    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse)
+def _fake_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, *options,
+                   label_dtypes=(torch.int64,)):
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse,
+                   label_dtypes=label_dtypes)
     acc = accumulation_dtype(z.dtype)
     return z.new_empty(z.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
@@ -87,7 +97,8 @@ def triton_lse_forward(
 ) -> torch.Tensor:
     from . import triton_lse
 
-    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias)
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias,
+                   label_dtypes=TRITON_LABEL_DTYPES)
     return triton_lse.lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
         variant=variant,
@@ -102,14 +113,19 @@ def triton_lse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import triton_lse
 
-    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse)
+    check_lse_args(z, k, row_labels, col_labels, row_bias, col_bias, lse, grad_lse,
+                   label_dtypes=TRITON_LABEL_DTYPES)
     return triton_lse.lse_backward(
         grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
         allow_tf32, variant=variant,
     )
 
 
-_PREFIXES = ["rcl_kernels::triton_lse"]
+torch.library.register_fake("rcl_kernels::triton_lse_forward")(
+    lambda *args, **kwargs: _fake_forward(*args, **kwargs, label_dtypes=TRITON_LABEL_DTYPES))
+torch.library.register_fake("rcl_kernels::triton_lse_backward")(
+    lambda *args, **kwargs: _fake_backward(*args, **kwargs, label_dtypes=TRITON_LABEL_DTYPES))
+_PREFIXES = []
 if EXTENSION_ERROR is None:
     _PREFIXES += ["rcl_kernels::cpu_lse", "rcl_kernels::cuda_lse", "rcl_kernels::cuda_mma_lse",
                   "rcl_kernels::tiled_lse"]

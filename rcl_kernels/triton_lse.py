@@ -18,7 +18,8 @@ Kernels
 - dz: program = (row block, d-output chunk, column split); dz_i = scale·g_i·Σ_j p_ij·k_j.
 - dk: program = (column block, d-output chunk, row split); dk_j = scale·Σ_i g_i·p_ij·z_i.
   Both are deterministic: every program owns its output tile, split partials are summed by torch
-  in a fixed order.
+  in a fixed order. When the whole row is one d chunk (chunk_meta), each streamed K (dz) or Z
+  (dk) tile is loaded once, by the pipelined loop, for both of the kernel's products.
 - one pass (a variant; tensor-core products, d ≤ 256): program = (column block, row split) with
   K and dk in registers;
   S and P once per tile for both products; dz added across column blocks in column order
@@ -81,9 +82,9 @@ from . import planner
 # TRITON_INTERPRET later does not change them; unavailable_reason says so).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRETED", "VARIANTS", "Variant", "backward_kernels", "config_label",
-           "kernel_builds", "kernel_configs", "lse_backward", "lse_forward", "unavailable_reason",
-           "variant_meta"]
+__all__ = ["INTERPRETED", "VARIANTS", "Variant", "backward_kernels", "chunk_meta",
+           "config_label", "kernel_builds", "kernel_configs", "lse_backward", "lse_forward",
+           "unavailable_reason", "variant_meta"]
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -333,24 +334,37 @@ if triton is not None:
 
     @triton.jit
     def _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b, col_lab, col_b,
-                     self_offset, needs_mask, LEAN_MASKS: tl.constexpr):
+                     self_offset, needs_mask, LEAN_MASKS: tl.constexpr,
+                     TRANSPOSED: tl.constexpr = False):
         """Biased logits of a tile (qscale and the biases in the kernel's log units), −inf for the
         self column and for columns outside mask_n.
 
         Default: every tile is masked, rows outside mask_m too. LEAN_MASKS: only a tile with
         `needs_mask` (a self column or a partial column block) is; rows past N need no mask,
-        since they are never stored and their p is 0 in the backward (lse = +inf, g = 0)."""
-        same = row_lab[:, None] == col_lab[None, :]
-        t = dots * qscale + tl.where(same, row_b[:, None], col_b[None, :])
+        since they are never stored and their p is 0 in the backward (lse = +inf, g = 0).
+        TRANSPOSED: `dots` is the [columns, rows] tile (and so is t)."""
+        if TRANSPOSED:
+            r_lab, r_b, r_offs, r_mask = (row_lab[None, :], row_b[None, :], offs_m[None, :],
+                                          mask_m[None, :])
+            c_lab, c_b, c_offs, c_mask = (col_lab[:, None], col_b[:, None], offs_n[:, None],
+                                          mask_n[:, None])
+        else:
+            r_lab, r_b, r_offs, r_mask = (row_lab[:, None], row_b[:, None], offs_m[:, None],
+                                          mask_m[:, None])
+            c_lab, c_b, c_offs, c_mask = (col_lab[None, :], col_b[None, :], offs_n[None, :],
+                                          mask_n[None, :])
+        # Labels compare in the dtype they come in: 32-bit when the caller passes int32 labels,
+        # 64-bit (two compares per logit) for int64 ones. The kernels cannot narrow int64 labels
+        # themselves: equal low words do not make equal labels, and only a caller that knows the
+        # labels' range (the loss: class indices in [0, num_classes)) can pass int32 for free.
+        same = r_lab == c_lab
+        t = dots * qscale + tl.where(same, r_b, c_b)
         # where (not an additive mask): a +inf bias on the masked self column must not leak.
         if LEAN_MASKS:
             if needs_mask:
-                not_self = offs_n[None, :] != offs_m[:, None] + self_offset
-                t = tl.where(mask_n[None, :] & not_self, t, float("-inf"))
+                t = tl.where(c_mask & (c_offs != r_offs + self_offset), t, float("-inf"))
         else:
-            not_self = offs_n[None, :] != offs_m[:, None] + self_offset
-            valid = mask_m[:, None] & mask_n[None, :] & not_self
-            t = tl.where(valid, t, float("-inf"))
+            t = tl.where(r_mask & c_mask & (c_offs != r_offs + self_offset), t, float("-inf"))
         return t
 
     @triton.jit
@@ -479,9 +493,15 @@ if triton is not None:
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, EVEN_M: tl.constexpr,
-                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-        """dz (or its column-split partial) for one (row block, d chunk): scale·g_i·Σ_j p_ij k_j."""
+                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+        """dz (or its column-split partial) for one (row block, d chunk): scale·g_i·Σ_j p_ij k_j.
+
+        ONE_CHUNK (chunk_meta: d ≤ BLOCK_D, tensor-core products): the Z row tile is loaded once,
+        and each [BLOCK_N, d] K tile once, by the pipelined column loop, for both S = Z·Kᵀ and
+        P·K. Otherwise S needs all of d and P·K one chunk of it, so the K chunk is a second load:
+        the flattened loop pipelines the chunks of S across column tiles, but this load sits in
+        the tile's epilogue, outside the pipeline."""
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -496,16 +516,25 @@ if triton is not None:
         g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
         d0 = pid_d * BLOCK_D
         z_blk = z_ptr + _row_offset(row0, stride_zm)
+        if ONE_CHUNK:
+            z_res = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         col_start = pid_s * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, M)
-        for n0 in range(col_start, col_end, BLOCK_N):
+        for n0 in tl.range(col_start, col_end, BLOCK_N, flatten=True):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < col_end
             k_blk = k_ptr + _row_offset(n0, stride_km)
-            dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N, EVEN_D)
+            if ONE_CHUNK:
+                kv = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
+                dots = _mma(z_res, tl.trans(kv), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                            INPUT_PRECISION)
+            else:
+                dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
+                                    EVEN_D)
+                kv = _load_tile(k_blk, stride_km, mask_n, d0, D, BLOCK_N, BLOCK_D, False, False)
             col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N,
                                               EXP2)
             needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
@@ -514,7 +543,6 @@ if triton is not None:
             t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                              col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
             p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
-            kv = _load_tile(k_blk, stride_km, mask_n, d0, D, BLOCK_N, BLOCK_D, False, False)
             acc = _mma(_cast(p, kv.dtype), kv, acc, INPUT_PRECISION)
 
         # g is constant along the row, so it is applied once here in fp32.
@@ -531,9 +559,14 @@ if triton is not None:
                    N_KEY, M_KEY,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, EVEN_M: tl.constexpr,
-                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-        """dk (or its row-split partial) for one (column block, d chunk): scale·Σ_i g_i p_ij z_i."""
+                   EXP2: tl.constexpr, LEAN_MASKS: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+        """dk (or its row-split partial) for one (column block, d chunk): scale·Σ_i g_i p_ij z_i.
+
+        The loads as in _dz_kernel, Z and K swapped: ONE_CHUNK (chunk_meta) loads each Z tile
+        once for both products. It takes the tile transposed, Sᵀ = K·Zᵀ, with the resident K tile
+        as the left operand, so that (g ⊙ P)ᵀ is already the left operand of dk += (g ⊙ P)ᵀ·Z
+        (no transpose through shared memory) and fewer registers stay live across the loop."""
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -546,6 +579,8 @@ if triton is not None:
             qscale = scale * 1.4426950408889634
         d0 = pid_d * BLOCK_D
         k_blk = k_ptr + _row_offset(col0, stride_km)
+        if ONE_CHUNK:
+            k_res = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
         # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
         gmax = tl.load(gmax_ptr)
         ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)  # all-zero g (or NaN): no scaling
@@ -553,7 +588,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, N)
-        for m0 in range(row_start, row_end, BLOCK_M):
+        for m0 in tl.range(row_start, row_end, BLOCK_M, flatten=True):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < row_end
             row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M,
@@ -561,16 +596,25 @@ if triton is not None:
             lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
             g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
             z_blk = z_ptr + _row_offset(m0, stride_zm)
-            dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N, EVEN_D)
             needs_mask = _on_band(m0, col0, self_offset, BLOCK_M, BLOCK_N)
             if not EVEN_N:
                 needs_mask = needs_mask | (col0 + BLOCK_N > M)
-            t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
-                             col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
-            w = _exp(t - lse[:, None], EXP2) * g[:, None]
-            zv = _load_tile(z_blk, stride_zm, mask_m, d0, D, BLOCK_M, BLOCK_D, False, False)
-            acc = _mma(tl.trans(_cast(w, zv.dtype)), zv, acc, INPUT_PRECISION)
+            if ONE_CHUNK:
+                zv = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
+                dots_t = _mma(k_res, tl.trans(zv), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                              INPUT_PRECISION)
+                t_t = _logits_tile(dots_t, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                                   col_lab, col_b, self_offset, needs_mask, LEAN_MASKS, True)
+                w_t = _cast(_exp(t_t - lse[None, :], EXP2) * g[None, :], zv.dtype)
+            else:
+                dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
+                                    EVEN_D)
+                zv = _load_tile(z_blk, stride_zm, mask_m, d0, D, BLOCK_M, BLOCK_D, False, False)
+                t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
+                                 col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
+                w_t = tl.trans(_cast(_exp(t - lse[:, None], EXP2) * g[:, None], zv.dtype))
+            acc = _mma(w_t, zv, acc, INPUT_PRECISION)
 
         acc = acc * (scale / ginv)
         out_blk = out_ptr + _split_offset(pid_s, M, col0, D)
@@ -792,7 +836,10 @@ if triton is not None:
         return max(16, triton.next_power_of_2(max(int(x), 1)))
 
     def _even_d(a) -> bool:
-        chunk = a["D_PAD"] if a.get("RESIDENT_Z") or "BLOCK_K" not in a else a["BLOCK_K"]
+        if a.get("RESIDENT_Z") or "BLOCK_K" not in a:
+            chunk = a["D_PAD"]
+        else:
+            chunk = a["BLOCK_D"] if a.get("ONE_CHUNK") else a["BLOCK_K"]
         return bool(a["LEAN_MASKS"]) and a["D"] % chunk == 0
 
     # EVEN_*: every tile along that axis is full (LEAN_MASKS only; the default masks every tile).
@@ -918,6 +965,22 @@ def _common_args(z, k):
 def _block_d(d: int, dtype: torch.dtype) -> int:
     cap = _INTERP_BLOCK_D_MAX if INTERPRETED else _GPU_BLOCK_D_MAX[dtype]
     return min(_pow2_at_least_16(d), cap)
+
+
+# Whole-row tiles, from ptxas for sm_90 (bench/triton_sass.py): fp32 FMA and 3xTF32 products
+# spill kilobytes with them (dz d = 128), and dk, which also pipelines four row vectors, spills
+# above 256 bytes of row (bf16 d = 256: 56 bytes, TF32 d = 128: 248 bytes). These take d in
+# chunks of BLOCK_K for S and reload the K (Z) chunk for the second product.
+_DK_ONE_CHUNK_BYTES = 256
+
+
+def chunk_meta(kernel: str, d: int, dtype: torch.dtype, precision: str) -> dict:
+    """BLOCK_D and ONE_CHUNK of the dz or dk kernel: ONE_CHUNK (the whole row in one d chunk,
+    tensor-core products) loads each K (dz) or Z (dk) tile once for both products."""
+    block_d = _block_d(d, dtype)
+    tensor_cores = precision == "tf32" or (precision == "ieee" and dtype != torch.float32)
+    fits = kernel == "dz" or d * dtype.itemsize <= _DK_ONE_CHUNK_BYTES
+    return dict(BLOCK_D=block_d, ONE_CHUNK=d <= block_d and tensor_cores and fits)
 
 
 _RESIDENT_MAX_D = 256  # Variant.resident_z: largest d whose row tile stays resident
@@ -1091,11 +1154,13 @@ class _Backward:
         n, d = self.z.shape
         return (n, self.k.shape[0], d, reduce_per_split, self.self_offset, self.scale)
 
+    def precision(self) -> str:
+        return _input_precision(self.z.dtype, self.allow_tf32, self.variant)
+
     def meta(self, kernel: str) -> dict:
         return dict(**_common_args(self.z, self.k), **variant_meta(kernel, self.variant,
                                                                    self.z.shape[1]),
-                    INPUT_PRECISION=_input_precision(self.z.dtype, self.allow_tf32,
-                                                     self.variant))
+                    INPUT_PRECISION=self.precision())
 
     def gmax(self) -> torch.Tensor:
         """max |g|, by which the dk products divide g (see the module docstring)."""
@@ -1113,7 +1178,7 @@ def _dz_pass(b: _Backward, splits=None, config=None) -> torch.Tensor:
     grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, splits)  # noqa: E731
     _launch("dz", kernel_configs("dz", b.variant, d), grid,
             (*b.kernel_args(out), *b.scalars(cols_per_split)),
-            dict(b.meta("dz"), BLOCK_D=block_d), config)
+            dict(b.meta("dz"), **chunk_meta("dz", d, b.z.dtype, b.precision())), config)
     # Fixed-order sum of the partials: deterministic.
     return out[0] if splits == 1 else out.sum(0)
 
@@ -1129,7 +1194,7 @@ def _dk_pass(b: _Backward, splits=None, config=None) -> torch.Tensor:
     grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, splits)  # noqa: E731
     _launch("dk", kernel_configs("dk", b.variant, d), grid,
             (*b.kernel_args(b.gmax(), out), *b.scalars(rows_per_split)),
-            dict(b.meta("dk"), BLOCK_D=block_d), config)
+            dict(b.meta("dk"), **chunk_meta("dk", d, b.z.dtype, b.precision())), config)
     return out[0] if splits == 1 else out.sum(0)
 
 

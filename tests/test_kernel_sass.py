@@ -11,8 +11,9 @@ whether registers spill, whether a hand-over between blocks waits on one load at
   one-pass backward's main loop is pipelined (cp.async in the PTX, and its 2- and 3-stage
   configs differ in shared memory); the default forward's column and d loops form one pipeline
   (no drain per column tile); the first config of every kernel (the one that runs when
-  autotuning is off) spills no registers at d <= 256. These compile for minutes on 2 cores, so
-  they run only with RCL_TEST_SASS=1 (make check-sass).
+  autotuning is off) spills no registers at d <= 256; the dz and dk kernels leave no global load
+  outside their pipeline at d = 128; int32 labels compare in 32 bits. These compile for minutes
+  on 2 cores, so they run only with RCL_TEST_SASS=1 (make check-sass).
 
 Each check skips when its tools are missing (nvcc; cuobjdump, bundled with Triton or on PATH).
 """
@@ -158,3 +159,30 @@ def test_triton_default_forward_pipelines_across_column_tiles(tmp_path):
                         "bf16", "--shapes", "bcl-n32768-d128", "--configs", "0")
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["ptx_cp_async"] > 0 and rows[0]["ttgir_drains_in_loop"] == 0, rows
+
+
+def test_triton_backward_loads_each_tile_once(tmp_path):
+    """With the whole row in one d chunk (bf16 d = 128), the dz and dk kernels load each K (dz)
+    or Z (dk) tile once, in the pipelined loop, for both of their products: no global load is
+    left in a loop body (a second load of the tile for the gradient product was one), and the
+    loop copies with cp.async."""
+    rows = _triton_rows(tmp_path, "--kernels", "dz", "dk", "--variants", "default", "--dtypes",
+                        "bf16", "--shapes", "bcl-n32768-d128", "--configs", "0")
+    assert {r["kernel"] for r in rows} == {"dz", "dk"}, rows
+    for row in rows:
+        assert "error" not in row and row["ttgir_loads_in_loop"] == 0, row
+        assert row["ptx_cp_async"] > 0, row
+
+
+def test_triton_int32_labels_compare_in_32_bits(tmp_path):
+    """Labels compare in the dtype they come in: kernels compiled for int32 labels have no
+    64-bit equality test in their PTX, those for int64 labels one per logit of a thread."""
+    args = ("--variants", "default", "--dtypes", "bf16", "--shapes", "bcl-n32768-d128",
+            "--configs", "0")
+    wide = _triton_rows(tmp_path, *args)
+    narrow = _triton_rows(tmp_path, *args, "--labels", "i32")
+    assert {r["kernel"] for r in narrow} == {"forward", "dz", "dk"}, narrow
+    for row in wide:
+        assert "error" not in row and row["ptx_setp_eq_64"] > 0, row
+    for row in narrow:
+        assert "error" not in row and row["ptx_setp_eq_64"] == 0, row

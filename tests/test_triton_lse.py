@@ -330,6 +330,42 @@ def test_strided_inputs_do_not_read_padding():
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", ["default", "forward-all", "one-pass"])
+@pytest.mark.parametrize("n,m,d", [(40, 90, 40), (17, 40, 130)], ids=["one-d-chunk", "d-chunks"])
+def test_int32_labels_give_the_int64_results(n, m, d, variant):
+    """int32 labels (the kernels compare them in 32 bits) give bit for bit what the same labels
+    in int64 give, with one d chunk (dz/dk load each tile once) and with several."""
+    inp, g = make_inputs(n, m, d, torch.bfloat16, num_classes=6, self_offset=3)
+    wide = run_kernels(inp, g, False, variant)
+    narrow = dict(inp, row_labels=inp["row_labels"].int(), col_labels=inp["col_labels"].int())
+    for name, out, ref in zip(("lse", "dz", "dk"), run_kernels(narrow, g, False, variant), wide):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.triton_interpret
+def test_triton_ops_take_int32_labels():
+    """The Triton ops take int32 labels as well as int64 ones (row and column labels of one
+    dtype); the other ops keep the int64 contract."""
+    from rcl_kernels import _ops
+
+    inp, g = make_inputs(17, 30, 20, torch.float32, self_offset=2)
+    args = (inp["z"], inp["k"], inp["row_labels"].int(), inp["col_labels"].int(),
+            inp["row_bias"], inp["col_bias"])
+    options = (inp["self_offset"], inp["scale"], False, "default")
+    ops = torch.ops.rcl_kernels
+    lse = ops.triton_lse_forward(*args, *options)
+    dz, dk = ops.triton_lse_backward(g, *args, lse, *options)
+    ref = run_kernels(inp, g, False)
+    for out, r in zip((lse, dz, dk), ref):
+        torch.testing.assert_close(out, r, rtol=0, atol=0)
+    mixed = (*args[:3], inp["col_labels"], *args[4:])
+    with pytest.raises(RuntimeError, match="col_labels must be torch.int32"):
+        ops.triton_lse_forward(*mixed, *options)
+    with pytest.raises(RuntimeError, match="row_labels must be torch.int64"):
+        _ops.check_lse_args(*args)
+
+
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("variant", ["default", "one-pass"])
 def test_backward_deterministic(variant):
     inp, g = make_inputs(17, 60, 20, torch.bfloat16)
