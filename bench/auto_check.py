@@ -121,11 +121,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"[auto-check] {row}", flush=True)
     meta["loadavg_end"] = runner.loadavg()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cpu-{args.tag}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = runner.write_json(os.path.join(args.out, f"cpu-{args.tag}.json"), meta, rows)
     labels = ["auto"] + [c.label for c in candidates]
     print("\n| N | d | " + " | ".join(f"{label} ms" for label in labels)
           + " | auto chose | auto / fastest |")

@@ -102,13 +102,10 @@ def parse_args(argv=None):
 def grid(args, device):
     """[(N, d, C)] from --shapes, or --sizes x --d x --C."""
     if args.shapes:
-        shapes = []
-        for item in cases.split_list(args.shapes):
-            parts = item.split(":")
-            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-                sys.exit(f"--shapes: expected N:d:C with positive integers, got {item!r}")
-            shapes.append(tuple(map(int, parts)))
-        return shapes
+        try:
+            return cases.parse_shapes(args.shapes)
+        except ValueError as error:
+            sys.exit(str(error))
     default = [1024, 2048, 4096, 8192] if device == "cpu" else [8192, 32768, 65536, 131072]
     sizes = [int(s) for s in cases.split_list(args.sizes)] if args.sizes else default
     return [(n, d, c) for n in sizes for d in args.d for c in args.C]

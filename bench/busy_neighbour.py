@@ -13,7 +13,6 @@ the slowdown (busy / quiet median) of the fused path should not exceed the refer
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -45,13 +44,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = []
-    for item in cases.split_list(args.shapes):
-        parts = item.split(":")
-        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
-            sys.exit(f"--shapes: expected N:d:C with positive integers, got {item!r}")
-        shapes.append(tuple(map(int, parts)))
     try:
+        shapes = cases.parse_shapes(args.shapes)
         impls = [cases.parse_impl(s) for s in cases.split_list(args.backends)]
     except ValueError as error:
         sys.exit(str(error))
@@ -85,11 +79,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"[busy-neighbour] {row}", flush=True)
     meta["loadavg_end"] = runner.loadavg()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cpu-{args.tag}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = runner.write_json(os.path.join(args.out, f"cpu-{args.tag}.json"), meta, rows)
     print("\n| N | M | d | implementation | quiet ms | busy ms | slowdown |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['N']} | {r['M']} | {r['d']} | {r['impl']} | {r['quiet_ms']:.1f} | "

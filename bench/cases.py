@@ -104,6 +104,17 @@ def split_list(values) -> list[str]:
     return out
 
 
+def parse_shapes(items) -> list[tuple[int, int, int]]:
+    """['4096:128:1000', ...] -> [(N, d, C)]; a bad item raises ValueError naming --shapes."""
+    shapes = []
+    for item in split_list(items):
+        parts = item.split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected N:d:C with positive integers, got {item!r}")
+        shapes.append(tuple(map(int, parts)))
+    return shapes
+
+
 def columns_for(preset: str, backend: str, n: int, c: int) -> int:
     """M, the number of columns each anchor is contrasted with."""
     if backend == "pml_supcon" or preset == "supcon":

@@ -400,6 +400,15 @@ def make_rows(specs, results, meta) -> list[dict]:
     return rows
 
 
+def write_json(path: str, meta: dict, rows: list) -> str:
+    """{"meta", "rows"} to path (its folder made), replaced atomically; returns path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_rows(stem: str, meta: dict, rows: list[dict]) -> None:
     """<stem>.json ({"meta", "rows"}) and <stem>.csv (the rows), each replaced atomically."""
     with open(stem + ".json.tmp", "w") as f:
