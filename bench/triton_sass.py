@@ -185,7 +185,53 @@ def sass_counts(cubin: bytes) -> dict:
     return dict(sass_hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                 sass_hmma=len(re.findall(r"\bHMMA\.", sass)),
                 sass_ffma=len(re.findall(r"\bFFMA\b", sass)),
-                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)))
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
+                **loop_load_uses(sass))
+
+
+_MATH_OPS = ("HGMMA", "HMMA", "FFMA")
+
+
+def loop_load_uses(sass: str) -> dict:
+    """Where the plain global loads (LDG; the pipeline's copies are LDGSTS) inside a loop of the
+    SASS are first used. A loop is the span from a backward branch's target to the branch. For
+    each LDG in a loop, its first use is the first later instruction that names one of the
+    registers it writes (an STS into a dot operand's shared buffer, a compare, ...), and the
+    multiply work between the two (HGMMA, HMMA, FFMA) is what can hide the load's latency.
+    sass_loop_ldg: LDGs in a loop; sass_loop_ldg_hidden: those with multiply work before their
+    first use; sass_loop_ldg_gap: the largest number of instructions from such an LDG to its
+    first use."""
+    code = []  # (address, opcode, operand text)
+    for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass):
+        parts = text.split()
+        if parts and parts[0].startswith("@"):
+            parts = parts[1:]
+        if parts:
+            code.append((int(address, 16), parts[0], " ".join(parts[1:])))
+    index = {address: i for i, (address, _, _) in enumerate(code)}
+    loops = []
+    for i, (address, op, operands) in enumerate(code):
+        target = re.match(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index:
+            loops.append((index[int(target.group(1), 16)], i))
+    loads = hidden = gap = 0
+    for i, (_, op, operands) in enumerate(code):
+        if not op.startswith("LDG.") or not any(a <= i <= b for a, b in loops):
+            continue
+        first = re.match(r"R(\d+)", operands)
+        if first is None:
+            continue
+        width = 4 if ".128" in op else 2 if ".64" in op else 1
+        regs = {f"R{int(first.group(1)) + r}" for r in range(width)}
+        loads += 1
+        math = 0
+        for j in range(i + 1, len(code)):
+            if regs & set(re.findall(r"\bR\d+\b", code[j][2])):
+                break
+            math += code[j][1].startswith(_MATH_OPS)
+        hidden += math > 0
+        gap = max(gap, j - i)
+    return dict(sass_loop_ldg=loads, sass_loop_ldg_hidden=hidden, sass_loop_ldg_gap=gap)
 
 
 def ptxas_usage(log: str) -> dict:
@@ -224,7 +270,8 @@ def plan(kernels, variants, dtypes, shapes, configs=None, labels="i64") -> list[
 
 def format_table(rows: list[dict]) -> str:
     columns = ["shape", "kernel", "variant", "dtype", "labels", "config", "ptx_wgmma", "sass_hgmma",
-               "sass_hmma", "ptx_cp_async", "ptx_tma", "ttgir_loads_in_loop", "ptx_setp_eq_64",
+               "sass_hmma", "ptx_cp_async", "ptx_tma", "ttgir_loads_in_loop", "sass_loop_ldg", "sass_loop_ldg_hidden",
+               "sass_loop_ldg_gap", "ptx_setp_eq_64",
                "sass_instructions", "registers", "spill_stores", "spill_loads",
                "shared_bytes", "ptx_cvt_rna_tf32", "compile_s", "error"]
     table = [[str(row.get(c, "")) for c in columns] for row in rows]
