@@ -500,8 +500,13 @@ if triton is not None:
         ONE_CHUNK (chunk_meta: d ≤ BLOCK_D, tensor-core products): the Z row tile is loaded once,
         and each [BLOCK_N, d] K tile once, by the pipelined column loop, for both S = Z·Kᵀ and
         P·K. Otherwise S needs all of d and P·K one chunk of it, so the K chunk is a second load:
-        the flattened loop pipelines the chunks of S across column tiles, but this load sits in
-        the tile's epilogue, outside the pipeline."""
+        the flattened loop pipelines the chunks of S across column tiles (async copies), while
+        what the tile's prologue and epilogue load are plain loads. The column labels and biases
+        are loaded in the prologue, so the S products cover their latency (as dk's row vectors);
+        the K chunk first thing in the epilogue, where its first use, the store into the shared
+        buffer of P·K's operand, comes after the tile's logits and exp. Loaded in the prologue
+        instead, that store follows the load at once (sm_90: no product in between) and the
+        tile stays live across the S loop (fp32: kilobytes of spills)."""
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -530,13 +535,15 @@ if triton is not None:
                 kv = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
                 dots = _mma(z_res, tl.trans(kv), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
                             INPUT_PRECISION)
+                col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n,
+                                                  EVEN_N, EXP2)
             else:
+                col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n,
+                                                  EVEN_N, EXP2)
                 dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                     BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
                                     EVEN_D)
                 kv = _load_tile(k_blk, stride_km, mask_n, d0, D, BLOCK_N, BLOCK_D, False, False)
-            col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N,
-                                              EXP2)
             needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
             if not EVEN_N:
                 needs_mask = needs_mask | (n0 + BLOCK_N > col_end)

@@ -12,7 +12,8 @@ whether registers spill, whether a hand-over between blocks waits on one load at
   configs differ in shared memory); the default forward's column and d loops form one pipeline
   (no drain per column tile); the first config of every kernel (the one that runs when
   autotuning is off) spills no registers at d <= 256; the dz and dk kernels leave no global load
-  outside their pipeline at d = 128; int32 labels compare in 32 bits. These compile for minutes
+  outside their pipeline at d = 128, and at d = 1024 every plain load in their loops has multiply
+  work before its first use; int32 labels compare in 32 bits. These compile for minutes
   on 2 cores, so they run only with RCL_TEST_SASS=1 (make check-sass).
 
 Each check skips when its tools are missing (nvcc; cuobjdump, bundled with Triton or on PATH).
@@ -186,3 +187,19 @@ def test_triton_int32_labels_compare_in_32_bits(tmp_path):
         assert "error" not in row and row["ptx_setp_eq_64"] > 0, row
     for row in narrow:
         assert "error" not in row and row["ptx_setp_eq_64"] == 0, row
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "tf32"])
+def test_triton_chunked_backward_loads_are_covered(tmp_path, dtype):
+    """With d in several chunks (d = 1024), what the dz and dk kernels load outside their
+    pipeline (dz: the column labels and biases, then the K chunk of P·K; dk: the row vectors,
+    then the Z chunk) is not waited for at once: in the SASS, every plain global load (LDG) in a
+    loop has multiply work (HGMMA) between it and its first use. The label and bias loads in the
+    epilogue of a column tile, used a few instructions later, failed this."""
+    rows = _triton_rows(tmp_path, "--kernels", "dz", "dk", "--variants", "default", "--dtypes",
+                        dtype, "--shapes", "inat-n512-d1024", "--configs", "0")
+    assert {r["kernel"] for r in rows} == {"dz", "dk"}, rows
+    for row in rows:
+        assert "error" not in row and row["spill_stores"] == 0, row
+        assert row["sass_loop_ldg"] > 0, row  # the chunked path: plain loads in the loop
+        assert row["sass_loop_ldg_hidden"] == row["sass_loop_ldg"], row
