@@ -33,6 +33,9 @@ class Kernels:
     backward: Callable
     loss_forward_backward: Callable | None = None
     max_dim: int | None = None  # largest feature dimension the kernels take
+    # The label dtype the loss passes (rcl_kernels.functional): int64, which every op takes, or
+    # int32 for ops that also take it and then compare labels in 32 bits (the Triton ops).
+    label_dtype: torch.dtype = torch.int64
 
 
 def _cpu_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
@@ -55,13 +58,10 @@ def _acc_bytes(z) -> int:
 
 def _tiled_block_rows(z, k) -> int:
     acc_bytes = _acc_bytes(z)
-    if z.device.type == "cpu":  # GEMMs in the accumulation dtype, blocks that stay in cache
-        return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
-                                        operand_bytes=acc_bytes,
-                                        cache_bytes=planner.CPU_BLOCK_BYTES,
-                                        min_rows=planner.CPU_MIN_BLOCK_ROWS)
+    # The CPU runs its GEMMs in the accumulation dtype.
+    operand_bytes = acc_bytes if z.device.type == "cpu" else z.element_size()
     return planner.tiled_block_rows(z.shape[0], k.shape[0], acc_bytes=acc_bytes,
-                                    operand_bytes=z.element_size())
+                                    operand_bytes=operand_bytes)
 
 
 def _tiled_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
@@ -146,7 +146,7 @@ def _triton_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse
 def triton_streaming(variant: str) -> Kernels:
     """The Triton kernels of one variant (a name in triton_lse.VARIANTS)."""
     return Kernels(functools.partial(_triton_forward, variant=variant),
-                   functools.partial(_triton_backward, variant=variant))
+                   functools.partial(_triton_backward, variant=variant), label_dtype=torch.int32)
 
 
 def _cuda_mma_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:

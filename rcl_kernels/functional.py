@@ -104,6 +104,31 @@ def _backend_loss(impl, algorithm, anchors, anchor_labels, columns, column_label
     return loss.to(accumulation_dtype(anchors.dtype))
 
 
+def _column_labels(all_labels: torch.Tensor, num_prototypes: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The columns' labels in `dtype`: the gathered anchors' labels, then 0 .. num_prototypes − 1
+    for the prototypes. int32 is exact here (check_label_range put every label in [0, C)).
+
+    Launches, per forward only (the backward reuses the labels the forward saved): int64, as the
+    labels come, costs 0 without prototypes and 2 with them (arange, cat). int32 costs 1 without
+    prototypes (the narrowing copy) and still 2 with them: one converting copy of the anchors'
+    labels into the column buffer and an arange written into its tail, so BCL's shape pays no
+    extra launch. What it saves: with int64 labels every logit of the forward, dz and dk
+    kernels compares 64 bits (two 32-bit compares, and the label registers twice as many): at
+    N = 512, M = 1,512 that is 3·N·M ≈ 2.3 M extra compares per step, and it is what takes the
+    fp32 dk kernel past 255 registers into spills (sm_90)."""
+    if num_prototypes == 0:
+        return all_labels.to(dtype)
+    if dtype == all_labels.dtype:
+        prototype_labels = torch.arange(num_prototypes, device=all_labels.device, dtype=dtype)
+        return torch.cat([all_labels, prototype_labels])
+    n = all_labels.shape[0]
+    labels = torch.empty(n + num_prototypes, device=all_labels.device, dtype=dtype)
+    labels[:n].copy_(all_labels)
+    torch.arange(num_prototypes, out=labels[n:])
+    return labels
+
+
 def _non_finite_poison(*tensors: torch.Tensor | None) -> torch.Tensor:
     """NaN when any entry is NaN or ±Inf, else 0, on the device, without a sync: the one place
     that decides what a non-finite input gives (a NaN loss and NaN gradients, on every backend;
@@ -188,19 +213,19 @@ def contrastive_loss(
         num_classes, prototypes, {"logit_bias": logit_bias, "margins": margins}, all_labels
     )
     check_label_range(all_labels, num_classes)
-    anchor_labels = all_labels[self_offset : self_offset + anchors.shape[0]]
 
-    columns, column_labels = all_anchors, all_labels
-    if prototypes is not None:
-        columns = torch.cat([all_anchors, prototypes])
-        prototype_labels = torch.arange(num_classes, device=anchors.device)
-        column_labels = torch.cat([all_labels, prototype_labels])
+    columns = all_anchors if prototypes is None else torch.cat([all_anchors, prototypes])
     # float32 inputs follow PyTorch's matmul precision, as torch.matmul does.
     allow_tf32 = anchors.dtype == torch.float32 and _float32_matmul_allows_tf32()
     needs_grad = torch.is_grad_enabled() and (anchors.requires_grad or columns.requires_grad)
     problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0],
                       anchors.shape[1], reduction, needs_grad)
     impl, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
+    label_dtype = impl.kernels[algorithm].label_dtype if impl.fused else torch.int64
+    column_labels = _column_labels(all_labels, num_classes if prototypes is not None else 0,
+                                   label_dtype)
+    # The columns start with the gathered anchors: the anchors' labels are a view.
+    anchor_labels = column_labels[self_offset : self_offset + anchors.shape[0]]
     # The loss runs in the dtype of its inputs whatever autocast says, on every backend alike (the
     # reference's matmul would otherwise be autocast and the kernels would not).
     with _autocast_disabled(anchors.device.type):

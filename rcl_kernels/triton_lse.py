@@ -355,8 +355,8 @@ if triton is not None:
                                           mask_n[None, :])
         # Labels compare in the dtype they come in: 32-bit when the caller passes int32 labels,
         # 64-bit (two compares per logit) for int64 ones. The kernels cannot narrow int64 labels
-        # themselves: equal low words do not make equal labels, and only a caller that knows the
-        # labels' range (the loss: class indices in [0, num_classes)) can pass int32 for free.
+        # themselves: equal low words do not make equal labels; a caller that knows the labels'
+        # range passes int32 (the loss does: class indices in [0, num_classes)).
         same = r_lab == c_lab
         t = dots * qscale + tl.where(same, r_b, c_b)
         # where (not an additive mask): a +inf bias on the masked self column must not leak.

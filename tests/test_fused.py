@@ -52,3 +52,39 @@ def test_the_tiled_step_dispatches_a_bounded_number_of_ops_whatever_n(n, d):
     assert sum(ops.values()) <= MAX_OPS, sorted(ops.items(), key=lambda item: -item[1])
     # No segment sums or per-chunk loops: the count does not grow with N.
     assert ops == _bcl_step_ops(64, 32)
+
+
+@pytest.mark.skipif(rk.available_backends()["triton"] is not None,
+                    reason="needs the Triton kernels (TRITON_INTERPRET=1 on a CPU)")
+@pytest.mark.parametrize("prototypes", [True, False])
+def test_the_loss_passes_int32_labels_to_the_triton_ops_only(monkeypatch, prototypes):
+    """The Triton ops compare labels in the dtype they get: the loss narrows the validated labels
+    to int32 once per forward for them (the backward gets the saved ones), and keeps int64 for
+    every other op (the C++ ops take int64 only). The loss does not change."""
+    from rcl_kernels import _kernel_calls, triton_lse
+
+    seen = []
+
+    def recording(name, fn):
+        def call(*args, **kwargs):
+            labels = args[2:4] if name == "forward" else args[3:5]
+            seen.append((name, *(t.dtype for t in labels)))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(triton_lse, "lse_forward", recording("forward", triton_lse.lse_forward))
+    monkeypatch.setattr(triton_lse, "lse_backward", recording("backward", triton_lse.lse_backward))
+    gen = fresh_generator()
+    labels = draw_labels("uniform", 12, 3, gen)
+    features = random_features((12, 2, 16), gen).float().requires_grad_()
+    centers = random_features((3, 16), gen).float() if prototypes else None
+    kwargs = dict(temperature=0.2, class_averaging=prototypes, num_classes=3)
+    loss = rk.contrastive_loss(features, labels, centers, backend="triton", **kwargs)
+    loss.backward()
+    assert seen == [("forward", torch.int32, torch.int32),
+                    ("backward", torch.int32, torch.int32)], seen
+    expected = rk.contrastive_loss(features.detach(), labels, centers, backend="cpu", **kwargs)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert _kernel_calls.CPU_STREAMING.label_dtype == torch.int64
+    assert _kernel_calls.TILED.label_dtype == torch.int64
+    assert all(k.label_dtype == torch.int64 for k in _kernel_calls.CUDA_STREAMING.values())
