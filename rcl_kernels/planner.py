@@ -64,29 +64,19 @@ def reduction_splits(
     return max(1, splits)
 
 
-# On the CPU a block of scores is written by one GEMM and read by the epilogue and the two gradient
-# GEMMs: it should stay in the last-level cache in between, and its rows are the inner dimension of
-# the dk GEMM (dk += Pᵀ·Z_block reads and writes all of dk [M, d] per block), so blocks should be
-# few and not thin. A block's scores take at most this many bytes (a cache budget that holds on
-# small machines of either vendor): BCL's N = 512, M = 1,512 is one block, N = 4,096, M = 5,096
-# ten blocks of 410 rows.
-CPU_BLOCK_BYTES = 8 << 20
-# Thinner blocks make dk's traffic per block (8·M·d bytes for 2·rows·M·d flops) bound by memory
-# bandwidth; this many rows keep about 50 flops per byte. Capped by the workspace budget.
-CPU_MIN_BLOCK_ROWS = 64
+def tiled_block_rows(rows: int, columns: int, *, acc_bytes: int, operand_bytes: int) -> int:
+    """Anchor rows per block of the tiled algorithm, for blocks of equal size: a block's scores
+    (accumulation dtype) plus, when the GEMM operands are narrower, its probabilities take at most
+    WORKSPACE_BUDGET_BYTES.
 
-
-def tiled_block_rows(rows: int, columns: int, *, acc_bytes: int, operand_bytes: int,
-                     cache_bytes: int | None = None, min_rows: int = 1) -> int:
-    """Anchor rows per block of the tiled algorithm, for blocks of equal size.
-
-    A block's scores (accumulation dtype) plus, when the GEMM operands are narrower, its
-    probabilities take at most WORKSPACE_BUDGET_BYTES, and at most `cache_bytes` when given, but
-    the block has at least `min_rows` rows while the workspace budget allows.
+    Blocks are as large as that allows on either device. Each block ends with the dk GEMM over its
+    rows (dk += Gᵀ·Z_block reads and writes all of dk [M, d]), and on the CPU with a barrier of the
+    threads, which pull the block's panels of rows from a shared counter (a panel's scores stay in
+    cache from their GEMM to its dz GEMM, so the block need not). BCL's N = 512, M = 1,512 is one
+    block; N = 4,096, M = 5,096 in float32 three blocks of 1,366 rows.
     """
     per_row = max(1, columns * (acc_bytes + (operand_bytes if operand_bytes != acc_bytes else 0)))
     limit = WORKSPACE_BUDGET_BYTES // per_row
-    block = limit if cache_bytes is None else max(cache_bytes // per_row, min(min_rows, limit))
-    block = max(1, min(rows, block, limit))
+    block = max(1, min(rows, limit))
     blocks = -(-rows // block) if rows > 0 else 1
     return max(1, -(-rows // blocks))

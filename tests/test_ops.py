@@ -123,6 +123,34 @@ def test_tiled_loss_forward_backward_vs_float64(dtype, block_rows, self_offset):
         torch.testing.assert_close(value.double(), truth, rtol=tolerance, atol=tolerance, msg=name)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block_rows", [600, 250])
+def test_tiled_cpu_panels_vs_float64(threads, block_rows):
+    """Enough rows for the CPU driver's panels (128 rows; two threads pull them from a counter, one
+    runs them in order), with a last panel and a last block that are partial: every output of the
+    one-pass op and the forward's lse against float64."""
+    gen = fresh_generator()
+    n, m, d = 600, 903, 8
+    z, k = random_features((n, d), gen).float(), random_features((m, d), gen).float()
+    row_labels = torch.randint(0, 7, (n,), generator=gen)
+    col_labels = torch.cat([row_labels, torch.randint(0, 9, (m - n,), generator=gen)])
+    row_bias = torch.randn(n, generator=gen)
+    col_bias = torch.randn(m, generator=gen)
+    weights = torch.randn(n, generator=gen)
+    args = (weights, z, k, row_labels, col_labels, row_bias, col_bias, 0, 4.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = op("tiled_loss_forward_backward")(*args, block_rows)
+        lse = op("tiled_lse_forward")(*args[1:], block_rows)
+    finally:
+        torch.set_num_threads(previous)
+    want = dense_weighted_loss(*args)
+    torch.testing.assert_close(lse, got[0], rtol=0, atol=0)
+    for name, value, truth in zip(("lse", "positive_sum", "dz", "dk"), got, want):
+        torch.testing.assert_close(value.double(), truth, rtol=2e-5, atol=2e-5, msg=name)
+
+
 GPU_KERNEL_OPS = {
     "cuda": ("cuda_lse_forward", "cuda_lse_backward", (False, 2), (False, 2, 2)),
     "cuda-mma": ("cuda_mma_lse_forward", "cuda_mma_lse_backward", (False, 2), (False, 2)),

@@ -6,8 +6,7 @@ import pytest
 
 from rcl_kernels import planner
 
-CPU = dict(acc_bytes=4, operand_bytes=4, cache_bytes=planner.CPU_BLOCK_BYTES,
-           min_rows=planner.CPU_MIN_BLOCK_ROWS)
+CPU = dict(acc_bytes=4, operand_bytes=4)  # the CPU runs its GEMMs in the accumulation dtype
 
 
 def test_bcl_shape_is_one_block_on_either_device():
@@ -18,10 +17,11 @@ def test_bcl_shape_is_one_block_on_either_device():
     assert planner.tiled_block_rows(512, 1512, **CPU) == 512
 
 
-def test_cpu_blocks_fit_the_cache_budget_and_are_equal():
+def test_blocks_are_as_large_as_the_workspace_budget_allows_and_equal():
     rows = planner.tiled_block_rows(4096, 5096, **CPU)
-    assert rows * 5096 * 4 <= planner.CPU_BLOCK_BYTES
-    assert -(-4096 // rows) * rows - 4096 < -(-4096 // rows)  # no thin last block
+    assert rows * 5096 * 4 <= planner.WORKSPACE_BUDGET_BYTES
+    assert -(-4096 // rows) == -(-4096 * 5096 * 4 // planner.WORKSPACE_BUDGET_BYTES)  # fewest blocks
+    assert rows == 1366  # three blocks, the last one not thin
 
 
 @pytest.mark.parametrize("columns", [lambda n: n + 1, lambda n: n + 1000, lambda n: 5 * n + 3,

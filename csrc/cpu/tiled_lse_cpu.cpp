@@ -298,6 +298,12 @@ void cpu_epilogue(const tiled::Problem& p, tiled::Block& block) {
   });
 }
 
+// Rows (and dk rows) per panel of the driver's dynamic schedule. MKL packs the whole of K for each
+// panel's GEMM, so thinner panels spend more on packing (2·rows flops per packed element); 128
+// rows kept the BCL shape and N = 4,096 at their quiet speed while balancing the threads when one
+// shares its core with another process (bench/results: cpu-busy-neighbour).
+constexpr int64_t kPanel = 128;
+
 // The op's inputs in the accumulation dtype (float, or double for float64): the CPU GEMMs run
 // there, and the labels as int32 so that the same-class select vectorizes with 32-bit compares.
 tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
@@ -319,6 +325,7 @@ tiled::Problem cpu_problem(const at::Tensor& z, const at::Tensor& k, const at::T
   p.self_offset = self_offset;
   p.scale = scale;
   p.acc = acc;
+  p.panel = kPanel;
   return p;
 }
 

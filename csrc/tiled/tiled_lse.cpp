@@ -1,7 +1,10 @@
 // The device-generic driver of the tiled algorithm (see tiled_lse.h).
 #include "tiled/tiled_lse.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
 namespace rcl_kernels::tiled {
@@ -64,8 +67,37 @@ std::pair<at::Tensor, at::Tensor> row_factor(const Problem& p, const at::Tensor&
   return {w / w_max, w_max * p.scale};
 }
 
+// Runs task(offset, count) over [0, extent) cut into panels of `panel` (0: one task). The CPU's
+// threads pull the panels from a shared counter: a thread slowed by another process on its core
+// takes fewer of them, where a static split waits for it at every barrier. Inside that parallel
+// region ATen and MKL run each panel's ops on its own thread. Too few panels to share (fewer
+// than two per thread) run as one task whose ops use every thread. A single thread runs one task,
+// or with `in_order` the panels in order, which keeps each one in cache from its GEMM to its
+// last use.
+template <typename Task>
+void for_each_panel(int64_t panel, int64_t extent, bool in_order, const Task& task) {
+  const int64_t panels = panel > 0 ? (extent + panel - 1) / panel : 1;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  auto run = [&](int64_t i) { task(i * panel, std::min(panel, extent - i * panel)); };
+  if (panels <= 1 || (threads > 1 && panels < 2 * threads) || (threads <= 1 && !in_order)) {
+    task(0, extent);
+  } else if (threads <= 1) {
+    for (int64_t i = 0; i < panels; ++i) run(i);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      // Worker threads do not inherit the caller's dispatch state.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t i = next++; i < panels; i = next++) run(i);
+    });
+  }
+}
+
 // One pass over every row block. `weights` defined: also the gradient of Σ_i w_i·lse_i, or with
-// `positive_sum` defined that of Σ_i w_i·L_i (tiled_lse.h).
+// `positive_sum` defined that of Σ_i w_i·L_i (tiled_lse.h). Per block, the row phase gives each
+// panel of anchor rows its scores, epilogue and dz rows; the column phase then gives each panel
+// of dk rows its share Gᵀ·Z_b. Each output element has one writer, and its sums run in a fixed
+// order: the result does not depend on which thread ran which panel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue epilogue,
                                                    at::Tensor lse, bool compute_lse,
                                                    const at::Tensor& weights,
@@ -75,31 +107,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
   const bool gradient = weights.defined();
   block_rows = std::max<int64_t>(1, std::min(block_rows, n));
   Workspace ws = make_workspace(p, block_rows, gradient);
-  at::Tensor dz, dk, post;
-  Block block;
-  block.compute_lse = compute_lse;
+  at::Tensor dz, dk, post, factor;
   if (gradient) {
     dz = at::empty({n, p.z.size(1)}, p.z.options().dtype(p.acc));
     dk = n > 0 ? at::empty({m, p.k.size(1)}, p.k.options().dtype(p.acc))
                : at::zeros({m, p.k.size(1)}, p.k.options().dtype(p.acc));
-    std::tie(block.row_factor, post) = row_factor(p, weights);
+    std::tie(factor, post) = row_factor(p, weights);
   }
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t r1 = std::min(n, r0 + block_rows), rows = r1 - r0;
-    block.r0 = r0;
-    block.scores = ws.scores.narrow(0, 0, rows);
-    block.lse = lse.narrow(0, r0, rows);
-    block.probabilities = gradient ? ws.probabilities.narrow(0, 0, rows) : at::Tensor();
-    block.positive_sum = positive_sum.defined() ? positive_sum.narrow(0, r0, rows) : at::Tensor();
-    const at::Tensor z_rows = p.z.narrow(0, r0, rows);
-    gemm_abt(block.scores, z_rows, p.k);
-    epilogue(p, block);
+    const int64_t rows = std::min(n, r0 + block_rows) - r0;
+    // Row phase: scores S = Z_p·Kᵀ, the epilogue, and (the row factor is in G) dz rows = G·K.
+    for_each_panel(p.panel, rows, /*in_order=*/true, [&](int64_t offset, int64_t count) {
+      Block block;
+      block.r0 = r0 + offset;
+      block.compute_lse = compute_lse;
+      block.scores = ws.scores.narrow(0, offset, count);
+      block.lse = lse.narrow(0, block.r0, count);
+      block.row_factor = factor;
+      if (gradient) block.probabilities = ws.probabilities.narrow(0, offset, count);
+      if (positive_sum.defined()) block.positive_sum = positive_sum.narrow(0, block.r0, count);
+      const at::Tensor z_rows = p.z.narrow(0, block.r0, count);
+      gemm_abt(block.scores, z_rows, p.k);
+      epilogue(p, block);
+      if (!gradient) return;
+      at::Tensor dz_rows = dz.narrow(0, block.r0, count);
+      gemm_ab(dz_rows, block.probabilities, p.k);
+    });
     if (!gradient) continue;
-    // The row factor is in the probabilities: dz rows = G·K, dk += Gᵀ·Z_b (block order:
-    // deterministic).
-    at::Tensor dz_rows = dz.narrow(0, r0, rows);
-    gemm_ab(dz_rows, block.probabilities, p.k);
-    gemm_atb(dk, block.probabilities, z_rows, /*accumulate=*/r0 > 0);
+    // Column phase: dk rows += G[:, cols]ᵀ·Z_b, the blocks in order.
+    const at::Tensor g = ws.probabilities.narrow(0, 0, rows);
+    const at::Tensor z_rows = p.z.narrow(0, r0, rows);
+    for_each_panel(p.panel, m, /*in_order=*/false, [&](int64_t c0, int64_t count) {
+      at::Tensor dk_rows = dk.narrow(0, c0, count);
+      gemm_atb(dk_rows, g.narrow(1, c0, count), z_rows, /*accumulate=*/r0 > 0);
+    });
   }
   if (post.defined()) {
     dz.mul_(post);

@@ -29,6 +29,10 @@ struct Problem {
   int64_t self_offset = 0;
   double scale = 1.0;
   at::ScalarType acc = at::kFloat;    // dtype of scores, lse and gradients
+  // How a block's work is cut for the CPU's threads (tiled_lse.cpp): panels of `panel` anchor
+  // rows (scores, epilogue, dz) and of `panel` score columns (dk), pulled by the threads from a
+  // shared counter. 0: the block is one task, run in stream order (GPU).
+  int64_t panel = 0;
 };
 
 // One block of rows as the epilogue sees it (anchors r0 .. r0 + rows − 1).
