@@ -2,10 +2,12 @@
 """How much a busy neighbour slows each CPU implementation: one process spinning on a core while
 the loss runs on all of them (a shared workstation, a data-loader worker).
 
-For every shape and implementation, the forward + backward is timed quiet, then with the spinner
-running, then quiet again, in one process (the same inputs, warm caches). A statically split
-parallel loop waits for its slowest thread, so a kernel can lose more than the core it shares;
-the slowdown (busy / quiet median) of the fused path should not exceed the reference's.
+For every shape, in one process (the same inputs, warm caches), rounds of: every implementation
+timed quiet, then every implementation timed with the spinner running. All implementations of a
+round share the same neighbour, and the rounds spread the machine's own noise over them; an
+implementation's slowdown is the median of its busy times over the median of its quiet ones. A
+statically split parallel loop waits for its slowest thread, so a kernel can lose more than the
+core it shares; the slowdown of the fused path should not exceed the reference's.
 
   python bench/busy_neighbour.py --shapes 4096:128:1000 512:1024:1000 --tag busy-neighbour
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=["4096:128:1000", "512:1024:1000"],
                    metavar="N:d:C")
     p.add_argument("--backends", nargs="+", default=["reference", "cpu:tiled", "auto"])
-    p.add_argument("--rep-ms", type=float, default=2000.0, help="timing per phase (ms)")
+    p.add_argument("--rep-ms", type=float, default=1000.0,
+                   help="timing of one implementation in one phase (ms)")
+    p.add_argument("--rounds", type=int, default=3, help="quiet/busy rounds per shape")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=os.path.join(runner.REPO, "bench", "results"))
     p.add_argument("--tag", default="busy-neighbour")
@@ -53,29 +58,34 @@ def main(argv=None) -> int:
     meta = {"cpu_model": runner.cpu_model(), "torch": torch.__version__,
             "commit": runner.git_commit(), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "neighbour": f"{sys.executable} -c '{SPIN}'",
-            "rep_ms": args.rep_ms, "loadavg_start": runner.loadavg(),
+            "rep_ms": args.rep_ms, "rounds": args.rounds, "loadavg_start": runner.loadavg(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": args.__dict__}
     rows = []
     for n, d, c in shapes:
-        for impl in impls:
-            case = cases.build(impl, "bcl", n, d, c, "float32", "cpu")
+        built = [(impl, cases.build(impl, "bcl", n, d, c, "float32", "cpu")) for impl in impls]
+        for _, case in built:
             for _ in range(2):  # warm-up: first-touch allocations, auto's timing
                 case.backward(case.forward())
-            quiet = timed(case, args.rep_ms)
+        times = {impl.label: {"quiet": [], "busy": []} for impl, _ in built}
+        for _ in range(args.rounds):
+            for impl, case in built:
+                times[impl.label]["quiet"].append(timed(case, args.rep_ms)["median_ms"])
             spinner = subprocess.Popen([sys.executable, "-c", SPIN])
             try:
                 time.sleep(0.2)  # let it reach a core
-                busy = timed(case, args.rep_ms)
+                for impl, case in built:
+                    times[impl.label]["busy"].append(timed(case, args.rep_ms)["median_ms"])
             finally:
                 spinner.kill()
                 spinner.wait()
-            quiet_again = timed(case, args.rep_ms)
-            quiet_ms = min(quiet["median_ms"], quiet_again["median_ms"])
+        for impl, _ in built:
+            quiet, busy = times[impl.label]["quiet"], times[impl.label]["busy"]
             row = {"impl": impl.label, "N": n, "M": cases.columns_for("bcl", impl.backend, n, c),
-                   "d": d, "C": c, "quiet_ms": round(quiet_ms, 3),
-                   "quiet_runs_ms": [round(quiet["median_ms"], 3), round(quiet_again["median_ms"], 3)],
-                   "busy_ms": round(busy["median_ms"], 3),
-                   "slowdown": round(busy["median_ms"] / quiet_ms, 3)}
+                   "d": d, "C": c, "quiet_ms": round(statistics.median(quiet), 3),
+                   "busy_ms": round(statistics.median(busy), 3),
+                   "quiet_rounds_ms": [round(t, 3) for t in quiet],
+                   "busy_rounds_ms": [round(t, 3) for t in busy]}
+            row["slowdown"] = round(row["busy_ms"] / row["quiet_ms"], 3)
             rows.append(row)
             print(f"[busy-neighbour] {row}", flush=True)
     meta["loadavg_end"] = runner.loadavg()

@@ -309,3 +309,19 @@ def test_single_size_plots_grouped_bars(tmp_path, monkeypatch):
     runner.plot(rows + [_row("cpu", "fwd", 9.0, n=128)], str(tmp_path / "two.png"), "two sizes")
     assert drawn == ["_bars", "_bars", "_lines", "_lines"]
     assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_busy_neighbour_times_every_implementation_quiet_and_busy(tmp_path):
+    """bench/busy_neighbour.py end to end at a tiny size: each implementation has a quiet and a
+    busy time per round, and its slowdown is the ratio of their medians."""
+    import busy_neighbour
+
+    assert busy_neighbour.main(["--shapes", "64:16:4", "--backends", "reference", "cpu:tiled",
+                                "--rep-ms", "20", "--rounds", "2", "--out", str(tmp_path),
+                                "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "cpu-t.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference", "cpu:tiled"]
+    for r in rows:
+        assert len(r["quiet_rounds_ms"]) == len(r["busy_rounds_ms"]) == 2
+        assert all(t > 0 for t in r["quiet_rounds_ms"] + r["busy_rounds_ms"])
+        assert r["slowdown"] == pytest.approx(r["busy_ms"] / r["quiet_ms"], rel=1e-3)
