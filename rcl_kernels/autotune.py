@@ -8,9 +8,12 @@ As cuDNN's benchmark mode and Triton's autotuner do, one level up (algorithms an
   the untimed GPU variants need a passing self-test first; the Triton interpreter on the CPU is
   never timed). A verdict other than "pass" excludes a candidate, a timed one too.
 - **First call**: each eligible candidate runs forward (+ backward when gradients are needed) on
-  random inputs of the call's shape, once to warm up (compiles, autotunes), then is timed (wall
-  clock, the device synchronized); one far slower than the best so far is dropped after one call.
-  The winner goes to memory and to the on-disk cache.
+  random inputs of the call's shape, once to warm up (compiles, autotunes). Then the candidates
+  are timed in rounds, one call of each per round (wall clock, the device synchronized), so that
+  a slow spell of a shared machine falls on all of them alike: at least TIMED_ROUNDS rounds, more
+  while the rounds so far took under TIMING_BUDGET_S (a small shape gets many samples for little
+  time). One far slower than the best after the first round is not timed again. The lowest
+  median wins; it goes to memory and to the on-disk cache.
 - **Cache**: one JSON file per (torch, triton, build) under RCL_KERNELS_CACHE_DIR, else
   $XDG_CACHE_HOME/rcl_kernels, else ~/.cache/rcl_kernels; written to a temporary file and
   os.replace'd, merged with the file's current content under a file lock, so concurrent processes
@@ -21,9 +24,8 @@ As cuDNN's benchmark mode and Triton's autotuner do, one level up (algorithms an
 - **No timing** inside torch.compile tracing (there: the memory cache, else the static order) or
   CUDA-graph capture.
 - **Switch**: RCL_KERNELS_AUTOTUNE=0 (or set_enabled(False)) turns timing off; the lookups above
-  stay. The default is on: the first call of a key costs about 13 calls' time (a warm-up and up
-  to three timed calls per eligible candidate, three on the CPU), once per machine, as the disk
-  cache keeps it. Measured on a quiet 2-core AMD EPYC (AVX512), fp32, forward + backward: 0.15 s
+  stay. The default is on: the first call of a key costs a warm-up and at least three timed
+  calls per eligible candidate (three on the CPU), once per machine, as the disk cache keeps it. Measured on a quiet 2-core AMD EPYC (AVX512), fp32, forward + backward: 0.15 s
   at N = 256, d = 128; 0.78 s at BCL's shape (N = 512, M = 1,512, d = 1024); 12 s at N = 4,096,
   d = 1024 (bench/results/cpu-auto-check.json). A training run pays it once per shape bucket.
 """
@@ -53,9 +55,13 @@ TABLES = Path(__file__).with_name("tuning")
 # The reference materializes N x M matrices: above this estimate it is not timed (it was
 # measured slower than the fused candidates far below it on every machine so far).
 REFERENCE_TIMING_MAX_BYTES = 256 << 20
-# A candidate whose first timed call is this many times the best median so far is not repeated.
+# A candidate whose first timed call is this many times the best first call is not repeated.
 DROP_FACTOR = 3.0
-TIMED_CALLS = 3
+# Rounds of timed calls: at least TIMED_ROUNDS, then more while all rounds so far took less than
+# TIMING_BUDGET_S, up to MAX_ROUNDS.
+TIMED_ROUNDS = 3
+TIMING_BUDGET_S = 0.5
+MAX_ROUNDS = 15
 
 _enabled: bool | None = None  # set_enabled(); None: the environment decides
 _memory: dict[tuple, str] = {}  # local key (no device model) -> candidate name
@@ -283,9 +289,9 @@ def _no_timing_here(device: torch.device) -> str | None:
     return None
 
 
-def measure(candidate, problem, allow_tf32: bool, best_s: float | None = None) -> float:
-    """Seconds per call of `candidate` (forward, + backward when gradients are needed) on random
-    inputs of `problem`'s shape: the median of a few calls after one warm-up call."""
+def prepare(candidate, problem, allow_tf32: bool) -> Callable[[], None]:
+    """One call of `candidate` (forward, + backward when gradients are needed, the device
+    synchronized) on random inputs of `problem`'s shape."""
     from .functional import contrastive_loss
 
     n, m, d = problem.rows, problem.columns, problem.dim
@@ -310,34 +316,49 @@ def measure(candidate, problem, allow_tf32: bool, best_s: float | None = None) -
                 torch.autograd.grad(loss.sum(), features)
         sync()
 
-    call()  # compiles, Triton's own autotuning, first-touch allocations
-    times = []
-    for _ in range(TIMED_CALLS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-        if best_s is not None and times[0] > DROP_FACTOR * best_s:
-            break
-    return statistics.median(times)
+    return call
 
 
-def tune(problem, allow_tf32: bool, candidates: Iterable, measure_fn: Callable = measure
-         ) -> tuple[str, dict[str, float]]:
-    """Time `candidates` (in the order given) and return the fastest's name with every time in
-    milliseconds (a candidate that raised is reported and left out)."""
-    times: dict[str, float] = {}
+def _failed(candidate, error: Exception) -> None:
+    _warn_once(f"rcl_kernels: autotune: {candidate.name} failed to run "
+               f"({type(error).__name__}: {error}); not chosen")
+
+
+def tune(problem, allow_tf32: bool, candidates: Iterable, prepare_fn: Callable = prepare,
+         clock: Callable[[], float] = time.perf_counter) -> tuple[str, dict[str, float]]:
+    """Time `candidates` (the module docstring's rounds; each warmed up first, in the order given)
+    and return the fastest's name with every candidate's median in milliseconds (a candidate that
+    raised is reported and left out)."""
+    calls = {}
     for candidate in candidates:
         try:
-            seconds = measure_fn(candidate, problem, allow_tf32, min(times.values(), default=None))
+            call = prepare_fn(candidate, problem, allow_tf32)
+            call()  # compiles, Triton's own autotuning, first-touch allocations
         except Exception as error:  # noqa: BLE001 - a failing candidate is not chosen
-            _warn_once(f"rcl_kernels: autotune: {candidate.name} failed to run "
-                       f"({type(error).__name__}: {error}); not chosen")
+            _failed(candidate, error)
             continue
-        times[candidate.name] = seconds
-    if not times:
+        calls[candidate.name] = (candidate, call)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    started, rounds = clock(), 0
+    while calls and (rounds < TIMED_ROUNDS
+                     or (rounds < MAX_ROUNDS and clock() - started < TIMING_BUDGET_S)):
+        for name, (candidate, call) in list(calls.items()):
+            try:
+                start = clock()
+                call()
+                samples[name].append(clock() - start)
+            except Exception as error:  # noqa: BLE001
+                _failed(candidate, error)
+                del calls[name], samples[name]
+        rounds += 1
+        if rounds == 1 and samples:
+            first = min(times[0] for times in samples.values())
+            calls = {n: c for n, c in calls.items() if samples[n][0] <= DROP_FACTOR * first}
+    if not samples:
         raise RuntimeError("autotune: no candidate ran")
-    best = min(times, key=times.get)
-    return best, {name: round(s * 1e3, 4) for name, s in times.items()}
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    best = min(medians, key=medians.get)
+    return best, {name: round(s * 1e3, 4) for name, s in medians.items()}
 
 
 def timing_eligible(candidates: list, device: str, device_type: str) -> list:

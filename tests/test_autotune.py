@@ -26,6 +26,19 @@ def stand_ins(*names, timed_on=("cpu",)):
     return [Candidate("cpu", "tiled", n, kernels, timed_on=timed_on) for n in names]
 
 
+class FakeClock:
+    """A clock that only the stand-in calls advance (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 def tuning(tmp_path, monkeypatch):
     """A private cache dir, timing on, an empty memory cache; the injected timings per name."""
@@ -34,13 +47,13 @@ def tuning(tmp_path, monkeypatch):
     autotune.clear_memory()
     times = {}
     calls = []
+    clock = FakeClock()
 
-    def fake_measure(candidate, problem, allow_tf32, best_s=None):
+    def fake_prepare(candidate, problem, allow_tf32):
         calls.append(candidate.name)
-        return times[candidate.name]
+        return lambda: clock.advance(times[candidate.name])
 
-    monkeypatch.setattr(autotune, "measure", fake_measure)
-    monkeypatch.setattr(autotune.tune, "__defaults__", (fake_measure,))
+    monkeypatch.setattr(autotune.tune, "__defaults__", (fake_prepare, clock))
     yield times, calls
     autotune.set_enabled(None)
     autotune.clear_memory()
@@ -64,15 +77,53 @@ def test_tune_picks_the_fastest_of_stand_in_candidates(tuning):
 def test_a_candidate_that_raises_is_not_chosen(tuning, monkeypatch):
     times, _ = tuning
 
-    def measure(candidate, *args):
+    clock = FakeClock()
+
+    def prepare(candidate, *args):
         if candidate.name == "cpu:a":
             raise RuntimeError("out of memory")
-        return 0.5
+        return lambda: clock.advance(0.5)
 
     autotune._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="cpu:a failed to run"):
-        name, ms = autotune.tune(problem(), False, stand_ins("a", "b"), measure)
+        name, ms = autotune.tune(problem(), False, stand_ins("a", "b"), prepare, clock)
     assert name == "cpu:b" and ms == {"cpu:b": 500.0}
+
+
+def test_a_slow_spell_falls_on_every_candidate_alike():
+    """The candidates are timed in rounds, and a fast shape gets more rounds within the budget: a
+    slow spell of the machine during the first timed calls does not decide the choice (timed
+    one candidate after the other, "cpu:a" would take the whole spell and lose)."""
+    clock = FakeClock()
+    own = {"cpu:a": 0.010, "cpu:b": 0.011}
+    timed = []
+
+    def prepare(candidate, *args):
+        def call():
+            timed.append(candidate.name)
+            spell = 0.050 if 3 <= len(timed) <= 5 else 0.0  # after the two warm-up calls
+            clock.advance(own[candidate.name] + spell)
+        return call
+
+    name, ms = autotune.tune(problem(), False, stand_ins("a", "b"), prepare, clock)
+    assert name == "cpu:a" and ms == {"cpu:a": 10.0, "cpu:b": 11.0}
+    assert timed[:4] == ["cpu:a", "cpu:b", "cpu:a", "cpu:b"]  # warm-ups, then rounds
+    assert len(timed) > 2 + 2 * autotune.TIMED_ROUNDS
+
+
+def test_a_far_slower_candidate_is_not_timed_again():
+    clock = FakeClock()
+    timed = []
+
+    def prepare(candidate, *args):
+        def call():
+            timed.append(candidate.name)
+            clock.advance({"cpu:a": 0.010, "cpu:b": 0.100}[candidate.name])
+        return call
+
+    name, ms = autotune.tune(problem(), False, stand_ins("a", "b"), prepare, clock)
+    assert name == "cpu:a" and ms["cpu:b"] == 100.0
+    assert timed.count("cpu:b") == 2  # its warm-up and the first round
 
 
 def test_untimed_candidates_need_a_passing_self_test(tuning):
@@ -220,11 +271,13 @@ def test_shipped_table_is_used_without_a_cache_entry(tuning, monkeypatch, tmp_pa
         autotune.shipped_table.cache_clear()
 
 
-def test_measure_times_a_real_candidate():
-    """The real timing runs the loss of a candidate and returns seconds."""
-    candidate = backends.find_candidate("cpu:tiled")[1]
-    seconds = autotune.measure(candidate, problem(rows=64, columns=80, dim=16), False)
-    assert 0 < seconds < 10
+def test_tune_times_real_candidates():
+    """The real timing runs the loss of each candidate and returns milliseconds."""
+    candidates = [backends.find_candidate(n)[1] for n in ("cpu:tiled", "cpu:streaming")]
+    candidate = candidates[0]
+    name, ms = autotune.tune(problem(rows=64, columns=80, dim=16), False, candidates)
+    assert name in ms and set(ms) == {"cpu:tiled", "cpu:streaming"}
+    assert all(0 < t < 10_000 for t in ms.values())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dataclasses.replace(candidate)
