@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 #include <utility>
 
 namespace rcl_kernels::tiled {
@@ -78,17 +79,29 @@ template <typename Task>
 void for_each_panel(int64_t panel, int64_t extent, bool in_order, const Task& task) {
   const int64_t panels = panel > 0 ? (extent + panel - 1) / panel : 1;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  auto run = [&](int64_t i) { task(i * panel, std::min(panel, extent - i * panel)); };
   if (panels <= 1 || (threads > 1 && panels < 2 * threads) || (threads <= 1 && !in_order)) {
     task(0, extent);
   } else if (threads <= 1) {
-    for (int64_t i = 0; i < panels; ++i) run(i);
+    for (int64_t offset = 0; offset < extent; offset += panel) {
+      task(offset, std::min(panel, extent - offset));
+    }
   } else {
+    // The last `threads` panels' rows go in half panels: the phase ends with its last panel, so
+    // the threads that ran out of work wait for half a panel where they would wait for a whole.
+    std::vector<std::pair<int64_t, int64_t>> cuts;
+    const int64_t halves_from = std::max<int64_t>(0, extent - threads * panel);
+    for (int64_t offset = 0; offset < extent;) {
+      const int64_t size = std::min(offset < halves_from ? panel : std::max<int64_t>(1, panel / 2),
+                                    extent - offset);
+      cuts.emplace_back(offset, size);
+      offset += size;
+    }
+    const int64_t count = static_cast<int64_t>(cuts.size());
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       // Worker threads do not inherit the caller's dispatch state.
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t i = next++; i < panels; i = next++) run(i);
+      for (int64_t i = next++; i < count; i = next++) task(cuts[i].first, cuts[i].second);
     });
   }
 }
