@@ -86,10 +86,13 @@ void for_each_panel(int64_t panel, int64_t extent, bool in_order, const Task& ta
       task(offset, std::min(panel, extent - offset));
     }
   } else {
-    // The last `threads` panels' rows go in half panels: the phase ends with its last panel, so
-    // the threads that ran out of work wait for half a panel where they would wait for a whole.
+    // With four panels per thread or more, the last `threads` panels' rows go in half panels: the
+    // phase ends with its last panel, so the threads that ran out of work wait for half a panel
+    // where they would wait for a whole. (Fewer panels: half panels would be a large share of the
+    // rows, each repacking all of K.)
     std::vector<std::pair<int64_t, int64_t>> cuts;
-    const int64_t halves_from = std::max<int64_t>(0, extent - threads * panel);
+    const int64_t halves_from =
+        panels >= 4 * threads ? std::max<int64_t>(0, extent - threads * panel) : extent;
     for (int64_t offset = 0; offset < extent;) {
       const int64_t size = std::min(offset < halves_from ? panel : std::max<int64_t>(1, panel / 2),
                                     extent - offset);
