@@ -34,7 +34,7 @@ from ._validation import (
     refuse_jit_trace,
     warn_once_if_not_unit_norm,
 )
-from .backends import Problem, select_backend
+from .dispatch import Problem, select_backend
 from .distributed import gather_anchors
 
 
