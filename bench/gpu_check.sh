@@ -96,13 +96,13 @@ if ((DRY_RUN)); then
 import sys
 sys.path.insert(0, "bench")
 import bench_loss, cases
-from rcl_kernels import backends
+from rcl_kernels import dispatch
 args = bench_loss.parse_args(sys.argv[1:])
 shapes = bench_loss.grid(args, "cuda")
 for text in cases.split_list(args.backends):
     impl = cases.parse_impl(text)
     if impl.backend in cases.RK_BACKENDS and impl.backend != "auto":
-        backends.resolve(impl.backend + (f":{impl.algorithm}" if impl.algorithm else ""))
+        dispatch.resolve(impl.backend + (f":{impl.algorithm}" if impl.algorithm else ""))
 print(f"  ok: bench_loss {len(shapes)} shapes, {len(cases.split_list(args.backends))} implementations")
 EOF
         ;;

@@ -1,6 +1,6 @@
 """Time every autotune config of every Triton LSE kernel and variant, per shape and dtype.
 
-One GPU run shows which configs and which variants (rcl_kernels.triton_lse.VARIANTS) matter:
+One GPU run shows which configs and which variants (rcl_kernels.kernels.triton.variants.VARIANTS) matter:
 each kernel (forward, dz, dk, one_pass) runs alone with each config of its autotune list, then
 autotuned ("autotune" rows: the config the autotuner picks, over the same list). Kernels that
 several variants share (the backward ignores the forward-only flags) are timed once; their row
@@ -49,7 +49,7 @@ def parse_args(argv):
                         help="shapes to run (default: the GPU plan's)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
                         help="dtypes to run (default: the GPU plan's)")
-    parser.add_argument("--variants", nargs="+", help="presets of triton_lse.VARIANTS (default: all)")
+    parser.add_argument("--variants", nargs="+", help="presets of rcl_kernels.kernels.triton.variants.VARIANTS (default: all)")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
@@ -88,19 +88,19 @@ def make_inputs(shape: str, dtype_name: str, device):
     ), (torch.randn(n, generator=gen) / n).to(device)
 
 
-def kernel_call(T, kernel, inputs, grad, lse, allow_tf32, variant, config):
+def kernel_call(launch, kernel, inputs, grad, lse, allow_tf32, variant, config):
     """A zero-argument function that launches `kernel` (and only it) on the inputs."""
     if kernel == "forward":
-        return lambda: T._forward(**inputs, allow_tf32=allow_tf32, variant=variant, config=config)
-    b = T._Backward.of(grad, inputs["z"], inputs["k"], inputs["row_labels"],
-                       inputs["col_labels"], inputs["row_bias"], inputs["col_bias"], lse,
-                       inputs["self_offset"], inputs["scale"], allow_tf32, variant)
-    run = {"dz": T._dz_pass, "dk": T._dk_pass, "one_pass": T._one_pass}[kernel]
+        return lambda: launch.forward(**inputs, allow_tf32=allow_tf32, variant=variant, config=config)
+    b = launch.BackwardInputs.of(grad, inputs["z"], inputs["k"], inputs["row_labels"],
+                                 inputs["col_labels"], inputs["row_bias"], inputs["col_bias"], lse,
+                                 inputs["self_offset"], inputs["scale"], allow_tf32, variant)
+    run = {"dz": launch.dz_pass, "dk": launch.dk_pass, "one_pass": launch.one_pass}[kernel]
     return lambda: run(b, None, config)
 
 
-def config_label(T, config) -> str:
-    return "autotune" if config is None else T.config_label(config)
+def config_label(configs, config) -> str:
+    return "autotune" if config is None else configs.config_label(config)
 
 
 def time_call(fn, args, smoke) -> dict:
@@ -126,16 +126,18 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton_lse is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before rcl_kernels.kernels.triton is imported
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import runner  # bench/runner.py: the commit and device naming of every bench row
     import torch
     import triton
 
-    from rcl_kernels import triton_lse as T
+    from rcl_kernels.kernels import triton as backend
+    from rcl_kernels.kernels.triton import configs, launch
+    from rcl_kernels.kernels.triton.variants import VARIANTS, Variant
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    reason = T.unavailable_reason(device)
+    reason = backend.unavailable_reason(device)
     if reason is not None:
         raise SystemExit(f"triton_configs: the Triton kernels cannot run on {device}: {reason}")
     device_name = ("cpu (triton interpreter)" if args.smoke
@@ -149,21 +151,21 @@ def main(argv=None) -> int:
         allow_tf32 = DTYPES[dtype_name][1]
         inputs, grad = make_inputs(shape, dtype_name, device)
         # The backward's lse, from one config (no autotuning before the first timing).
-        lse = T._forward(**inputs, allow_tf32=allow_tf32,
-                         config=T.kernel_configs("forward", "default", d)[0])
-        builds = T.kernel_builds(args.variants or list(T.VARIANTS), d, inputs["z"].dtype,
+        lse = launch.forward(**inputs, allow_tf32=allow_tf32,
+                         config=configs.kernel_configs("forward", "default", d)[0])
+        builds = configs.kernel_builds(args.variants or list(VARIANTS), d, inputs["z"].dtype,
                                  allow_tf32, args.kernels, autotuned=True)
         for kernel, variants, config in builds:
             if time.monotonic() - start > args.budget_s:
                 skipped += 1
                 continue
-            variant = T.Variant.of(variants[0])
-            row = dict(kernel=kernel, variant=",".join(variants), config=config_label(T, config),
+            variant = Variant.of(variants[0])
+            row = dict(kernel=kernel, variant=",".join(variants), config=config_label(configs, config),
                        shape=shape, N=n, M=m, d=d, C=c, dtype=dtype_name,
-                       precision=T._input_precision(inputs["z"].dtype, allow_tf32, variant),
+                       precision=configs.input_precision(inputs["z"].dtype, allow_tf32, variant),
                        **common)
             try:
-                fn = kernel_call(T, kernel, inputs, grad, lse, allow_tf32, variant, config)
+                fn = kernel_call(launch, kernel, inputs, grad, lse, allow_tf32, variant, config)
                 row.update(time_call(fn, args, args.smoke))
             except Exception as error:  # e.g. a config that needs more shared memory than an SM
                 row.update(median_ms=None, error=f"{type(error).__name__}: {error}"[:300])

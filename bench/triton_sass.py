@@ -42,7 +42,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rcl_kernels import triton_lse as T  # noqa: E402
+from rcl_kernels.kernels.triton import configs, launch  # noqa: E402
+from rcl_kernels.kernels.triton.variants import VARIANTS, Variant  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {  # name -> (torch dtype, allow_tf32)
@@ -73,7 +74,7 @@ def pointer_type(param: str, dtype: torch.dtype, labels: str = "i64") -> str:
 def problem_values(kernel: str, n: int, m: int, d: int) -> dict:
     """The scalar arguments a launch at this size passes (one split: the large-N case)."""
     return dict(N=n, M=m, D=d, cols_per_split=m, rows_per_split=n, self_offset=0, scale=10.0,
-                stride_zm=d, stride_km=d, N_KEY=T._bucket(n), M_KEY=T._bucket(m))
+                stride_zm=d, stride_km=d, N_KEY=launch.bucket(n), M_KEY=launch.bucket(m))
 
 
 def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, config,
@@ -83,16 +84,16 @@ def compile_kernel(kernel: str, variant: str, dtype_name: str, shape: tuple, con
     Raises what triton.compile raises."""
     dtype, allow_tf32 = DTYPES[dtype_name]
     n, m, d = shape
-    fn = T._KERNELS[kernel][0]
+    fn = configs.KERNELS[kernel][0]
     values = problem_values(kernel, n, m, d)
     constexprs = dict(config.kwargs,
-                      INPUT_PRECISION=T._input_precision(dtype, allow_tf32, T.Variant.of(variant)),
-                      **T.variant_meta(kernel, variant, d))
+                      INPUT_PRECISION=configs.input_precision(dtype, allow_tf32, Variant.of(variant)),
+                      **configs.variant_meta(kernel, variant, d))
     if kernel == "forward":
         constexprs["WRITE_LSE"] = True
     elif kernel in ("dz", "dk"):
-        constexprs.update(T.chunk_meta(kernel, d, dtype, constexprs["INPUT_PRECISION"]))
-    for name, rule in T._HEURISTICS[kernel].items():  # D_PAD, EVEN_*: as the launch computes them
+        constexprs.update(configs.chunk_meta(kernel, d, dtype, constexprs["INPUT_PRECISION"]))
+    for name, rule in configs.HEURISTICS[kernel].items():  # D_PAD, EVEN_*: as the launch computes them
         constexprs[name] = rule({**values, **constexprs})
     signature, attrs = {}, {}
     for index, param in enumerate(fn.params):
@@ -122,10 +123,10 @@ def compile_one(job: dict) -> dict:
     """Compile one kernel/variant/dtype/config for sm_90; return its row of the report."""
     kernel, variant, dtype_name, shape_name = (job["kernel"], job["variant"], job["dtype"],
                                                job["shape"])
-    config = T.kernel_configs(kernel, variant, SHAPES[shape_name][2])[job["config"]]
+    config = configs.kernel_configs(kernel, variant, SHAPES[shape_name][2])[job["config"]]
     labels = job.get("labels", "i64")
     row = dict(kernel=kernel, variant=",".join(job["variants"]), dtype=dtype_name,
-               shape=shape_name, config=T.config_label(config), labels=labels)
+               shape=shape_name, config=configs.config_label(config), labels=labels)
     start = time.perf_counter()
     try:
         compiled, log = compile_kernel(kernel, variant, dtype_name, SHAPES[shape_name], config,
@@ -253,14 +254,14 @@ def tool(name: str) -> str:
 
 
 def plan(kernels, variants, dtypes, shapes, configs=None, labels="i64") -> list[dict]:
-    """One job per distinct compiled kernel (triton_lse.kernel_builds), named by every variant
+    """One job per distinct compiled kernel (configs.kernel_builds), named by every variant
     that runs it; `configs`: only these indices into each kernel's autotune list."""
     jobs = []
     for shape in shapes:
         for dtype in dtypes:
-            for kernel, names, config in T.kernel_builds(variants, SHAPES[shape][2],
+            for kernel, names, config in configs.kernel_builds(variants, SHAPES[shape][2],
                                                          *DTYPES[dtype], kernels):
-                index = T.kernel_configs(kernel, names[0], SHAPES[shape][2]).index(config)
+                index = configs.kernel_configs(kernel, names[0], SHAPES[shape][2]).index(config)
                 if configs is not None and index not in configs:
                     continue
                 jobs.append(dict(kernel=kernel, variant=names[0], variants=names, dtype=dtype,
@@ -284,11 +285,11 @@ def format_table(rows: list[dict]) -> str:
 def header() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "rcl_kernels/triton_lse.py"],
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "rcl_kernels/kernels/triton"],
                            capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     return (f"# triton {triton.__version__}, target sm_90 (compile only, no GPU), commit "
-            f"{commit}{' + uncommitted triton_lse.py' if dirty else ''}\n"
+            f"{commit}{' + uncommitted rcl_kernels/kernels/triton' if dirty else ''}\n"
             f"# ptx_wgmma / sass_hgmma: Hopper warpgroup MMA; sass_hmma: mma.sync; registers and "
             f"spills (bytes) from ptxas -v; shared_bytes from Triton's metadata\n")
 
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+",
                         default=["default", "exp2-lean", "forward-all", "one-pass",
                                  "one-pass-atomic", "3xtf32"],
-                        choices=sorted(T.VARIANTS))
+                        choices=sorted(VARIANTS))
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "tf32", "fp32"],
                         choices=sorted(DTYPES))
     parser.add_argument("--shapes", nargs="+", default=["bcl-n32768-d128", "inat-n512-d1024"],

@@ -16,11 +16,11 @@
 // half-precision gradients of opposite sign would cancel badly).
 //
 // One pair of ops per backend and algorithm, so that the backend object chosen in Python
-// (rcl_kernels/backends.py) names the kernel it runs and the dispatcher has nothing left to pick:
+// (rcl_kernels/dispatch.py) names the kernel it runs and the dispatcher has nothing left to pick:
 //   cpu_lse_*   the CPU streaming kernel (csrc/cpu/masked_lse_cpu.cpp);
 //   cuda_lse_*  the CUDA streaming kernels (csrc/cuda/), with the split counts of
-//               rcl_kernels/planner.py; allow_tf32 asks for TF32 tensor-core products on float32
-//               inputs (float32 matmul precision "high"/"medium");
+//               rcl_kernels/kernels/planner.py; allow_tf32 asks for TF32 tensor-core products
+//               on float32 inputs (float32 matmul precision "high"/"medium");
 //   cuda_mma_lse_* the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu): one kernel per pass, any d,
 //               one backward split count; fp32 without allow_tf32 runs 3xTF32 (untimed; the
 //               cuda backend's streaming variant "mma");
@@ -33,7 +33,7 @@
 //               Σ_i w_i·(lse_i − mean_{j∈Pos(i)} t_ij), i.e. G = scale·diag(w)·(P − Y) with
 //               Y_ij = [j ∈ Pos(i)] / |Pos(i)|: dz = G·K, dk = Gᵀ·Z.
 // The Triton pair (triton_lse_*) is a Python custom op with the arguments of cuda_lse_*, a
-// variant name in place of the split counts (rcl_kernels/_ops.py).
+// variant name in place of the split counts (rcl_kernels/kernels/triton/__init__.py).
 #include <Python.h>
 #include <torch/library.h>
 

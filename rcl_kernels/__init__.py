@@ -8,7 +8,7 @@ from ._version import __version__, build_info as _build_info, check_torch as _ch
 # Before the compiled kernels load: under another torch they fail with an undefined symbol.
 _check_torch(_torch.__version__, _build_info())
 
-from .backends import available_backends  # noqa: E402
+from .dispatch import available_backends  # noqa: E402
 from .functional import (  # noqa: E402
     bcl_loss,
     contrastive_loss,

@@ -20,7 +20,7 @@ As cuDNN's benchmark mode and Triton's autotuner do, one level up (algorithms an
   keep each other's entries. A corrupt file is ignored with a warning (and rewritten).
 - **Lookups before timing**, in order: the memory cache, the disk cache, the shipped table of this
   device model (rcl_kernels/tuning/<model>.json, written by bench/gpu_check.sh); the static order
-  (backends.static_order) when none has an entry and timing is off or not allowed here.
+  (dispatch.static_order) when none has an entry and timing is off or not allowed here.
 - **No timing** inside torch.compile tracing (there: the memory cache, else the static order) or
   CUDA-graph capture.
 - **Switch**: RCL_KERNELS_AUTOTUNE=0 (or set_enabled(False)) turns timing off; the lookups above
@@ -408,7 +408,7 @@ def choose(problem, allow_tf32: bool, eligible: list, order: list[str]):
 
 
 def _tune_and_store(problem, allow_tf32, eligible, order, device, key) -> str | None:
-    from .backends import reference_bytes
+    from .dispatch import reference_bytes
 
     small = reference_bytes(problem.rows, problem.columns, problem.dtype) <= REFERENCE_TIMING_MAX_BYTES
     timed = [c for c in timing_eligible(eligible, device, problem.device.type) if c.fused or small]
@@ -430,7 +430,7 @@ def write_table(path: str, shapes: list[tuple[int, int, int]], dtypes: list[torc
                 device: torch.device, grads=(True,), reduction: str = "mean") -> dict:
     """Tune every (N, d, C) shape (M = N + C) and dtype on `device` (fp32 at the current matmul
     precision) and write the choices to `path` in the shipped tables' format; returns them."""
-    from .backends import Problem, choose_auto
+    from .dispatch import Problem, choose_auto
 
     previous = _enabled
     set_enabled(True)

@@ -34,11 +34,11 @@ from ._validation import (
     refuse_jit_trace,
     warn_once_if_not_unit_norm,
 )
-from .backends import Problem, select_backend
+from .dispatch import Problem, select_backend
 from .distributed import gather_anchors
 
 
-def _classes(num_classes, prototypes, tables, all_labels):
+def _class_count_and_column_labels(num_classes, prototypes, tables, all_labels):
     """(C, column labels of the anchors) from num_classes, the prototypes or a per-class table,
     all of which must agree. Without any of them C is read from the labels (eager only: it waits
     for their values), and the labels are renumbered 0..C-1 over the classes present, so that a
@@ -78,15 +78,15 @@ def _autocast_disabled(device_type: str):
     return contextlib.nullcontext()
 
 
-def _backend_loss(impl, algorithm, anchors, anchor_labels, columns, column_labels, *, self_offset,
+def _backend_loss(candidate, algorithm, anchors, anchor_labels, columns, column_labels, *, self_offset,
                   num_classes, scale, logit_bias, margins, class_averaging, allow_tf32, reduction):
-    """The reduced loss from `impl`'s kernels (fused) or the N x M reference formula, in the
+    """The reduced loss from `candidate`'s kernels (fused) or the N x M reference formula, in the
     accumulation dtype."""
-    if impl.fused:
+    if candidate.fused:
         tables = fused.class_tables(anchor_labels, column_labels, logit_bias, margins, num_classes,
                                     class_averaging, accumulation_dtype(anchors.dtype), anchors.device)
         loss = fused.loss(
-            impl.kernels[algorithm], anchors, anchor_labels,
+            candidate.kernels[algorithm], anchors, anchor_labels,
             None if columns is anchors else columns.contiguous(), column_labels,
             self_offset=self_offset, num_classes=num_classes, scale=scale, tables=tables,
             allow_tf32=allow_tf32, reduction=reduction,
@@ -209,7 +209,7 @@ def contrastive_loss(
     # rounded once), which a later copy of the anchors alone would break.
     anchors = anchors.contiguous()
     all_anchors, all_labels, self_offset = gather_anchors(anchors, anchor_labels, process_group)
-    num_classes, all_labels = _classes(
+    num_classes, all_labels = _class_count_and_column_labels(
         num_classes, prototypes, {"logit_bias": logit_bias, "margins": margins}, all_labels
     )
     check_label_range(all_labels, num_classes)
@@ -220,8 +220,8 @@ def contrastive_loss(
     needs_grad = torch.is_grad_enabled() and (anchors.requires_grad or columns.requires_grad)
     problem = Problem(anchors.device, anchors.dtype, anchors.shape[0], columns.shape[0],
                       anchors.shape[1], reduction, needs_grad)
-    impl, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
-    label_dtype = impl.kernels[algorithm].label_dtype if impl.fused else torch.int64
+    candidate, algorithm = select_backend(backend, algorithm, problem, allow_tf32)
+    label_dtype = candidate.kernels[algorithm].label_dtype if candidate.fused else torch.int64
     column_labels = _column_labels(all_labels, num_classes if prototypes is not None else 0,
                                    label_dtype)
     # The columns start with the gathered anchors: the anchors' labels are a view.
@@ -230,7 +230,7 @@ def contrastive_loss(
     # reference's matmul would otherwise be autocast and the kernels would not).
     with _autocast_disabled(anchors.device.type):
         loss = _backend_loss(
-            impl, algorithm, anchors, anchor_labels, columns, column_labels,
+            candidate, algorithm, anchors, anchor_labels, columns, column_labels,
             self_offset=self_offset, num_classes=num_classes, scale=scale,
             logit_bias=logit_bias, margins=margins, class_averaging=class_averaging,
             allow_tf32=allow_tf32, reduction=reduction,

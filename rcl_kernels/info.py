@@ -17,9 +17,10 @@ import sys
 
 import torch
 
-from . import _ops, autotune
+from . import autotune
+from .kernels import contract
 from ._version import __version__, build_info
-from .backends import BACKENDS, Problem, all_candidates
+from .dispatch import BACKENDS, Problem, all_candidates
 
 _OPS = ("cpu_lse", "tiled_lse", "cuda_lse", "cuda_mma_lse")
 
@@ -56,12 +57,12 @@ def sections() -> list[tuple[str, list[tuple[str, str]]]]:
     ]))
     info = build_info() or {}
     compiled = []
-    if _ops.EXTENSION_ERROR is None:
+    if contract.EXTENSION_ERROR is None:
         for op in _OPS:
-            keys = [k for k in ("CPU", "CUDA") if _ops.compiled_kernel_for(f"{op}_forward", k)]
+            keys = [k for k in ("CPU", "CUDA") if contract.compiled_kernel_for(f"{op}_forward", k)]
             compiled.append((f"{op}_*", "/".join(keys) or "schema only (no kernel compiled)"))
     else:
-        compiled.append(("rcl_kernels._C", _ops.EXTENSION_ERROR))
+        compiled.append(("rcl_kernels._C", contract.EXTENSION_ERROR))
     out.append(("build", [
         ("built against torch", str(info.get("torch", "unknown (no build record)"))),
         ("CUDA kernels", str(info.get("cuda_kernels", "unknown"))),

@@ -14,7 +14,7 @@ candidate passed, 1 otherwise, 2 on a usage error.
 The reference is the oracle and is not tested against itself. The Triton kernels on the CPU run
 only through Triton's interpreter (a debugging mode, minutes per candidate): --interpreted adds
 them. --plugin FILE runs a Python file first, in this process and in each child (it may register
-extra candidates with rcl_kernels.backends.register_candidate; the tests' deliberately wrong
+extra candidates with rcl_kernels.dispatch.register_candidate; the tests' deliberately wrong
 candidate comes this way).
 """
 
@@ -134,7 +134,7 @@ def _run(case: Case, inputs: dict, backend: str, dtype: torch.dtype, device: str
 def check_candidate(name: str, device: str, cases=None, seed: int | None = None) -> dict:
     """Run the grid on one candidate; {"verdict": "pass"|"fail", "cases": n, "failures": [...],
     "worst": ratio of error to allowed}."""
-    from .backends import Problem, find_candidate
+    from .dispatch import Problem, find_candidate
 
     backend, candidate = find_candidate(name)
     if cases is None:
@@ -192,7 +192,7 @@ def check_candidate(name: str, device: str, cases=None, seed: int | None = None)
 # --------------------------------------------------------------------------------------------------
 def candidates_to_test(device: str, interpreted: bool = False) -> tuple[list[str], dict[str, str]]:
     """(names to test on `device`, name -> why not for the others)."""
-    from .backends import Problem, all_candidates
+    from .dispatch import Problem, all_candidates
 
     names, skipped = [], {}
     for backend, candidate in all_candidates():
@@ -200,7 +200,7 @@ def candidates_to_test(device: str, interpreted: bool = False) -> tuple[list[str
             continue
         dtype = torch.float32 if torch.float32 in backend.dtypes else backend.dtypes[0]
         problem = Problem(torch.device(device), dtype, 8, 8, 16)
-        reasons = backend._device_reasons(problem) + [
+        reasons = backend.device_reasons(problem) + [
             r for r in backend.candidate_reasons(problem, candidate) if "feature dims" not in r]
         if reasons:
             skipped[candidate.name] = "; ".join(reasons)
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         return 0
 
     from . import autotune
-    from .backends import candidate_names
+    from .dispatch import candidate_names
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

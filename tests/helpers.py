@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rcl_kernels.backends import BACKENDS
+from rcl_kernels.dispatch import BACKENDS
 from rcl_kernels.selftest import FLOORS, relative_error, rule_check  # noqa: F401 (tests import them)
 
 

@@ -5,8 +5,9 @@ log-sum-exp 0.1% too large, cpu:crashing kills its process, cpu:hanging never re
 import os
 import time
 
-from rcl_kernels._kernel_calls import TILED, Kernels
-from rcl_kernels.backends import Candidate, register_candidate
+from rcl_kernels.dispatch import Candidate, register_candidate
+from rcl_kernels.kernels.contract import Kernels
+from rcl_kernels.kernels.tiled import TILED
 
 
 def _perturbed_forward(*args):

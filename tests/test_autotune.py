@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import rcl_kernels as rk
-from rcl_kernels import autotune, backends
-from rcl_kernels.backends import Candidate, Problem
+from rcl_kernels import autotune, dispatch
+from rcl_kernels.dispatch import Candidate, Problem
 
 
 def problem(rows=600, columns=1600, dim=128, dtype=torch.float32):
@@ -22,7 +22,7 @@ def problem(rows=600, columns=1600, dim=128, dtype=torch.float32):
 
 
 def stand_ins(*names, timed_on=("cpu",)):
-    kernels = backends.BACKENDS["cpu"].kernels["tiled"]
+    kernels = dispatch.BACKENDS["cpu"].kernels["tiled"]
     return [Candidate("cpu", "tiled", n, kernels, timed_on=timed_on) for n in names]
 
 
@@ -273,7 +273,7 @@ def test_shipped_table_is_used_without_a_cache_entry(tuning, monkeypatch, tmp_pa
 
 def test_tune_times_real_candidates():
     """The real timing runs the loss of each candidate and returns milliseconds."""
-    candidates = [backends.find_candidate(n)[1] for n in ("cpu:tiled", "cpu:streaming")]
+    candidates = [dispatch.find_candidate(n)[1] for n in ("cpu:tiled", "cpu:streaming")]
     candidate = candidates[0]
     name, ms = autotune.tune(problem(rows=64, columns=80, dim=16), False, candidates)
     assert name in ms and set(ms) == {"cpu:tiled", "cpu:streaming"}

@@ -13,7 +13,7 @@ a small floor. Inputs are fresh every run (the seed is printed; RCL_TEST_SEED=<s
 the CUDA caching allocator is filled with NaN before each kernel call so that an output element
 the kernels forget to write shows up as NaN.
 
-The split counts are the caller's (rcl_kernels/planner.py in the library); here they are explicit:
+The split counts are the caller's (rcl_kernels/kernels/planner.py in the library); here they are explicit:
 one, several, and more than there are tiles (the kernels clamp them).
 
 Every test is marked `gpu` and skips without a CUDA device or without the CUDA kernels compiled

@@ -61,7 +61,8 @@ def test_the_loss_passes_int32_labels_to_the_triton_ops_only(monkeypatch, protot
     """The Triton ops compare labels in the dtype they get: the loss narrows the validated labels
     to int32 once per forward for them (the backward gets the saved ones), and keeps int64 for
     every other op (the C++ ops take int64 only). The loss does not change."""
-    from rcl_kernels import _kernel_calls, triton_lse
+    from rcl_kernels.kernels import cpu, cuda, tiled
+    from rcl_kernels.kernels.triton import launch
 
     seen = []
 
@@ -72,8 +73,8 @@ def test_the_loss_passes_int32_labels_to_the_triton_ops_only(monkeypatch, protot
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(triton_lse, "lse_forward", recording("forward", triton_lse.lse_forward))
-    monkeypatch.setattr(triton_lse, "lse_backward", recording("backward", triton_lse.lse_backward))
+    monkeypatch.setattr(launch, "lse_forward", recording("forward", launch.lse_forward))
+    monkeypatch.setattr(launch, "lse_backward", recording("backward", launch.lse_backward))
     gen = fresh_generator()
     labels = draw_labels("uniform", 12, 3, gen)
     features = random_features((12, 2, 16), gen).float().requires_grad_()
@@ -85,6 +86,6 @@ def test_the_loss_passes_int32_labels_to_the_triton_ops_only(monkeypatch, protot
                     ("backward", torch.int32, torch.int32)], seen
     expected = rk.contrastive_loss(features.detach(), labels, centers, backend="cpu", **kwargs)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert _kernel_calls.CPU_STREAMING.label_dtype == torch.int64
-    assert _kernel_calls.TILED.label_dtype == torch.int64
-    assert all(k.label_dtype == torch.int64 for k in _kernel_calls.CUDA_STREAMING.values())
+    assert cpu.STREAMING.label_dtype == torch.int64
+    assert tiled.TILED.label_dtype == torch.int64
+    assert all(k.label_dtype == torch.int64 for k in cuda.VARIANTS.values())

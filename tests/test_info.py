@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from rcl_kernels import backends
+from rcl_kernels import dispatch
 
 
 def test_info_runs_and_lists_every_candidate():
@@ -16,7 +16,7 @@ def test_info_runs_and_lists_every_candidate():
     text = out.stdout
     for section in ("versions:", "build:", "devices:", "candidates:", "tuning:"):
         assert section in text
-    for name in backends.candidate_names():
+    for name in dispatch.candidate_names():
         assert f"  {name} " in text, name
     assert "CPU ISA in use" in text and "cache file" in text
     assert "triton:one-pass-atomic" in text and "NOT deterministic" in text

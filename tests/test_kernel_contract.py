@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from rcl_kernels import backends
+from rcl_kernels import dispatch
 
 
 def _cpu_candidates():
     out = []
-    for backend, candidate in backends.all_candidates():
+    for backend, candidate in dispatch.all_candidates():
         if not candidate.fused or "cpu" not in backend.device_types:
             continue
         if backend.unavailable_reason(torch.device("cpu")) is not None:

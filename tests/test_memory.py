@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rcl_kernels import fused
-from rcl_kernels._kernel_calls import Kernels
+from rcl_kernels.kernels.contract import Kernels
 
 MiB = 2**20
 

@@ -42,7 +42,7 @@ def test_version_is_single_sourced():
 
 def test_import_refuses_another_torch_minor():
     check_torch("2.13.1", {"torch": "2.13.0+cpu"})  # same major.minor: fine
-    check_torch("2.13.0", None)  # a source tree never built: _ops says what is missing
+    check_torch("2.13.0", None)  # a source tree never built: kernels.contract says what is missing
     with pytest.raises(ImportError, match=r"built against torch 2\.12\.0, but torch 2\.13\.0 is "
                                           r"installed.*--no-build-isolation"):
         check_torch("2.13.0", {"torch": "2.12.0"})

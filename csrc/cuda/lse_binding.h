@@ -66,7 +66,7 @@ inline void check_grad_lse(const char* op, const at::Tensor& grad_lse, const at:
 
 inline void check_splits(const char* op, const char* name, int64_t splits) {
   TORCH_CHECK(splits >= 1, op, ": ", name, " must be >= 1 (a split count from "
-              "rcl_kernels/planner.py), got ", splits);
+              "rcl_kernels/kernels/planner.py), got ", splits);
 }
 
 // The tensors a problem points into; kept alive (contiguous copies) while the kernels are queued.

@@ -1,7 +1,7 @@
 // CUDA kernels of rcl_kernels::cuda_lse_forward / cuda_lse_backward (schemas and math in
 // csrc/ops.cpp). This file validates, allocates outputs and workspaces on the current stream's
 // caching allocator, and calls the plain launchers of masked_lse_kernels.cu with the split counts
-// it is given (rcl_kernels/planner.py plans them).
+// it is given (rcl_kernels/kernels/planner.py plans them).
 #include <cstdint>
 #include <tuple>
 

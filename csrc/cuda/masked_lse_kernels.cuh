@@ -38,7 +38,7 @@ struct LseProblem {
   bool allow_tf32 = false;  // float32 only: TF32 tensor cores instead of fp32 FMA
 };
 
-// How the work is split. The split counts come from the caller (rcl_kernels/planner.py, shared
+// How the work is split. The split counts come from the caller (rcl_kernels/kernels/planner.py, shared
 // with the Triton kernels); a plan only clamps them and sizes the workspaces, which the caller
 // allocates (bytes, may be 0) before launching.
 struct Split {

@@ -2,7 +2,7 @@
 // and math in csrc/ops.cpp, kernels in mma_lse_kernels.cu). Validates every argument (TORCH_CHECK
 // naming it) before the first CUDA call, then the device (compute capability, shared memory),
 // allocates outputs and workspaces on the current stream's caching allocator and calls the plain
-// launchers with the caller's split counts (rcl_kernels/planner.py plans them).
+// launchers with the caller's split counts (rcl_kernels/kernels/planner.py plans them).
 //
 //   cuda_mma_lse_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
 //                        allow_tf32, col_splits) -> lse

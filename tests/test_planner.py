@@ -1,10 +1,10 @@
-"""Row blocks of the tiled algorithm (rcl_kernels.planner.tiled_block_rows)."""
+"""Row blocks of the tiled algorithm (rcl_kernels.kernels.planner.tiled_block_rows)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rcl_kernels import planner
+from rcl_kernels.kernels import planner
 
 CPU = dict(acc_bytes=4, operand_bytes=4)  # the CPU runs its GEMMs in the accumulation dtype
 

@@ -1,4 +1,4 @@
-"""Kernel-level tests of rcl_kernels.triton_lse against a dense float64 formula of the op.
+"""Kernel-level tests of rcl_kernels.kernels.triton against a dense float64 formula of the op.
 
 Tolerance (DESIGN §4): the kernel's relative-norm error against float64 must be at most twice the
 error of the same dense formula evaluated in the input dtype, plus a small floor. On a machine
@@ -21,10 +21,13 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from rcl_kernels import triton_lse as T  # noqa: E402
+from rcl_kernels.kernels import planner  # noqa: E402
+from rcl_kernels.kernels import triton as backend  # noqa: E402
+from rcl_kernels.kernels.triton import configs, jit_helpers, launch  # noqa: E402
+from rcl_kernels.kernels.triton.variants import VARIANTS, Variant  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-_REASON = T.unavailable_reason(DEVICE)
+_REASON = backend.unavailable_reason(DEVICE)
 if _REASON is not None:
     pytest.skip(f"Triton kernels unavailable on {DEVICE}: {_REASON}", allow_module_level=True)
 
@@ -129,7 +132,7 @@ def poison_outputs(monkeypatch):
     def alloc(shape, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(T, "_alloc", alloc)
+    monkeypatch.setattr(launch, "_alloc", alloc)
 
 
 def make_inputs(n, m, d, dtype, *, num_classes=4, self_offset=0, with_prototypes=False,
@@ -172,12 +175,12 @@ def make_inputs(n, m, d, dtype, *, num_classes=4, self_offset=0, with_prototypes
 def run_kernels(inp, g, allow_tf32, variant="default", **split):
     """Kernels of a variant with optional private overrides: split counts and explicit
     triton.Configs."""
-    variant = T.Variant.of(variant)
+    variant = Variant.of(variant)
     fwd_split = {key: split[key] for key in ("num_splits", "config") if key in split}
-    lse = T._forward(**inp, allow_tf32=allow_tf32, variant=variant, **fwd_split)
+    lse = launch.forward(**inp, allow_tf32=allow_tf32, variant=variant, **fwd_split)
     bwd_keys = ("dz_splits", "dk_splits", "dz_config", "dk_config", "one_pass_config")
     bwd_split = {key: split[key] for key in bwd_keys if key in split}
-    dz, dk = T._backward(g, inp["z"], inp["k"], inp["row_labels"], inp["col_labels"],
+    dz, dk = launch.backward(g, inp["z"], inp["k"], inp["row_labels"], inp["col_labels"],
                          inp["row_bias"], inp["col_bias"], lse, inp["self_offset"], inp["scale"],
                          allow_tf32, variant, **bwd_split)
     return lse, dz, dk
@@ -252,7 +255,7 @@ def test_forward_backward_vs_float64(n, m, d, self_offset, protos, dtype, allow_
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("variant", [*VARIANT_IDS, T.Variant(exp2=True, group_m=2)],
+@pytest.mark.parametrize("variant", [*VARIANT_IDS, Variant(exp2=True, group_m=2)],
                          ids=[*VARIANT_IDS, "grouped-2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_explicit_splits(dtype, variant):
@@ -300,7 +303,7 @@ def test_nan_propagates(where, variant):
         expect[bad] = False
         assert torch.equal(torch.isnan(lse), expect)
     # Split merge must keep NaN too.
-    lse_split = T._forward(**inp, allow_tf32=False, variant=T.Variant.of(variant),
+    lse_split = launch.forward(**inp, allow_tf32=False, variant=Variant.of(variant),
                            num_splits=3).cpu()
     assert torch.equal(torch.isnan(lse_split), torch.isnan(lse))
 
@@ -346,7 +349,7 @@ def test_int32_labels_give_the_int64_results(n, m, d, variant):
 def test_triton_ops_take_int32_labels():
     """The Triton ops take int32 labels as well as int64 ones (row and column labels of one
     dtype); the other ops keep the int64 contract."""
-    from rcl_kernels import _ops
+    from rcl_kernels.kernels import contract
 
     inp, g = make_inputs(17, 30, 20, torch.float32, self_offset=2)
     args = (inp["z"], inp["k"], inp["row_labels"].int(), inp["col_labels"].int(),
@@ -362,7 +365,7 @@ def test_triton_ops_take_int32_labels():
     with pytest.raises(RuntimeError, match="col_labels must be torch.int32"):
         ops.triton_lse_forward(*mixed, *options)
     with pytest.raises(RuntimeError, match="row_labels must be torch.int64"):
-        _ops.check_lse_args(*args)
+        contract.check_lse_args(*args)
 
 
 @pytest.mark.triton_interpret
@@ -383,12 +386,12 @@ def test_one_pass_tickets_and_turns(monkeypatch):
     counters for every launch; both launches match the float64 formula."""
     n, m = 40, 70
     made = []
-    make = T._one_pass_sems
-    monkeypatch.setattr(T, "_one_pass_sems", lambda *a: made.append(make(*a)) or made[-1])
+    make = launch._one_pass_sems
+    monkeypatch.setattr(launch, "_one_pass_sems", lambda *a: made.append(make(*a)) or made[-1])
     inp, g = make_inputs(n, m, 33, torch.bfloat16, self_offset=2)
     for _ in range(2):
         check_against_oracle(inp, g, torch.bfloat16, False, "one-pass", dk_splits=2)
-    bm, bn = T._INTERP_ONE_PASS["BLOCK_M"], T._INTERP_ONE_PASS["BLOCK_N"]
+    bm, bn = configs._INTERP_ONE_PASS["BLOCK_M"], configs._INTERP_ONE_PASS["BLOCK_N"]
     col_blocks, row_blocks, splits = -(-m // bn), -(-n // bm), 2
     expected = [col_blocks * splits] + [col_blocks] * row_blocks
     assert len(made) == 2 and made[0] is not made[1]
@@ -408,7 +411,7 @@ def test_tiny_grad_fp16_does_not_underflow():
 def _round_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    tl.store(out_ptr + offs, T._round_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+    tl.store(out_ptr + offs, jit_helpers._round_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
 
 
 def tf32_rounding_cases():
@@ -472,7 +475,7 @@ def test_tf32_products_round_to_nearest():
     biased the loss by 4e-5 on the H100). The kernels' lse must match the float64 formula on
     the rounded inputs to fp32 accuracy: unrounded or truncated operands miss it by ~1e-4."""
     inp, g = make_inputs(40, 70, 96, torch.float32, self_offset=1)
-    lse = T._forward(**inp, allow_tf32=True).cpu().double()
+    lse = launch.forward(**inp, allow_tf32=True).cpu().double()
     rounded = dict(inp, z=round_tf32(inp["z"]), k=round_tf32(inp["k"]))
     ref = dense_op(**{key: v.cpu() if isinstance(v, torch.Tensor) else v
                       for key, v in rounded.items()}, g=g.cpu(), dtype=torch.float64)[0]
@@ -487,7 +490,7 @@ def test_3xtf32_is_as_accurate_as_fp32():
     are ~1000x worse for the gradients. Under the interpreter the products of TF32 parts are
     exact, as on tensor cores, so this checks the split itself (with the forward flags too; the
     oracle tests run the 3xtf32 preset); the GPU timing is owed."""
-    variant = T.Variant(fp32_highest="tf32x3", exp2=True, lean_masks=True, resident_z=True)
+    variant = Variant(fp32_highest="tf32x3", exp2=True, lean_masks=True, resident_z=True)
     inp, g = make_inputs(32, 64, 96, torch.float32, self_offset=1)
     ref64 = dense_op(**inp, g=g, dtype=torch.float64)
     fp32 = dense_op(**inp, g=g, dtype=torch.float32)
@@ -514,8 +517,8 @@ def test_oracle_gradient_matches_autograd():
 
 @triton.jit
 def _offsets_kernel(out_ptr, row, stride, split, rows, width):
-    tl.store(out_ptr, T._row_offset(row, stride))
-    tl.store(out_ptr + 1, T._split_offset(split, rows, row, width))
+    tl.store(out_ptr, jit_helpers._row_offset(row, stride))
+    tl.store(out_ptr + 1, jit_helpers._split_offset(split, rows, row, width))
 
 
 @pytest.mark.triton_interpret
@@ -533,35 +536,35 @@ def test_offsets_are_64_bit():
 def test_split_workspace_stays_in_budget(monkeypatch):
     """Every split count comes from the planner, and the partials of a split reduction fit its
     workspace budget, also where their byte count overflows 32 bits (N = 2^21, d = 1024)."""
-    monkeypatch.setattr(T.planner, "INTERPRETER_SM_COUNT", 132)  # an H100's worth of programs
-    budget = T.planner.WORKSPACE_BUDGET_BYTES
+    monkeypatch.setattr(planner, "INTERPRETER_SM_COUNT", 132)  # an H100's worth of programs
+    budget = planner.WORKSPACE_BUDGET_BYTES
     cpu = torch.device("cpu")
     # BCL on iNaturalist (N = 512, M = 8654, d = 1024): few row blocks, so dz splits the columns.
-    per, count = T._splits("dz", 8, 8654, 4 * 512 * 1024, cpu)
+    per, count = launch.split_layout("dz", 8, 8654, 4 * 512 * 1024, cpu)
     assert count > 1 and count * 4 * 512 * 1024 <= budget and per * count >= 8654
     # N = 2^21 rows and few columns: dk would split the rows, but one [M, d] partial per split
     # of M = 2^20 columns is 4 GiB (2^32 bytes): the budget allows a single split.
-    assert T._splits("dk", 1, 2**21, 4 * 2**20 * 1024, cpu)[1] == 1
+    assert launch.split_layout("dk", 1, 2**21, 4 * 2**20 * 1024, cpu)[1] == 1
     # The forward's partials (max and sum per row) are small: the planner's own cap applies.
-    assert T._splits("forward", 8, 8654, 8 * 512, cpu)[1] > 1
+    assert launch.split_layout("forward", 8, 8654, 8 * 512, cpu)[1] > 1
 
 
 @pytest.mark.triton_interpret
 def test_kernel_partials_stay_in_budget(monkeypatch):
     """The buffers the kernels allocate for split partials never exceed the workspace budget."""
-    monkeypatch.setattr(T.planner, "INTERPRETER_SM_COUNT", 64)
+    monkeypatch.setattr(planner, "INTERPRETER_SM_COUNT", 64)
     budget = 40 * 48 * 4 * 3  # three [40, 48] fp32 dz partials
-    monkeypatch.setattr(T.planner, "WORKSPACE_BUDGET_BYTES", budget)
+    monkeypatch.setattr(planner, "WORKSPACE_BUDGET_BYTES", budget)
     shapes = []
-    alloc = T._alloc
+    alloc = launch._alloc
 
     def spy(shape, device, dtype):
         shapes.append(tuple(shape))
         return alloc(shape, device, dtype)
 
-    monkeypatch.setattr(T, "_alloc", spy)
+    monkeypatch.setattr(launch, "_alloc", spy)
     # Enough columns for several splits of at least MIN_TILES_PER_SPLIT split-aligned tiles.
-    inp, g = make_inputs(40, 16 * T._SPLIT_ALIGN + 5, 48, torch.float32)
+    inp, g = make_inputs(40, 16 * launch._SPLIT_ALIGN + 5, 48, torch.float32)
     check_against_oracle(inp, g, torch.float32, False)
     # [splits, rows, d] buffers with more than one split hold partials (one split: the output).
     partials = [shape for shape in shapes if len(shape) == 3 and shape[0] > 1]
@@ -570,26 +573,26 @@ def test_kernel_partials_stay_in_budget(monkeypatch):
 
 
 def test_unavailable_reason():
-    assert T.unavailable_reason(DEVICE) is None
+    assert backend.unavailable_reason(DEVICE) is None
     if not HAS_CUDA:
-        assert isinstance(T.unavailable_reason(torch.device("cuda")), str)
-    assert isinstance(T.unavailable_reason(torch.device("meta")), str)
+        assert isinstance(backend.unavailable_reason(torch.device("cuda")), str)
+    assert isinstance(backend.unavailable_reason(torch.device("meta")), str)
 
 
 def test_unavailable_reason_interpret_set_after_import(monkeypatch):
     """Kernels built compiled refuse CPU tensors, and say why when TRITON_INTERPRET was set too
     late (available_backends() claimed triton then)."""
-    monkeypatch.setattr(T, "INTERPRETED", False)
+    monkeypatch.setattr(backend, "INTERPRETED", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "after" in T.unavailable_reason(torch.device("cpu"))
+    assert "after" in backend.unavailable_reason(torch.device("cpu"))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "not set" in T.unavailable_reason(torch.device("cpu"))
+    assert "not set" in backend.unavailable_reason(torch.device("cpu"))
 
 
 @pytest.mark.triton_interpret
 def test_empty_inputs():
     inp, g = make_inputs(4, 6, 8, torch.float32)
-    lse = T.lse_forward(**dict(inp, k=inp["k"][:0], col_labels=inp["col_labels"][:0],
+    lse = launch.lse_forward(**dict(inp, k=inp["k"][:0], col_labels=inp["col_labels"][:0],
                                       col_bias=inp["col_bias"][:0]), allow_tf32=False)
     assert torch.all(lse.cpu() == NEG_INF)
 
@@ -633,16 +636,16 @@ def test_every_config(variant):
 
     bf16 only, to bound compile time; the other dtypes run the first config elsewhere."""
     d = 300 if HAS_CUDA and variant != "one-pass" else 130
-    kernels = ("forward", *T.backward_kernels(variant, d, torch.bfloat16))
-    configs = {name: T.kernel_configs(name, variant, d) for name in kernels}
+    kernels = ("forward", *configs.backward_kernels(variant, d, torch.bfloat16))
+    per_kernel = {name: configs.kernel_configs(name, variant, d) for name in kernels}
     if HAS_CUDA:
         inp, g = make_inputs(300, 1100, d, torch.bfloat16, num_classes=20, self_offset=7)
     else:
         inp, g = make_inputs(40, 150, d, torch.bfloat16, num_classes=20, self_offset=7)
     keys = {"forward": "config", "dz": "dz_config", "dk": "dk_config",
             "one_pass": "one_pass_config"}
-    for i in range(max(len(c) for c in configs.values())):
-        chosen = {keys[name]: c[i % len(c)] for name, c in configs.items()}
+    for i in range(max(len(c) for c in per_kernel.values())):
+        chosen = {keys[name]: c[i % len(c)] for name, c in per_kernel.items()}
         check_against_oracle(inp, g, torch.bfloat16, False, variant, **chosen)
 
 
@@ -650,12 +653,12 @@ def test_one_pass_takes_d_up_to_its_limit():
     """One pass for tensor-core products up to its d; fp32 FMA and 3xTF32 run two passes."""
     for dtype, tf32, limit in ((torch.bfloat16, False, 256), (torch.float16, False, 256),
                                (torch.float32, True, 128)):
-        assert T.backward_kernels("one-pass", limit, dtype, tf32) == ("one_pass",)
-        assert T.backward_kernels("one-pass", limit + 1, dtype, tf32) == ("dz", "dk")
-    assert T.backward_kernels("one-pass", 16, torch.float32, False) == ("dz", "dk")
-    three = T.Variant(backward="one_pass", fp32_highest="tf32x3")
-    assert T.backward_kernels(three, 16, torch.float32, False) == ("dz", "dk")
-    assert T.backward_kernels("default", 16, torch.bfloat16) == ("dz", "dk")
+        assert configs.backward_kernels("one-pass", limit, dtype, tf32) == ("one_pass",)
+        assert configs.backward_kernels("one-pass", limit + 1, dtype, tf32) == ("dz", "dk")
+    assert configs.backward_kernels("one-pass", 16, torch.float32, False) == ("dz", "dk")
+    three = Variant(backward="one_pass", fp32_highest="tf32x3")
+    assert configs.backward_kernels(three, 16, torch.float32, False) == ("dz", "dk")
+    assert configs.backward_kernels("default", 16, torch.bfloat16) == ("dz", "dk")
 
 
 @pytest.mark.triton_interpret
@@ -663,8 +666,8 @@ def test_one_pass_takes_d_up_to_its_limit():
 def test_one_pass_runs_one_kernel(variant, monkeypatch):
     """The one-pass backward launches one kernel, with row splits when asked to."""
     launched = []
-    launch = T._launch
-    monkeypatch.setattr(T, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
+    run = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda name, *a: (launched.append(name), run(name, *a)))
     inp, g = make_inputs(40, 70, 33, torch.bfloat16, self_offset=2)
     check_against_oracle(inp, g, torch.bfloat16, False, variant, dk_splits=2)
     assert launched == ["forward", "one_pass"]
@@ -694,27 +697,27 @@ def test_config_benchmark_smoke(tmp_path):
     d = 48  # the smoke shape's
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for name in variants:
-            for kernel in ("forward", *T.backward_kernels(name, d, dtype)):
+            for kernel in ("forward", *configs.backward_kernels(name, d, dtype)):
                 timed = [r["config"] for r in rows if r["dtype"] == dtype_name
                          and r["kernel"] == kernel and name in r["variant"].split(",")]
-                configs = T.kernel_configs(kernel, name, d)
-                assert len(timed) == len(configs) + 1 and timed[-1] == "autotune", (
+                expected = configs.kernel_configs(kernel, name, d)
+                assert len(timed) == len(expected) + 1 and timed[-1] == "autotune", (
                     dtype_name, name, kernel, timed)
 
 
 def test_variant_presets_and_errors():
-    assert T.Variant.of("default") == T.Variant()
-    assert T.Variant.of(T.VARIANTS["forward-all"]) is T.VARIANTS["forward-all"]
+    assert Variant.of("default") == Variant()
+    assert Variant.of(VARIANTS["forward-all"]) is VARIANTS["forward-all"]
     with pytest.raises(ValueError, match="variant must be"):
-        T.Variant.of("fastest")
+        Variant.of("fastest")
     with pytest.raises(ValueError, match="group_m"):
-        T.Variant(group_m=0)
+        Variant(group_m=0)
     with pytest.raises(TypeError, match="exp2"):
-        T.Variant(exp2=1)
+        Variant(exp2=1)
     with pytest.raises(ValueError, match="fp32_highest"):
-        T.Variant(fp32_highest="tf32")
+        Variant(fp32_highest="tf32")
     with pytest.raises(ValueError, match="backward"):
-        T.Variant(backward="three_pass")
+        Variant(backward="three_pass")
 
 
 @pytest.mark.gpu
@@ -728,7 +731,7 @@ def test_gpu_nan_and_determinism(variant):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     inp["k"][10, 0] = float("nan")
-    lse = T.lse_forward(**inp, allow_tf32=False, variant=variant)
+    lse = launch.lse_forward(**inp, allow_tf32=False, variant=variant)
     expect = torch.ones(2048, dtype=torch.bool)
     expect[10] = False  # column 10 is row 10's self column
     assert torch.equal(torch.isnan(lse).cpu(), expect)

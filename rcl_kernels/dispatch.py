@@ -1,9 +1,11 @@
-"""The backends and their candidates: what each takes, why it refuses an input, the kernels it runs,
-and auto's choice.
+"""The dispatcher: the registry of backends, resolving `backend=`/`algorithm=`, the refusals and
+auto's choice. It reads the registry only: each backend's kernels, capability, availability and
+candidates live in its own module under rcl_kernels.kernels (cpu, cuda, triton/), declared as
+data (rcl_kernels.kernels.candidate).
 
 A **candidate** is one (backend, algorithm, variant): a set of kernels with its capability, whether
-it is deterministic and the device types our runs have timed it on. Each backend owns its
-candidates here. A backend is named by the string `backend=`:
+it is deterministic and the device types our runs have timed it on. A backend is named by the
+string `backend=`:
 
     "cpu", "cuda", "triton", "reference"   the backend's default candidate for the input
     "cpu:tiled", "cuda:streaming"           the backend's default variant of that algorithm
@@ -22,18 +24,20 @@ raises instead when the reference would need more than REFERENCE_MEMORY_BUDGET_B
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from . import _ops
-from ._dtypes import FLOATING, dtype_name, dtype_names
-from ._kernel_calls import CPU_STREAMING, CUDA_STREAMING, TILED, Kernels, triton_streaming
+from ._dtypes import FLOATING
+from .kernels import cpu as _cpu
+from .kernels import cuda as _cuda
+from .kernels import triton as _triton
+from .kernels.candidate import ALGORITHMS, Backend, Candidate, Problem
 
-ALGORITHMS = ("streaming", "tiled")
+__all__ = ["ALGORITHMS", "BACKENDS", "Backend", "Candidate", "Problem", "all_candidates",
+           "available_backends", "candidate_names", "find_candidate", "register_candidate",
+           "resolve", "select_backend"]
+
 REDUCTIONS = ("mean", "sum", "none")
 
 # Above this estimate of its N x M buffers, auto refuses to fall back to the reference (an
@@ -47,257 +51,15 @@ def reference_bytes(n: int, m: int, dtype: torch.dtype) -> int:
     return _REFERENCE_MATRICES * n * m * torch.empty((), dtype=dtype).element_size()
 
 
-@dataclass(frozen=True)
-class Problem:
-    """What a backend is asked to run: N anchors against M columns of width d; the reduction and
-    whether gradients are needed (None: not known to the caller, read as torch.is_grad_enabled())
-    are part of auto's tuning key."""
-
-    device: torch.device
-    dtype: torch.dtype
-    rows: int
-    columns: int
-    dim: int
-    reduction: str = "mean"
-    needs_grad: bool | None = None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One (backend, algorithm, variant). `kernels` reads as a Backend's does ({algorithm:
-    Kernels}, {} for the reference), so the loss runs either alike."""
-
-    backend: str
-    algorithm: str | None  # None: the reference (no kernels)
-    variant: str
-    lse: Kernels | None = None
-    deterministic: bool = True
-    # The device types a run of ours has timed it on ("cuda": a GPU has timed it).
-    timed_on: tuple[str, ...] = ()
-    # Why it cannot run on this machine beyond its backend's reasons (e.g. an op not compiled).
-    requirement: Callable[[torch.device | None], str | None] | None = None
-    description: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.backend if self.lse is None else f"{self.backend}:{self.variant}"
-
-    @property
-    def fused(self) -> bool:
-        return self.lse is not None
-
-    @property
-    def kernels(self) -> dict[str, Kernels]:
-        return {self.algorithm: self.lse} if self.lse is not None else {}
-
-
-_MADE: dict[str, tuple[Candidate, ...]] = {}
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    device_types: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...]
-    availability: Callable[[torch.device | None], str | None]
-    # Its candidates, built on first use (the Triton ones import triton).
-    make_candidates: Callable[[], tuple[Candidate, ...]] = tuple
-    # (environment variable, its default): the variant a bare name or "<name>:streaming" means.
-    variant_variable: tuple[str, str] | None = None
-
-    @property
-    def candidates(self) -> tuple[Candidate, ...]:
-        # Built once per backend name, kept in a plain dict (torch.compile traces a dict lookup,
-        # not functools.cached_property's lock).
-        made = _MADE.get(self.name)
-        if made is None:
-            made = _MADE[self.name] = self.make_candidates() or (
-                Candidate(self.name, None, self.name, timed_on=("cpu", "cuda"),
-                          description="plain PyTorch, N x M matrices: the oracle"),)
-        return made
-
-    @property
-    def fused(self) -> bool:
-        return any(c.fused for c in self.candidates)
-
-    def variant_override(self) -> str | None:
-        """The variant the environment names for this backend's streaming algorithm, if any."""
-        if self.variant_variable is None:
-            return None
-        variable, default = self.variant_variable
-        return os.environ.get(variable, default)
-
-    def variant_error(self) -> str | None:
-        name = self.variant_override()
-        if name is None or name in self.variants():
-            return None
-        return f"{self.variant_variable[0]}={name!r} is not one of {sorted(self.variants())}"
-
-    def variants(self) -> dict[str, Candidate]:
-        return {c.variant: c for c in self.candidates}
-
-    def default_candidates(self) -> dict[str, Candidate]:
-        """algorithm -> the candidate the backend runs for it, in the backend's order of
-        preference (its first candidates; the environment picks the streaming variant)."""
-        out: dict[str, Candidate] = {}
-        override = self.variant_override()
-        for c in self.candidates:
-            if c.algorithm == "streaming" and override is not None and override in self.variants():
-                c = self.variants()[override]
-            out.setdefault(c.algorithm, c)
-        return out
-
-    @property
-    def kernels(self) -> dict[str, Kernels]:
-        """algorithm -> the kernels of its default candidate ({} for the reference)."""
-        return {a: c.lse for a, c in self.default_candidates().items() if c.fused}
-
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        return tuple(self.kernels)
-
-    def unavailable_reason(self, device: torch.device | None = None) -> str | None:
-        """Why this backend cannot run on this machine (on `device`), or None."""
-        return self.variant_error() or self.availability(device)
-
-    def candidate_reasons(self, problem: Problem, candidate: Candidate) -> list[str]:
-        """Why `candidate` cannot run `problem`, beyond its backend's device and dtype reasons."""
-        reasons = []
-        if candidate.lse is not None and candidate.lse.max_dim is not None \
-                and problem.dim > candidate.lse.max_dim:
-            reasons.append(f"its {candidate.algorithm} kernels ({candidate.name}) take feature dims "
-                           f"d <= {candidate.lse.max_dim}, got d={problem.dim}")
-        if candidate.requirement is not None and problem.device.type in self.device_types:
-            reason = candidate.requirement(problem.device)
-            if reason is not None:
-                reasons.append(reason)
-        return reasons
-
-    def algorithm_reasons(self, problem: Problem, algorithm: str) -> list[str]:
-        """Why this backend's `algorithm` cannot run `problem` (beyond device and dtype)."""
-        candidate = self.default_candidates().get(algorithm)
-        if candidate is None or not candidate.fused:
-            return [f"it has the algorithms {self.algorithms or '(none)'}, not {algorithm!r}"]
-        return self.candidate_reasons(problem, candidate)
-
-    def _device_reasons(self, problem: Problem) -> list[str]:
-        reasons = []
-        if problem.device.type not in self.device_types:
-            reasons.append(f"it runs on {'/'.join(self.device_types)} tensors, got {problem.device.type}")
-        else:
-            reason = self.unavailable_reason(problem.device)
-            if reason is not None:
-                reasons.append(reason)
-        if problem.dtype not in self.dtypes:
-            reasons.append(f"it takes {dtype_names(self.dtypes)}, got {dtype_name(problem.dtype)}")
-        return reasons
-
-    def not_supported_reasons(self, problem: Problem, algorithm: str = "auto") -> list[str]:
-        """Every reason this backend cannot run `problem` with `algorithm` ("auto": with any of
-        its algorithms); empty when it can."""
-        reasons = self._device_reasons(problem)
-        if algorithm != "auto":
-            reasons += self.algorithm_reasons(problem, algorithm)
-        elif self.fused and self.default_algorithm(problem) is None:
-            reasons += [r for name in self.algorithms for r in self.algorithm_reasons(problem, name)]
-        return reasons
-
-    def candidate_not_supported_reasons(self, problem: Problem, candidate: Candidate) -> list[str]:
-        """Every reason `candidate` (one of this backend's) cannot run `problem`."""
-        return self._device_reasons(problem) + self.candidate_reasons(problem, candidate)
-
-    def default_algorithm(self, problem: Problem) -> str | None:
-        """The first algorithm (in the order of preference) that can run `problem`."""
-        return next((a for a in self.algorithms if not self.algorithm_reasons(problem, a)), None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Availability on this machine.
-# --------------------------------------------------------------------------------------------------
-def _triton_unavailable_reason(device: torch.device | None) -> str | None:
-    from . import triton_lse  # imports triton lazily itself; this import never fails
-
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return triton_lse.unavailable_reason(device)
-
-
-def _cpu_unavailable_reason(device: torch.device | None) -> str | None:
-    return _ops.EXTENSION_ERROR
-
-
-def _compiled_cuda_op(op: str) -> Callable[[torch.device | None], str | None]:
-    def reason(device: torch.device | None) -> str | None:
-        if _cuda_unavailable_reason(device) is not None:
-            return None  # the backend's own reason says why
-        if not _ops.compiled_kernel_for(op, "CUDA"):
-            return (f"rcl_kernels._C was built without the CUDA kernel of {op} (needs nvcc and a "
-                    "CUDA PyTorch at build time, or RCL_KERNELS_CUDA=1)")
-        return None
-    return reason
-
-
-def _cuda_unavailable_reason(device: torch.device | None) -> str | None:
-    if _ops.EXTENSION_ERROR is not None:
-        return _ops.EXTENSION_ERROR
-    if not _ops.compiled_kernel_for("cuda_lse_forward", "CUDA"):
-        return (
-            "rcl_kernels._C was built without CUDA kernels (needs nvcc and a CUDA PyTorch at "
-            "build time, or RCL_KERNELS_CUDA=1)"
-        )
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# The candidates, each backend's in its order of preference (its first of an algorithm is the
-# default of that algorithm).
-# --------------------------------------------------------------------------------------------------
-def _cpu_candidates() -> tuple[Candidate, ...]:
-    return (
-        Candidate("cpu", "tiled", "tiled", TILED, timed_on=("cpu",),
-                  description="a GEMM per block of rows into a bounded workspace, one epilogue, two GEMMs"),
-        Candidate("cpu", "streaming", "streaming", CPU_STREAMING, timed_on=("cpu",),
-                  description="flash-style tiles with an online log-sum-exp"),
-    )
-
-
-def _cuda_candidates() -> tuple[Candidate, ...]:
-    return (
-        Candidate("cuda", "streaming", "wmma", CUDA_STREAMING["wmma"], timed_on=("cuda",),
-                  description="wmma tiles, split reductions summed in a fixed order"),
-        Candidate("cuda", "streaming", "mma", CUDA_STREAMING["mma"],
-                  requirement=_compiled_cuda_op("cuda_mma_lse_forward"),
-                  description="mma.sync with ldmatrix/cp.async, one-pass backward in semaphore order"),
-        Candidate("cuda", "tiled", "tiled", TILED, requirement=_compiled_cuda_op("tiled_lse_forward"),
-                  description="cuBLAS GEMMs per block of rows, a CUDA epilogue"),
-    )
-
-
-def _triton_candidates() -> tuple[Candidate, ...]:
-    from . import triton_lse
-
-    return tuple(
-        Candidate("triton", "streaming", name, triton_streaming(name),
-                  deterministic=variant.deterministic, timed_on=("cuda",) if name == "default" else (),
-                  description=f"Triton variant {name} ({triton_lse.Variant.__name__}: "
-                              f"backward {variant.backward})")
-        for name, variant in triton_lse.VARIANTS.items()
-    )
-
-
+# The registry: every backend, in the order auto's refusals name them. Each kernel backend's
+# facts live in its own module under rcl_kernels.kernels; the reference is the N x M oracle.
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         Backend("reference", ("cpu", "cuda"), FLOATING, lambda device: None),
-        Backend("cpu", ("cpu",), FLOATING, _cpu_unavailable_reason, _cpu_candidates),
-        Backend("cuda", ("cuda",), FLOATING, _cuda_unavailable_reason, _cuda_candidates,
-                ("RCL_KERNELS_CUDA_VARIANT", "wmma")),
-        # CUDA tensors, or CPU tensors when Triton interprets (triton_lse.unavailable_reason).
-        Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
-                _triton_unavailable_reason, _triton_candidates,
-                ("RCL_KERNELS_TRITON_VARIANT", "default")),
+        _cpu.BACKEND,
+        _cuda.BACKEND,
+        _triton.BACKEND,
     )
 }
 
@@ -431,7 +193,7 @@ def eligible_candidates(problem: Problem, algorithm: str = "auto") -> tuple[list
     deterministic = torch.are_deterministic_algorithms_enabled()
     eligible, refusals = [], {}
     for backend in BACKENDS.values():
-        backend_reasons = backend._device_reasons(problem)
+        backend_reasons = backend.device_reasons(problem)
         if backend_reasons:
             refusals[backend.name] = backend_reasons
             continue

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from rcl_kernels import backends
-from rcl_kernels.backends import BACKENDS, Problem, select_backend
+from rcl_kernels import dispatch
+from rcl_kernels.dispatch import BACKENDS, Problem, select_backend
 
 
 def problem(device="cpu", dtype=torch.float32, rows=64, columns=128, dim=16):
@@ -63,7 +63,7 @@ def test_auto_on_cpu_picks_the_measured_fused_backend():
 def test_auto_on_cuda_follows_the_measured_crossover():
     """The order comes from the H100 run of 2026-11-26 (docs/gpu-status.md): the reference
     wins up to N·M = 512·8654, triton above it, cuda for fp32 "highest"."""
-    order = backends.static_order
+    order = dispatch.static_order
     assert order(problem("cuda", rows=512, columns=8654), False)[0] == "reference"
     assert order(problem("cuda", torch.bfloat16, rows=8192, columns=9192), False)[0] == "triton:streaming"
     assert order(problem("cuda", rows=32768, columns=33768), allow_tf32=False)[0] == "cuda:streaming"
@@ -76,7 +76,7 @@ def test_auto_warns_once_before_falling_back_and_raises_above_the_budget(monkeyp
     for name in ("cpu", "triton"):
         off = dataclasses.replace(BACKENDS[name], availability=lambda device: "switched off by the test")
         monkeypatch.setitem(BACKENDS, name, off)
-    backends._warn_once.cache_clear()
+    dispatch._warn_once.cache_clear()
     small = problem(rows=100, columns=100)
     with pytest.warns(RuntimeWarning, match="falls back to the N x M reference.*cpu: switched off"):
         candidate, _ = select_backend("auto", "auto", small, allow_tf32=False)
@@ -150,7 +150,7 @@ def test_cuda_variant_is_chosen_by_environment():
     import subprocess
     import sys
 
-    script = ("from rcl_kernels.backends import BACKENDS; import torch; "
+    script = ("from rcl_kernels.dispatch import BACKENDS; import torch; "
               "print(BACKENDS['cuda'].kernels['streaming'].max_dim, "
               "BACKENDS['cuda'].unavailable_reason(torch.device('cuda')))")
     results = {}
@@ -172,17 +172,17 @@ def test_every_variant_is_selectable_by_argument():
     """backend="<backend>:<variant>" picks one candidate; "<backend>:<algorithm>" the backend's
     default variant of it; the candidate's algorithm is the one that runs."""
     cuda = problem("cuda")
-    assert not backends.resolve("cuda:mma")[1].lse.max_dim  # the mma kernels take any d
-    for name in backends.candidate_names():
-        backend, candidate, _ = backends.resolve(name)
+    assert not dispatch.resolve("cuda:mma")[1].lse.max_dim  # the mma kernels take any d
+    for name in dispatch.candidate_names():
+        backend, candidate, _ = dispatch.resolve(name)
         assert candidate is not None or name == "reference"
         if candidate is not None:
             assert candidate.name == name and candidate.backend == backend.name
-    assert backends.resolve("triton:one-pass")[1].variant == "one-pass"
-    assert backends.resolve("cuda:streaming") == (BACKENDS["cuda"], None, "streaming")
+    assert dispatch.resolve("triton:one-pass")[1].variant == "one-pass"
+    assert dispatch.resolve("cuda:streaming") == (BACKENDS["cuda"], None, "streaming")
     candidate, algorithm = select_backend("cpu:streaming", "auto", problem(), allow_tf32=False)
     assert (candidate.name, algorithm) == ("cpu:streaming", "streaming")
-    reasons = BACKENDS["cuda"].candidate_not_supported_reasons(cuda, backends.resolve("cuda:mma")[1])
+    reasons = BACKENDS["cuda"].candidate_not_supported_reasons(cuda, dispatch.resolve("cuda:mma")[1])
     assert torch.cuda.is_available() or reasons
 
 
@@ -200,11 +200,11 @@ def test_an_algorithm_that_contradicts_the_candidate_is_refused():
     with pytest.raises(ValueError, match="contradicts backend='cpu:tiled'"):
         select_backend("cpu:tiled", "streaming", problem(), allow_tf32=False)
     with pytest.raises(ValueError, match="contradicts backend='triton:one-pass'"):
-        backends.resolve("triton:one-pass", "tiled")
+        dispatch.resolve("triton:one-pass", "tiled")
 
 
 def test_candidates_say_whether_they_are_deterministic_and_timed():
-    names = {c.name: c for _, c in backends.all_candidates()}
+    names = {c.name: c for _, c in dispatch.all_candidates()}
     assert not names["triton:one-pass-atomic"].deterministic
     assert names["triton:one-pass"].deterministic and names["cuda:mma"].deterministic
     assert names["triton:default"].timed_on == ("cuda",) and names["cuda:wmma"].timed_on == ("cuda",)
@@ -221,11 +221,11 @@ def test_deterministic_mode_leaves_out_nondeterministic_candidates():
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        _, refusals = backends.eligible_candidates(p)
+        _, refusals = dispatch.eligible_candidates(p)
         assert any("triton:one-pass-atomic is not deterministic" in r for r in refusals["triton"])
-        eligible, _ = backends.eligible_candidates(problem())
+        eligible, _ = dispatch.eligible_candidates(problem())
         assert all(c.deterministic for c in eligible)
     finally:
         torch.use_deterministic_algorithms(previous)
-    _, refusals = backends.eligible_candidates(p)
+    _, refusals = dispatch.eligible_candidates(p)
     assert not any("not deterministic" in r for r in refusals.get("triton", []))
