@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import fused, reference
 from ._dtypes import accumulation_dtype
-from ._validation import (
+from ._checks import (
     check_argument_order,
     check_class_counts,
     check_class_table,
@@ -183,7 +183,7 @@ def contrastive_loss(
     tensors in eager mode a warning says so once when some row's norm is outside [0.5, 2] (on a
     GPU and under torch.compile that would cost a sync, so nothing is checked there).
     Refused: a logit scale feature_scale**2 / temperature above float32's reach
-    (_validation.LOGIT_LIMIT), and torch.jit.trace (use torch.compile or torch.export).
+    (_checks.LOGIT_LIMIT), and torch.jit.trace (use torch.compile or torch.export).
     """
     refuse_jit_trace()
     check_argument_order(features, labels, prototypes)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._validation import (
+from ._checks import (
     check_class_weight,
     check_logit_scale,
     check_logit_term,

@@ -18,9 +18,9 @@ PACKAGE = ROOT / "rcl_kernels"
 # inside functions), as dotted paths below rcl_kernels.
 ALLOWED = {
     "__init__": {"_version", "dispatch", "functional", "modules"},
-    "modules": {"functional", "_validation"},
-    "functional": {"_dtypes", "_validation", "dispatch", "distributed", "fused", "reference"},
-    "_validation": {"_dtypes"},
+    "modules": {"functional", "_checks"},
+    "functional": {"_dtypes", "_checks", "dispatch", "distributed", "fused", "reference"},
+    "_checks": {"_dtypes"},
     # the dispatcher reads the registry: each backend's module and the candidate data
     "dispatch": {"_dtypes", "autotune", "kernels.cpu", "kernels.cuda", "kernels.triton",
                  "kernels.candidate"},
@@ -59,7 +59,7 @@ ALLOWED = {
 
 # What no kernel module may import: the dispatcher, the loss and the public API.
 ABOVE_THE_KERNELS = {"__init__", "dispatch", "functional", "fused", "modules", "autotune",
-                     "reference", "distributed", "_validation", "info", "selftest"}
+                     "reference", "distributed", "_checks", "info", "selftest"}
 
 
 def module_name(path: Path) -> str:
