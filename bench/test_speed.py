@@ -19,7 +19,7 @@ import torch
 import cases
 import rcl_kernels as rk
 
-# (implementations, N, d, C, dtype): the CPU row of the issues (N = 4,096) and a small one; on a
+# (implementations, N, d, C, dtype): on the CPU N = 4,096 (docs/benchmarks.md's run) and a small one; on a
 # GPU, BCL's training shapes and the large-batch ones.
 CPU = [(("cpu", "cpu:tiled", "reference", "reference_compile"), n, 128, 1000, "float32")
        for n in (1024, 4096)]

@@ -126,7 +126,8 @@ def test_non_finite_input_gives_nan_not_a_crash(batch, backend, bad, where):
 
 @pytest.mark.parametrize("module", ["rcl", "la"])
 def test_modules_keep_class_counts_exact_under_half(module):
-    """Counts above fp16's 65,504 used to overflow to inf under .half() and give a NaN loss."""
+    """Counts above fp16's 65,504 stay exact under .half() (in fp16 they would overflow to inf and
+    give a NaN loss)."""
     counts = [100000, 50, 10, 1]
     gen = fresh_generator()
     features = random_features((8, 2, 16), gen)
@@ -165,7 +166,7 @@ def test_non_finite_class_tables_give_nan_on_every_backend(batch, backend, table
 
 def test_huge_label_ids_cost_no_class_table_memory():
     """C inferred from the labels counts the classes present, not the largest id: a label of
-    2,000,000 used to allocate 2,000,000 x d floats."""
+    2,000,000 must not allocate 2,000,000 x d floats."""
     gen = fresh_generator()
     features = random_features((6, 2, 32), gen).float()
     labels = torch.tensor([2_000_000, 7, 7, 2_000_000, 3, 9])

@@ -18,8 +18,8 @@ def problem(device="cpu", dtype=torch.float32, rows=64, columns=128, dim=16):
 
 
 def test_cuda_streaming_refuses_a_dim_above_its_limit_with_the_reason():
-    """d = 5000 on the cuda backend crashed the process; now the capability table
-    names d and the limit, and the tiled algorithm (no limit) still takes it."""
+    """d = 5000 is past the wmma kernels' limit: the capability table refuses it,
+    naming d and the limit, and the tiled algorithm (no limit) still takes it."""
     cuda = BACKENDS["cuda"]
     big = problem("cuda", dim=5000)
     assert any("d <= 4096, got d=5000" in r for r in cuda.algorithm_reasons(big, "streaming"))

@@ -17,7 +17,7 @@ import rcl_kernels as rk
 _NO_LAUNCH = (torch.ops.aten.detach, torch.ops.aten._local_scalar_dense)
 # Forward + backward of the BCL preset through the tiled algorithm: validation, class tables, the
 # one kernel call, the losses from its positive sums, the non-finite check and the gradient's
-# scaling (58 when this bound was set; the per-anchor glue with segment sums needs about 90).
+# scaling (58 of them; the per-anchor glue with segment sums would need about 90).
 MAX_OPS = 64
 
 

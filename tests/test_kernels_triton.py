@@ -471,8 +471,8 @@ def test_round_tf32_reference():
 
 @pytest.mark.triton_interpret
 def test_tf32_products_round_to_nearest():
-    """With allow_tf32 the products see z and k rounded to nearest TF32 (truncation
-    biased the loss by 4e-5 on the H100). The kernels' lse must match the float64 formula on
+    """With allow_tf32 the products see z and k rounded to nearest TF32 (truncated
+    operands bias the loss, by 4e-5 on an H100). The kernels' lse must match the float64 formula on
     the rounded inputs to fp32 accuracy: unrounded or truncated operands miss it by ~1e-4."""
     inp, g = make_inputs(40, 70, 96, torch.float32, self_offset=1)
     lse = launch.forward(**inp, allow_tf32=True).cpu().double()
@@ -489,7 +489,7 @@ def test_3xtf32_is_as_accurate_as_fp32():
     and dk within 2x the error of the dense fp32 formula, with no floor, where TF32 products
     are ~1000x worse for the gradients. Under the interpreter the products of TF32 parts are
     exact, as on tensor cores, so this checks the split itself (with the forward flags too; the
-    oracle tests run the 3xtf32 preset); the GPU timing is owed."""
+    oracle tests run the 3xtf32 preset)."""
     variant = Variant(fp32_highest="tf32x3", exp2=True, lean_masks=True, resident_z=True)
     inp, g = make_inputs(32, 64, 96, torch.float32, self_offset=1)
     ref64 = dense_op(**inp, g=g, dtype=torch.float64)

@@ -143,7 +143,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     (["--imbalance", "0.5"], "--imbalance"),
     (["--epochs", "0"], "--epochs"),
     (["--temperature", "0"], "--temperature"),
-    (["--lr", "inf"], "--lr"),  # used to train "successfully" to a NaN model
+    (["--lr", "inf"], "--lr"),  # would train "successfully" to a NaN model
     (["--weight-decay", "nan"], "--weight-decay"),
     (["--batch-size", "many"], "--batch-size"),
     (["--device", "tpu"], "--device"),
@@ -163,7 +163,7 @@ def test_bad_flags(argv, needle, capsys):
 
 
 def test_largest_seeds_run(fashion_root, tmp_path):
-    """The largest accepted seeds reach every generator the harness seeds (2**70 overflowed)."""
+    """The largest accepted seeds reach every generator the harness seeds without overflowing (2**70 is refused)."""
     from rcl_train.config import SEED_MAX
 
     assert main(tiny_args(fashion_root, tmp_path, "--seed", str(SEED_MAX), "--data-seed",
