@@ -1,8 +1,8 @@
 """GPU tests of the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu, ops
 rcl_kernels::cuda_mma_lse_forward / _backward) against a dense float64 formula of the op.
 
-The inputs, the dense formula, the 2x rule and its floors and the NaN-poisoned allocator are
-tests/test_cuda_lse.py's; the bad calls' child processes, their set-up and the calls both ops
+The inputs, the dense formula, the 2x rule (helpers.assert_within_rule, TF32's floor) and the
+NaN-poisoned allocator are tests/test_cuda_lse.py's; the bad calls' child processes, their set-up and the calls both ops
 share are tests/cuda_children.py's (imported, not copied). What differs
 from the wmma ops: float32 without allow_tf32 runs 3xTF32 products (held to the float32 rule),
 the backward takes one split count (the rows of each column tile), and there is no limit on d

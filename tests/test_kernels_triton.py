@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from helpers import assert_within_rule  # noqa: E402
 from rcl_kernels.kernels import planner  # noqa: E402
 from rcl_kernels.kernels import triton as backend  # noqa: E402
 from rcl_kernels.kernels.triton import configs, jit_helpers, launch  # noqa: E402
@@ -34,9 +35,6 @@ if _REASON is not None:
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 NEG_INF = float("-inf")
 
-# Floors added to the 2x rule, in relative-norm units: the unit roundoff of the output dtype
-# (dz/dk are returned in it), and 1e-5 for fp32 (summation-order differences).
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,20 +107,10 @@ def rel_err(x, ref):
 LAST_SEED = None
 
 
-def assert_close(name, out, ref64, ref_lowp, floor):
-    out = out.detach().cpu()
-    ref64 = ref64.detach().cpu()
-    ref_lowp = ref_lowp.detach().cpu()
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    # Same non-finite pattern (e.g. −inf for rows without columns), values compared elsewhere.
-    assert torch.equal(torch.isfinite(out), torch.isfinite(ref64)), (
-        f"{name}: non-finite pattern (RCL_TEST_SEED={LAST_SEED})")
-    assert torch.equal(out.double()[~torch.isfinite(ref64)].nan_to_num(),
-                       ref64[~torch.isfinite(ref64)].nan_to_num()), f"{name}: non-finite values"
-    err = rel_err(out, ref64)
-    base = rel_err(ref_lowp, ref64)
-    assert err <= 2 * base + floor, (
-        f"{name}: error {err:.3e} > 2 * {base:.3e} + {floor:.0e} (RCL_TEST_SEED={LAST_SEED})")
+def assert_close(name, out, ref64, ref_lowp, dtype):
+    """The one accuracy rule (helpers.assert_within_rule): same non-finite entries (−inf for rows
+    without columns), finite ones within 2x the dense formula's error in `dtype` plus its floor."""
+    assert_within_rule(f"{name} (RCL_TEST_SEED={LAST_SEED})", out, ref_lowp, ref64, dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -200,9 +188,8 @@ def check_against_oracle(inp, g, dtype, allow_tf32, variant="default", **split):
         ref_low = dense_op(**inp, g=g, dtype=torch.float32, operand=round_tf32)
     else:
         ref_low = dense_op(**inp, g=g, dtype=dtype)
-    floor = FLOOR[dtype]
     for name, out, r64, rlow in zip(("lse", "dz", "dk"), (lse, dz, dk), ref64, ref_low):
-        assert_close(name, out, r64, rlow, floor)
+        assert_close(name, out, r64, rlow, dtype)
     return lse, dz, dk
 
 
@@ -497,8 +484,9 @@ def test_3xtf32_is_as_accurate_as_fp32():
     split = run_kernels(inp, g, False, variant)
     tf32 = run_kernels(inp, g, True, variant)
     for name, x3, t32, base, ref in zip(("lse", "dz", "dk"), split, tf32, fp32, ref64):
+        # floor=0: as accurate as the fp32 formula itself, with no allowance beyond 2x its error.
+        assert_within_rule(f"{name} 3xTF32", x3, base, ref, torch.float32, floor=0.0)
         err = rel_err(x3, ref)
-        assert err <= 2 * rel_err(base, ref), f"{name}: 3xTF32 error {err:.2e}"
         if name != "lse":  # lse errors are tiny either way (a log of a sum)
             assert rel_err(t32, ref) > 20 * err, f"{name}: TF32 as accurate as 3xTF32?"
 
