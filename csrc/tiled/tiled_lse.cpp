@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <vector>
+#include <exception>
+#include <memory>
 #include <utility>
+#include <vector>
 
 namespace rcl_kernels::tiled {
 namespace {
@@ -68,52 +70,92 @@ std::pair<at::Tensor, at::Tensor> row_factor(const Problem& p, const at::Tensor&
   return {w / w_max, w_max * p.scale};
 }
 
-// Runs task(offset, count) over [0, extent) cut into panels of `panel` (0: one task). The CPU's
-// threads pull the panels from a shared counter: a thread slowed by another process on its core
-// takes fewer of them, where a static split waits for it at every barrier. Inside that parallel
-// region ATen and MKL run each panel's ops on its own thread. Too few panels to share (fewer
-// than two per thread) run as one task whose ops use every thread. A single thread runs one task,
-// or with `in_order` the panels in order, which keeps each one in cache from its GEMM to its
-// last use.
-template <typename Task>
-void for_each_panel(int64_t panel, int64_t extent, bool in_order, const Task& task) {
-  const int64_t panels = panel > 0 ? (extent + panel - 1) / panel : 1;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (panels <= 1 || (threads > 1 && panels < 2 * threads) || (threads <= 1 && !in_order)) {
-    task(0, extent);
-  } else if (threads <= 1) {
-    for (int64_t offset = 0; offset < extent; offset += panel) {
-      task(offset, std::min(panel, extent - offset));
-    }
-  } else {
-    // With four panels per thread or more, the last `threads` panels' rows go in half panels: the
-    // phase ends with its last panel, so the threads that ran out of work wait for half a panel
-    // where they would wait for a whole. (Fewer panels: half panels would be a large share of the
-    // rows, each repacking all of K.)
-    std::vector<std::pair<int64_t, int64_t>> cuts;
-    const int64_t halves_from =
-        panels >= 4 * threads ? std::max<int64_t>(0, extent - threads * panel) : extent;
-    for (int64_t offset = 0; offset < extent;) {
-      const int64_t size = std::min(offset < halves_from ? panel : std::max<int64_t>(1, panel / 2),
-                                    extent - offset);
-      cuts.emplace_back(offset, size);
-      offset += size;
-    }
-    const int64_t count = static_cast<int64_t>(cuts.size());
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      // Worker threads do not inherit the caller's dispatch state.
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t i = next++; i < count; i = next++) task(cuts[i].first, cuts[i].second);
-    });
+// The panels of one phase: (offset, count) over [0, extent), `panel` each (0: one panel). With
+// `halves`, the last `halves` panels' rows go in half panels: a phase ends with its last panel,
+// so the threads that ran out of work wait for half a panel where they would wait for a whole.
+using Cuts = std::vector<std::pair<int64_t, int64_t>>;
+
+Cuts cut(int64_t extent, int64_t panel, int64_t halves) {
+  if (panel <= 0) panel = std::max<int64_t>(extent, 1);
+  const int64_t halves_from = std::max<int64_t>(0, extent - halves * panel);
+  Cuts cuts;
+  for (int64_t offset = 0; offset < extent;) {
+    const int64_t size = std::min(
+        offset < halves_from ? panel : std::max<int64_t>(1, panel / 2), extent - offset);
+    cuts.emplace_back(offset, size);
+    offset += size;
   }
+  return cuts;
+}
+
+// Runs the tasks of `phases` (phase k has phases[k] tasks; task(k, i)), phase by phase: every
+// task of phase k after every task of phase k − 1.
+//
+// `shared`: the CPU's threads pull the tasks of all phases from one counter in one parallel
+// region, so a thread slowed by another process on its core takes fewer of them, where a static
+// split waits for it at every barrier. A thread that pulls a task of the next phase before the
+// current one is done sleeps until it is (a futex, where OpenMP's barriers spin: a spinning
+// thread takes the core from the one it waits for whenever the two share it). Tasks are pulled in
+// order, so the earliest unfinished task never waits: no deadlock, with any number of threads
+// that OpenMP grants. Inside the region ATen and MKL run each task's ops on its own thread.
+// Otherwise the tasks run in order on the calling thread, their ops using every thread.
+template <typename Task>
+void run_phases(const std::vector<int64_t>& phases, bool shared, const Task& task) {
+  if (!shared) {
+    for (size_t k = 0; k < phases.size(); ++k) {
+      for (int64_t i = 0; i < phases[k]; ++i) task(k, i);
+    }
+    return;
+  }
+  const size_t count = phases.size();
+  std::vector<int64_t> first(count + 1, 0);  // the global index of each phase's first task
+  for (size_t k = 0; k < count; ++k) first[k + 1] = first[k] + phases[k];
+  const std::unique_ptr<std::atomic<int64_t>[]> finished(new std::atomic<int64_t>[count]);
+  for (size_t k = 0; k < count; ++k) finished[k].store(0);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::atomic_flag error_set = ATOMIC_FLAG_INIT;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    // Worker threads do not inherit the caller's dispatch state.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    size_t k = 0, ready = 0;  // this task's phase; the phases before `ready` are done
+    for (int64_t t = next++; t < first[count]; t = next++) {
+      while (t >= first[k + 1]) ++k;
+      for (; ready < k; ++ready) {
+        for (int64_t done = finished[ready].load(); done < phases[ready];
+             done = finished[ready].load()) {
+          finished[ready].wait(done);
+        }
+      }
+      if (!failed.load()) {
+        try {
+          task(k, t - first[k]);
+        } catch (...) {
+          if (!error_set.test_and_set()) error = std::current_exception();
+          failed.store(true);
+        }
+      }
+      if (failed.load()) {
+        // Wake every waiter: the remaining tasks are skipped.
+        for (size_t j = 0; j < count; ++j) {
+          finished[j].store(phases[j]);
+          finished[j].notify_all();
+        }
+      } else if (finished[k].fetch_add(1) + 1 == phases[k]) {
+        finished[k].notify_all();
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
 }
 
 // One pass over every row block. `weights` defined: also the gradient of Σ_i w_i·lse_i, or with
 // `positive_sum` defined that of Σ_i w_i·L_i (tiled_lse.h). Per block, the row phase gives each
-// panel of anchor rows its scores, epilogue and dz rows; the column phase then gives each panel
-// of dk rows its share Gᵀ·Z_b. Each output element has one writer, and its sums run in a fixed
-// order: the result does not depend on which thread ran which panel.
+// panel of anchor rows its scores, epilogue and dz rows; the column phase (with gradients) then
+// gives each panel of dk rows its share Gᵀ·Z_b, and the next block's row phase reuses the
+// workspace. Each output element has one writer, and its sums run in a fixed order: the result
+// does not depend on which thread ran which panel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue epilogue,
                                                    at::Tensor lse, bool compute_lse,
                                                    const at::Tensor& weights,
@@ -130,34 +172,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
                : at::zeros({m, p.k.size(1)}, p.k.options().dtype(p.acc));
     std::tie(factor, post) = row_factor(p, weights);
   }
+
+  // How the phases are cut. Shared by the CPU's threads when every row phase has two panels per
+  // thread or more; half panels where a phase has four per thread or more (fewer: they would be a
+  // large share of the rows, each GEMM repacking all of K). A single CPU thread runs the row
+  // panels in order, which keeps each one in cache from its GEMM to its last use; otherwise
+  // (the GPU, or too few panels) a phase is one task.
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t last_rows = n - (std::max<int64_t>(n - 1, 0) / block_rows) * block_rows;
+  const bool shared = p.panel > 0 && threads > 1 && last_rows >= 2 * threads * p.panel;
+  auto cuts_of = [&](int64_t extent, bool rows) {
+    if (!shared) return cut(extent, rows && threads == 1 ? p.panel : 0, 0);
+    const int64_t panels = (extent + p.panel - 1) / p.panel;
+    return cut(extent, p.panel, panels >= 4 * threads ? threads : 0);
+  };
+  struct Phase {
+    int64_t r0, rows;
+    bool columns;  // the column phase of block r0
+    Cuts cuts;
+  };
+  std::vector<Phase> phases;
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(n, r0 + block_rows) - r0;
-    // Row phase: scores S = Z_p·Kᵀ, the epilogue, and (the row factor is in G) dz rows = G·K.
-    for_each_panel(p.panel, rows, /*in_order=*/true, [&](int64_t offset, int64_t count) {
-      Block block;
-      block.r0 = r0 + offset;
-      block.compute_lse = compute_lse;
-      block.scores = ws.scores.narrow(0, offset, count);
-      block.lse = lse.narrow(0, block.r0, count);
-      block.row_factor = factor;
-      if (gradient) block.probabilities = ws.probabilities.narrow(0, offset, count);
-      if (positive_sum.defined()) block.positive_sum = positive_sum.narrow(0, block.r0, count);
-      const at::Tensor z_rows = p.z.narrow(0, block.r0, count);
-      gemm_abt(block.scores, z_rows, p.k);
-      epilogue(p, block);
-      if (!gradient) return;
-      at::Tensor dz_rows = dz.narrow(0, block.r0, count);
-      gemm_ab(dz_rows, block.probabilities, p.k);
-    });
-    if (!gradient) continue;
-    // Column phase: dk rows += G[:, cols]ᵀ·Z_b, the blocks in order.
-    const at::Tensor g = ws.probabilities.narrow(0, 0, rows);
-    const at::Tensor z_rows = p.z.narrow(0, r0, rows);
-    for_each_panel(p.panel, m, /*in_order=*/false, [&](int64_t c0, int64_t count) {
-      at::Tensor dk_rows = dk.narrow(0, c0, count);
-      gemm_atb(dk_rows, g.narrow(1, c0, count), z_rows, /*accumulate=*/r0 > 0);
-    });
+    phases.push_back({r0, rows, false, cuts_of(rows, true)});
+    if (gradient) phases.push_back({r0, rows, true, cuts_of(m, false)});
   }
+  std::vector<int64_t> sizes;
+  for (const Phase& phase : phases) sizes.push_back(static_cast<int64_t>(phase.cuts.size()));
+
+  run_phases(sizes, shared, [&](size_t k, int64_t i) {
+    const Phase& phase = phases[k];
+    const auto [offset, count] = phase.cuts[i];
+    if (phase.columns) {
+      // dk rows += G[:, cols]ᵀ·Z_b, the blocks in order.
+      at::Tensor dk_rows = dk.narrow(0, offset, count);
+      gemm_atb(dk_rows, ws.probabilities.narrow(0, 0, phase.rows).narrow(1, offset, count),
+               p.z.narrow(0, phase.r0, phase.rows), /*accumulate=*/phase.r0 > 0);
+      return;
+    }
+    // Scores S = Z_p·Kᵀ, the epilogue, and (the row factor is in G) dz rows = G·K.
+    Block block;
+    block.r0 = phase.r0 + offset;
+    block.compute_lse = compute_lse;
+    block.scores = ws.scores.narrow(0, offset, count);
+    block.lse = lse.narrow(0, block.r0, count);
+    block.row_factor = factor;
+    if (gradient) block.probabilities = ws.probabilities.narrow(0, offset, count);
+    if (positive_sum.defined()) block.positive_sum = positive_sum.narrow(0, block.r0, count);
+    gemm_abt(block.scores, p.z.narrow(0, block.r0, count), p.k);
+    epilogue(p, block);
+    if (!gradient) return;
+    at::Tensor dz_rows = dz.narrow(0, block.r0, count);
+    gemm_ab(dz_rows, block.probabilities, p.k);
+  });
   if (post.defined()) {
     dz.mul_(post);
     dk.mul_(post);
