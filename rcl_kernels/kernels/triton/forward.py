@@ -8,17 +8,9 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (  # noqa: F401 (the kernels call them by name)
-    _row_offset,
-    _split_offset,
-    _mma,
-    _exp,
-    _load_tile,
-    _labels_and_bias,
-    _scores_tile,
-    _on_band,
-    _logits_tile,
-    _finish_lse,
-    _program_order,
+    _row_offset, _split_offset, _dots, _exp, _load_tile, _labels_and_bias, _log_scale, _span,
+    _block, _scores_tile, _tile_needs_mask, _logits_tile, _finish_lse, _program_order,
+    _split_range,
 )
 
 
@@ -35,40 +27,32 @@ def _fwd_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_p
     pid_m, pid_s = _program_order(tl.program_id(0), tl.program_id(1), tl.num_programs(0),
                                   tl.num_programs(1), GROUP_M)
     row0 = pid_m * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M, EXP2)
-    qscale = scale
-    if EXP2:
-        qscale = scale * 1.4426950408889634  # one multiply turns a dot into log2 units
+    offs_m, mask_m, row_lab, row_b = _block(row0, N, row_lab_ptr, row_bias_ptr, BLOCK_M, EVEN_M,
+                                            EXP2)
+    qscale = _log_scale(scale, EXP2)
     z_blk = z_ptr + _row_offset(row0, stride_zm)
     if RESIDENT_Z:  # the whole [BLOCK_M, d] row tile, loaded once for every column tile
         z_res = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, D_PAD, EVEN_M, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    col_start = pid_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, M)
+    col_start, col_end = _split_range(pid_s, cols_per_split, M)
     # flatten: the column loop and the d loop of _scores_tile become one software-pipelined
     # loop, so the copies of the next column tile's first chunks overlap this tile's softmax
     # (nested, the d loop's pipeline drains and restarts on every column tile).
     for n0 in tl.range(col_start, col_end, BLOCK_N, flatten=True):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < col_end
+        offs_n, mask_n = _span(n0, col_end, BLOCK_N)
         k_blk = k_ptr + _row_offset(n0, stride_km)
         if RESIDENT_Z:
             k_t = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, D_PAD, EVEN_N, EVEN_D)
-            dots = _mma(z_res, tl.trans(k_t), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                        INPUT_PRECISION)
+            dots = _dots(z_res, k_t, BLOCK_M, BLOCK_N, INPUT_PRECISION)
         else:
             dots = _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
                                 EVEN_D)
         col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N,
                                           EXP2)
-        needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
-        if not EVEN_N:
-            needs_mask = needs_mask | (n0 + BLOCK_N > col_end)
+        needs_mask = _tile_needs_mask(row0, n0, col_end, self_offset, BLOCK_M, BLOCK_N, EVEN_N)
         t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                          col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
         m_new = tl.maximum(m_i, tl.max(t, axis=1))

@@ -1,7 +1,11 @@
 """The @triton.jit helpers every kernel of the Triton backend shares: operand rounding and
 products, exp in either log unit, masked tile loads, the logits of a tile, 64-bit offsets and the
-program order. Kernels call them by name (triton.jit resolves a callee from the caller's globals,
-so each kernel module imports the ones it uses)."""
+program order, and the set-up every kernel repeats (a block of rows or columns with its labels
+and biases, the backward's row vectors (lse, g), a split's range, the logit scale, g's normaliser, the
+store of an output partial). Kernels call them by name (triton.jit resolves a callee from the
+caller's globals, so each kernel module imports the ones it uses). They inline: a kernel built
+from them compiles to the same PTX instructions as one written out (only the line info, and with
+it ptxas's register numbering and scheduling, can differ)."""
 
 from __future__ import annotations
 
@@ -136,6 +140,40 @@ def _labels_and_bias(lab_ptr, bias_ptr, offs, mask, EVEN: tl.constexpr, EXP2: tl
 
 
 @triton.jit
+def _log_scale(scale, EXP2: tl.constexpr):
+    """The logit scale in the kernel's log units: one multiply turns a dot into log2 units
+    when EXP2."""
+    if EXP2:
+        return scale * 1.4426950408889634
+    else:
+        return scale
+
+
+@triton.jit
+def _span(start, end, BLOCK: tl.constexpr):
+    """Indices [start, start + BLOCK) of a block of rows or columns, and the mask of those
+    below `end`."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < end
+
+
+@triton.jit
+def _block(start, end, lab_ptr, bias_ptr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
+           EXP2: tl.constexpr):
+    """_span's indices and mask of a block of rows or columns, and their labels and biases
+    (_labels_and_bias)."""
+    offs, mask = _span(start, end, BLOCK)
+    lab, bias = _labels_and_bias(lab_ptr, bias_ptr, offs, mask, EVEN, EXP2)
+    return offs, mask, lab, bias
+
+
+@triton.jit
+def _dots(a, b, ROWS: tl.constexpr, COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a · bᵀ [ROWS, COLS] in fp32, for whole-row tiles a [ROWS, d] and b [COLS, d]."""
+    return _mma(a, tl.trans(b), tl.zeros([ROWS, COLS], dtype=tl.float32), INPUT_PRECISION)
+
+
+@triton.jit
 def _scores_tile(z_blk, k_blk, mask_m, mask_n, D, stride_zm, stride_km,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -159,6 +197,18 @@ def _on_band(row0, col0, self_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     holds a self column (j = i + self_offset)."""
     diag = row0 + self_offset
     return (col0 < diag + BLOCK_M) & (col0 + BLOCK_N > diag)
+
+
+@triton.jit
+def _tile_needs_mask(row0, col0, col_end, self_offset, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """Whether _logits_tile must mask the tile of rows [row0, row0 + BLOCK_M) and columns
+    [col0, col0 + BLOCK_N) under LEAN_MASKS: it holds a self column (_on_band) or, unless
+    EVEN_N, columns at or past col_end."""
+    needs_mask = _on_band(row0, col0, self_offset, BLOCK_M, BLOCK_N)
+    if not EVEN_N:
+        needs_mask = needs_mask | (col0 + BLOCK_N > col_end)
+    return needs_mask
 
 
 @triton.jit
@@ -224,6 +274,12 @@ def _program_order(pid_m, pid_s, num_row_blocks, num_splits, GROUP_M: tl.constex
         return first + (pid % width) % rows, (pid % width) // rows
 
 
+@triton.jit
+def _split_range(split, per_split, total):
+    """[start, end) of split `split` of an axis of `total` indices in splits of per_split."""
+    start = split * per_split
+    return start, tl.minimum(start + per_split, total)
+
 
 @triton.jit
 def _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2: tl.constexpr):
@@ -234,3 +290,32 @@ def _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2: tl.constexpr):
     if EXP2:
         lse = lse * 1.4426950408889634
     return lse
+
+
+@triton.jit
+def _row_vectors(lse_ptr, g_ptr, offs_m, mask_m, EXP2: tl.constexpr):
+    """The backward's vectors of a block of rows: their softmax shift (_row_softmax_shift) and
+    upstream gradients g (0 outside mask_m)."""
+    lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    return lse, g
+
+
+@triton.jit
+def _g_normaliser(gmax_ptr):
+    """1 / max|g| (1 when g is all zero, or NaN), by which the dk products multiply g so that
+    g·p lies in [−1, 1] before the cast to the input dtype."""
+    gmax = tl.load(gmax_ptr)
+    return 1.0 / tl.where(gmax > 0, gmax, 1.0)
+
+
+@triton.jit
+def _store_partial(out_ptr, split, rows, row0, mask, d0, D, acc, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """acc [BLOCK, BLOCK_D] into rows [row0, row0 + BLOCK) (those in mask) and columns
+    [d0, d0 + BLOCK_D) (those below D) of split partial `split` of a [splits, rows, D] fp32
+    buffer."""
+    out_blk = out_ptr + _split_offset(split, rows, row0, D)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    tl.store(out_blk + tl.arange(0, BLOCK)[:, None] * D + offs_d[None, :], acc,
+             mask=mask[:, None] & (offs_d < D)[None, :])

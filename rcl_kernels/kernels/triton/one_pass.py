@@ -9,17 +9,8 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (  # noqa: F401 (the kernels call them by name)
-    _row_offset,
-    _split_offset,
-    _mma,
-    _cast,
-    _exp,
-    _load_tile,
-    _labels_and_bias,
-    _on_band,
-    _logits_tile,
-    _row_softmax_shift,
-    _INTERP,
+    _row_offset, _mma, _dots, _cast, _exp, _load_tile, _log_scale, _block, _tile_needs_mask,
+    _logits_tile, _split_range, _row_vectors, _g_normaliser, _store_partial, _INTERP,
 )
 
 
@@ -124,35 +115,23 @@ def _one_pass_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_b
     pid_n = ticket % num_col_blocks
     pid_s = ticket // num_col_blocks
     col0 = pid_n * BLOCK_N
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < M
-    col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N, EXP2)
-    qscale = scale
-    if EXP2:
-        qscale = scale * 1.4426950408889634
+    offs_n, mask_n, col_lab, col_b = _block(col0, M, col_lab_ptr, col_bias_ptr, BLOCK_N, EVEN_N,
+                                            EXP2)
+    qscale = _log_scale(scale, EXP2)
     k_res = _load_tile(k_ptr + _row_offset(col0, stride_km), stride_km, mask_n, 0, D, BLOCK_N,
                        D_PAD, EVEN_N, EVEN_D)
-    # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
-    gmax = tl.load(gmax_ptr)
-    ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)
+    ginv = _g_normaliser(gmax_ptr)
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
+    row_start, row_end = _split_range(pid_s, rows_per_split, N)
     for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M,
-                                          EXP2)
-        lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
-        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+        offs_m, mask_m, row_lab, row_b = _block(m0, row_end, row_lab_ptr, row_bias_ptr, BLOCK_M,
+                                                EVEN_M, EXP2)
+        lse, g = _row_vectors(lse_ptr, g_ptr, offs_m, mask_m, EXP2)
         z_t = _load_tile(z_ptr + _row_offset(m0, stride_zm), stride_zm, mask_m, 0, D, BLOCK_M,
                          D_PAD, EVEN_M, EVEN_D)
-        dots = _mma(z_t, tl.trans(k_res), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                    INPUT_PRECISION)
-        needs_mask = _on_band(m0, col0, self_offset, BLOCK_M, BLOCK_N)
-        if not EVEN_N:
-            needs_mask = needs_mask | (col0 + BLOCK_N > M)
+        dots = _dots(z_t, k_res, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        needs_mask = _tile_needs_mask(m0, col0, M, self_offset, BLOCK_M, BLOCK_N, EVEN_N)
         t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                          col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
         p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
@@ -164,7 +143,4 @@ def _one_pass_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_b
                 BLOCK_M, D_PAD, DETERMINISTIC)
 
     dk = dk * (scale / ginv)
-    offs_d = tl.arange(0, D_PAD)
-    out = dk_ptr + _split_offset(pid_s, M, col0, D)
-    tl.store(out + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], dk,
-             mask=mask_n[:, None] & (offs_d < D)[None, :])
+    _store_partial(dk_ptr, pid_s, M, col0, mask_n, 0, D, dk, BLOCK_N, D_PAD)

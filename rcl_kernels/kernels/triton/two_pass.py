@@ -11,17 +11,9 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (  # noqa: F401 (the kernels call them by name)
-    _row_offset,
-    _split_offset,
-    _mma,
-    _cast,
-    _exp,
-    _load_tile,
-    _labels_and_bias,
-    _scores_tile,
-    _on_band,
-    _logits_tile,
-    _row_softmax_shift,
+    _row_offset, _mma, _dots, _cast, _exp, _load_tile, _labels_and_bias, _log_scale, _span,
+    _block, _scores_tile, _tile_needs_mask, _logits_tile, _split_range, _row_vectors,
+    _g_normaliser, _store_partial,
 )
 
 
@@ -50,30 +42,23 @@ def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_pt
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
     row0 = pid_m * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M, EXP2)
-    qscale = scale
-    if EXP2:
-        qscale = scale * 1.4426950408889634
-    lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
-    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    offs_m, mask_m, row_lab, row_b = _block(row0, N, row_lab_ptr, row_bias_ptr, BLOCK_M, EVEN_M,
+                                            EXP2)
+    qscale = _log_scale(scale, EXP2)
+    lse, g = _row_vectors(lse_ptr, g_ptr, offs_m, mask_m, EXP2)
     d0 = pid_d * BLOCK_D
     z_blk = z_ptr + _row_offset(row0, stride_zm)
     if ONE_CHUNK:
         z_res = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    col_start = pid_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, M)
+    col_start, col_end = _split_range(pid_s, cols_per_split, M)
     for n0 in tl.range(col_start, col_end, BLOCK_N, flatten=True):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < col_end
+        offs_n, mask_n = _span(n0, col_end, BLOCK_N)
         k_blk = k_ptr + _row_offset(n0, stride_km)
         if ONE_CHUNK:
             kv = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-            dots = _mma(z_res, tl.trans(kv), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                        INPUT_PRECISION)
+            dots = _dots(z_res, kv, BLOCK_M, BLOCK_N, INPUT_PRECISION)
             col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n,
                                               EVEN_N, EXP2)
         else:
@@ -83,9 +68,7 @@ def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_pt
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, EVEN_M, EVEN_N,
                                 EVEN_D)
             kv = _load_tile(k_blk, stride_km, mask_n, d0, D, BLOCK_N, BLOCK_D, False, False)
-        needs_mask = _on_band(row0, n0, self_offset, BLOCK_M, BLOCK_N)
-        if not EVEN_N:
-            needs_mask = needs_mask | (n0 + BLOCK_N > col_end)
+        needs_mask = _tile_needs_mask(row0, n0, col_end, self_offset, BLOCK_M, BLOCK_N, EVEN_N)
         t = _logits_tile(dots, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                          col_lab, col_b, self_offset, needs_mask, LEAN_MASKS)
         p = _exp(t - lse[:, None], EXP2)  # in [0, 1]: safe to cast to bf16/fp16
@@ -93,10 +76,7 @@ def _dz_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_pt
 
     # g is constant along the row, so it is applied once here in fp32.
     acc = acc * (g * scale)[:, None]
-    out_blk = out_ptr + _split_offset(pid_s, N, row0, D)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    tl.store(out_blk + tl.arange(0, BLOCK_M)[:, None] * D + offs_d[None, :], acc,
-             mask=mask_m[:, None] & (offs_d < D)[None, :])
+    _store_partial(out_ptr, pid_s, N, row0, mask_m, d0, D, acc, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -118,38 +98,27 @@ def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_pt
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
     col0 = pid_n * BLOCK_N
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < M
-    col_lab, col_b = _labels_and_bias(col_lab_ptr, col_bias_ptr, offs_n, mask_n, EVEN_N, EXP2)
-    qscale = scale
-    if EXP2:
-        qscale = scale * 1.4426950408889634
+    offs_n, mask_n, col_lab, col_b = _block(col0, M, col_lab_ptr, col_bias_ptr, BLOCK_N, EVEN_N,
+                                            EXP2)
+    qscale = _log_scale(scale, EXP2)
     d0 = pid_d * BLOCK_D
     k_blk = k_ptr + _row_offset(col0, stride_km)
     if ONE_CHUNK:
         k_res = _load_tile(k_blk, stride_km, mask_n, 0, D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-    # Normalise g by max|g| so g·p lies in [−1, 1] before the cast to the input dtype.
-    gmax = tl.load(gmax_ptr)
-    ginv = 1.0 / tl.where(gmax > 0, gmax, 1.0)  # all-zero g (or NaN): no scaling
+    ginv = _g_normaliser(gmax_ptr)
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
+    row_start, row_end = _split_range(pid_s, rows_per_split, N)
     for m0 in tl.range(row_start, row_end, BLOCK_M, flatten=True):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        row_lab, row_b = _labels_and_bias(row_lab_ptr, row_bias_ptr, offs_m, mask_m, EVEN_M,
-                                          EXP2)
-        lse = _row_softmax_shift(lse_ptr, offs_m, mask_m, EXP2)
-        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * ginv
+        offs_m, mask_m, row_lab, row_b = _block(m0, row_end, row_lab_ptr, row_bias_ptr, BLOCK_M,
+                                                EVEN_M, EXP2)
+        lse, g = _row_vectors(lse_ptr, g_ptr, offs_m, mask_m, EXP2)
+        g = g * ginv
         z_blk = z_ptr + _row_offset(m0, stride_zm)
-        needs_mask = _on_band(m0, col0, self_offset, BLOCK_M, BLOCK_N)
-        if not EVEN_N:
-            needs_mask = needs_mask | (col0 + BLOCK_N > M)
+        needs_mask = _tile_needs_mask(m0, col0, M, self_offset, BLOCK_M, BLOCK_N, EVEN_N)
         if ONE_CHUNK:
             zv = _load_tile(z_blk, stride_zm, mask_m, 0, D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
-            dots_t = _mma(k_res, tl.trans(zv), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                          INPUT_PRECISION)
+            dots_t = _dots(k_res, zv, BLOCK_N, BLOCK_M, INPUT_PRECISION)
             t_t = _logits_tile(dots_t, qscale, offs_m, offs_n, mask_m, mask_n, row_lab, row_b,
                                col_lab, col_b, self_offset, needs_mask, LEAN_MASKS, True)
             w_t = _cast(_exp(t_t - lse[None, :], EXP2) * g[None, :], zv.dtype)
@@ -164,7 +133,4 @@ def _dk_kernel(z_ptr, k_ptr, row_lab_ptr, col_lab_ptr, row_bias_ptr, col_bias_pt
         acc = _mma(w_t, zv, acc, INPUT_PRECISION)
 
     acc = acc * (scale / ginv)
-    out_blk = out_ptr + _split_offset(pid_s, M, col0, D)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    tl.store(out_blk + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :], acc,
-             mask=mask_n[:, None] & (offs_d < D)[None, :])
+    _store_partial(out_ptr, pid_s, M, col0, mask_n, d0, D, acc, BLOCK_N, BLOCK_D)
