@@ -33,44 +33,32 @@ _INTERP_BLOCK_D_MAX = 64
 # atomics). fp32 tiles take twice the registers/shared memory, so their chunks are narrower.
 _GPU_BLOCK_D_MAX = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
 
-def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                         num_warps=warps, num_stages=stages)
+def _configs(*tiles):
+    """triton.Configs of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) rows."""
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps,
+                          num_stages=stages)
+            for bm, bn, bk, warps, stages in tiles]
 
 # Chosen with ptxas resource reports for sm_90 (no GPU timing yet): every config below
-# compiles without large register spills for bf16/fp16/tf32.
-_FWD_CONFIGS = [
-    _cfg(64, 64, 32, 8, 3),  # first: the one used when autotuning is off
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(64, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 8, 3),
-    _cfg(128, 128, 32, 8, 3),
-]
+# compiles without large register spills for bf16/fp16/tf32. The first is the one used when
+# autotuning is off.
+_FWD_CONFIGS = _configs((64, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3),
+                        (128, 64, 64, 8, 3), (128, 128, 32, 8, 3))
 # Variant.wide_configs: 128-wide tiles with 8 warps and deeper pipelines. ptxas for
 # sm_90 (bench/results/triton-sass-*.txt): no spills for bf16/fp16/TF32; fp32 FMA spills
 # (kilobytes with a resident Z tile), and TF32 with a resident Z tile needs more shared
 # memory than an SM has for 128 x 128 and 64 x 128 x 4 stages: the autotuner drops what
 # fails to launch and times the rest.
-_FWD_WIDE_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 64, 64, 8, 4),
-    _cfg(64, 128, 64, 8, 4),
-]
+_FWD_WIDE_CONFIGS = _configs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
+                             (64, 128, 64, 8, 4))
 # The backward also holds a [block, BLOCK_D] fp32 accumulator (BLOCK_D up to 256), so its
-# parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it.
-_DZ_CONFIGS = [
-    _cfg(64, 64, 32, 8, 2),
-    _cfg(64, 64, 64, 8, 2),
-    _cfg(64, 32, 64, 8, 3),
-    _cfg(64, 64, 32, 8, 1),
-]
-_DK_CONFIGS = [
-    _cfg(64, 64, 32, 8, 2),
-    _cfg(64, 64, 64, 8, 2),
-    _cfg(32, 64, 64, 8, 3),
-    _cfg(64, 64, 32, 8, 1),
-]
+# parallel block (BLOCK_M for dz, BLOCK_N for dk) is 32-64 and 8 warps share it. Rows:
+# (parallel block, streamed block, BLOCK_K, warps, stages); dk's configs are dz's with
+# BLOCK_M and BLOCK_N swapped.
+_BACKWARD_TILES = ((64, 64, 32, 8, 2), (64, 64, 64, 8, 2), (64, 32, 64, 8, 3),
+                   (64, 64, 32, 8, 1))
+_DZ_CONFIGS = _configs(*_BACKWARD_TILES)
+_DK_CONFIGS = _configs(*((bn, bm, *rest) for bm, bn, *rest in _BACKWARD_TILES))
 
 # One pass: a [BLOCK_N, d] K tile and fp32 dk stay in registers while [BLOCK_M, d] Z tiles
 # and fp32 dz contributions stream through. ptxas for sm_90 at d = 128: 64 x 64 with 8 warps
