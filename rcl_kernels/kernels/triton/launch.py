@@ -189,35 +189,32 @@ class BackwardInputs:
         return self.g.abs().amax().reshape(1)
 
 
+def _two_pass(kernel: str, b: BackwardInputs, parallel: int, reduced: int, parallel_block: str,
+              extra_args: tuple, splits, config) -> torch.Tensor:
+    """The dz or dk kernel: programs over blocks of the `parallel` axis (dz: the N rows, dk: the M
+    columns; `parallel_block` is the config's block along it) times d chunks, the `reduced` axis
+    split when those do not fill the GPU. Split partials are summed in a fixed order:
+    deterministic."""
+    d, device = b.z.shape[1], b.z.device
+    d_chunks = _cdiv(d, _block_d(d, b.z.dtype))
+    per_split, splits = split_layout(kernel, _cdiv(parallel, _NOMINAL_BLOCK) * d_chunks, reduced,
+                                     4 * parallel * d, device, splits)
+    out = _alloc((splits, parallel, d), device, torch.float32)
+    grid = lambda meta: (_cdiv(parallel, meta[parallel_block]), d_chunks, splits)  # noqa: E731
+    _launch(kernel, kernel_configs(kernel, b.variant, d), grid,
+            (*b.kernel_args(*extra_args, out), *b.scalars(per_split)),
+            dict(b.meta(kernel), **chunk_meta(kernel, d, b.z.dtype, b.precision())), config)
+    return out[0] if splits == 1 else out.sum(0)
+
+
 def dz_pass(b: BackwardInputs, splits=None, config=None) -> torch.Tensor:
     """dz: row-parallel; the columns split when row blocks x d chunks do not fill the GPU."""
-    (n, d), m, device = b.z.shape, b.k.shape[0], b.z.device
-    block_d = _block_d(d, b.z.dtype)
-    d_chunks = _cdiv(d, block_d)
-    cols_per_split, splits = split_layout("dz", _cdiv(n, _NOMINAL_BLOCK) * d_chunks, m,
-                                          4 * n * d, device, splits)
-    out = _alloc((splits, n, d), device, torch.float32)
-    grid = lambda meta: (_cdiv(n, meta["BLOCK_M"]), d_chunks, splits)  # noqa: E731
-    _launch("dz", kernel_configs("dz", b.variant, d), grid,
-            (*b.kernel_args(out), *b.scalars(cols_per_split)),
-            dict(b.meta("dz"), **chunk_meta("dz", d, b.z.dtype, b.precision())), config)
-    # Fixed-order sum of the partials: deterministic.
-    return out[0] if splits == 1 else out.sum(0)
+    return _two_pass("dz", b, b.z.shape[0], b.k.shape[0], "BLOCK_M", (), splits, config)
 
 
 def dk_pass(b: BackwardInputs, splits=None, config=None) -> torch.Tensor:
     """dk: column-parallel; the rows split when needed (M ≫ N is the usual case, so rarely)."""
-    (n, d), m, device = b.z.shape, b.k.shape[0], b.z.device
-    block_d = _block_d(d, b.z.dtype)
-    d_chunks = _cdiv(d, block_d)
-    rows_per_split, splits = split_layout("dk", _cdiv(m, _NOMINAL_BLOCK) * d_chunks, n,
-                                          4 * m * d, device, splits)
-    out = _alloc((splits, m, d), device, torch.float32)
-    grid = lambda meta: (_cdiv(m, meta["BLOCK_N"]), d_chunks, splits)  # noqa: E731
-    _launch("dk", kernel_configs("dk", b.variant, d), grid,
-            (*b.kernel_args(b.gmax(), out), *b.scalars(rows_per_split)),
-            dict(b.meta("dk"), **chunk_meta("dk", d, b.z.dtype, b.precision())), config)
-    return out[0] if splits == 1 else out.sum(0)
+    return _two_pass("dk", b, b.k.shape[0], b.z.shape[0], "BLOCK_N", (b.gmax(),), splits, config)
 
 
 def _one_pass_sems(n: int, device) -> torch.Tensor:
