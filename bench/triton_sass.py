@@ -253,16 +253,16 @@ def tool(name: str) -> str:
     return found
 
 
-def plan(kernels, variants, dtypes, shapes, configs=None, labels="i64") -> list[dict]:
+def plan(kernels, variants, dtypes, shapes, indices=None, labels="i64") -> list[dict]:
     """One job per distinct compiled kernel (configs.kernel_builds), named by every variant
-    that runs it; `configs`: only these indices into each kernel's autotune list."""
+    that runs it; `indices`: only these indices into each kernel's autotune list."""
     jobs = []
     for shape in shapes:
         for dtype in dtypes:
             for kernel, names, config in configs.kernel_builds(variants, SHAPES[shape][2],
                                                          *DTYPES[dtype], kernels):
                 index = configs.kernel_configs(kernel, names[0], SHAPES[shape][2]).index(config)
-                if configs is not None and index not in configs:
+                if indices is not None and index not in indices:
                     continue
                 jobs.append(dict(kernel=kernel, variant=names[0], variants=names, dtype=dtype,
                                  shape=shape, config=index, labels=labels))

@@ -203,3 +203,17 @@ def test_triton_chunked_backward_loads_are_covered(tmp_path, dtype):
         assert "error" not in row and row["spill_stores"] == 0, row
         assert row["sass_loop_ldg"] > 0, row  # the chunked path: plain loads in the loop
         assert row["sass_loop_ldg_hidden"] == row["sass_loop_ldg"], row
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_sass_plans_one_job_per_build_without_compiling():
+    """The planning half of bench/triton_sass.py (no compilation, so it runs in every suite): the
+    jobs the SASS checks above would compile, with --configs selecting indices."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import triton_sass
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    jobs = triton_sass.plan(["dz", "dk"], ["default"], ["bf16"], ["inat-n512-d1024"], [0])
+    assert sorted(job["kernel"] for job in jobs) == ["dk", "dz"]
+    assert all(job["config"] == 0 for job in jobs)
