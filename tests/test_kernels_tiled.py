@@ -82,14 +82,15 @@ def test_tiled_loss_forward_backward_vs_float64(dtype, block_rows, self_offset):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("block_rows", [1100, 450])
+@pytest.mark.parametrize("block_rows", [2100, 1100])
 def test_tiled_cpu_panels_vs_float64(threads, block_rows):
-    """Enough rows for the CPU driver's panels (128 rows; two threads pull them from a counter, the
-    last ones in halves when there are eight or more; one thread runs them in order), with a last
-    panel and a last block that are partial: every output of the one-pass op and the forward's lse
-    against float64."""
+    """Enough rows for the CPU driver's panels (256 rows; two threads pull them from a counter, the
+    last ones in halves when there are eight or more; one thread runs them in order): one block
+    of nine row panels, or two blocks of four, with a last panel and a last block that are
+    partial, and nine dk panels: every output of the one-pass op and the forward's lse against
+    float64."""
     gen = fresh_generator()
-    n, m, d = 1100, 1403, 8
+    n, m, d = 2100, 2300, 8
     z, k = random_features((n, d), gen).float(), random_features((m, d), gen).float()
     row_labels = torch.randint(0, 7, (n,), generator=gen)
     col_labels = torch.cat([row_labels, torch.randint(0, 9, (m - n,), generator=gen)])

@@ -173,14 +173,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
     std::tie(factor, post) = row_factor(p, weights);
   }
 
-  // How the phases are cut. Shared by the CPU's threads when every row phase has two panels per
+  // How the phases are cut. Shared by the CPU's threads when every row phase has a panel per
   // thread or more; half panels where a phase has four per thread or more (fewer: they would be a
   // large share of the rows, each GEMM repacking all of K). A single CPU thread runs the row
   // panels in order, which keeps each one in cache from its GEMM to its last use; otherwise
   // (the GPU, or too few panels) a phase is one task.
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t last_rows = n - (std::max<int64_t>(n - 1, 0) / block_rows) * block_rows;
-  const bool shared = p.panel > 0 && threads > 1 && last_rows >= 2 * threads * p.panel;
+  const bool shared = p.panel > 0 && threads > 1 && last_rows >= threads * p.panel;
   auto cuts_of = [&](int64_t extent, bool rows) {
     if (!shared) return cut(extent, rows && threads == 1 ? p.panel : 0, 0);
     const int64_t panels = (extent + p.panel - 1) / p.panel;
