@@ -1,14 +1,15 @@
-"""Every fused backend against the float64 reference, by the rule of DESIGN §4."""
+"""Every fused candidate of the registry against the float64 reference, by the rule of DESIGN §4:
+each variant of each backend, on each device type it runs on, in each dtype and reduction."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import pytest
 import torch
 from helpers import (
     assert_within_rule,
-    backend_kwargs,
     backend_param,
     draw_labels,
     fresh_generator,
@@ -16,6 +17,7 @@ from helpers import (
 )
 
 import rcl_kernels as rk
+from rcl_kernels import dispatch
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -93,7 +95,7 @@ def loss_and_grads(features, labels, prototypes, kwargs, backend, dtype, device,
     tables = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     loss = rk.contrastive_loss(
         leaves[0], labels.to(device), leaves[1] if prototypes is not None else None,
-        reduction=reduction, **backend_kwargs(backend), **tables,
+        reduction=reduction, backend=backend, **tables,
     )
     weights = upstream_weights(reduction, features.shape[0] * features.shape[1])
     grads = torch.autograd.grad((loss * weights.to(loss)).sum(), leaves, allow_unused=True)
@@ -135,55 +137,131 @@ def check_backend_against_reference(case, backend, dtype, device, reduction="mea
         assert_within_rule(f"{backend} {case} {name}", value, low_value, true_value, dtype, magnitude)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.tiny], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", [backend_param("triton")])
-def test_triton_interpreted_matches_reference(backend, dtype, case):
-    check_backend_against_reference(case, backend, dtype, "cpu")
-
-
-CPU_BACKENDS = [backend_param("cpu:streaming"), backend_param("cpu:tiled")]
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_cpu_matches_reference(backend, dtype, case):
-    check_backend_against_reference(case, backend, dtype, "cpu")
-
-
+# --------------------------------------------------------------------------------------------------
+# The test matrix, generated from the registry: every fused candidate of every backend, on every
+# device type its backend runs on, x dtype x reduction. A candidate added to a backend shows up
+# here without editing this file. Candidates registered at run time (dispatch.register_candidate:
+# the self-test's deliberately wrong stand-ins) are not a backend's own and are left out.
+# --------------------------------------------------------------------------------------------------
 GPU_CASES = CASES + [
     Case(2048, 2, 128, 1000, "longtail", "bcl"),
     Case(256, 2, 1024, 8142, "longtail", "bcl"),  # BCL on iNaturalist: M >> N, d = 1024
     Case(4096, 1, 128, 10, "uniform", "rcl_standalone"),
 ]
+TINY_CASES = [c for c in CASES if c.tiny]
+# "sum" and "none" differ from "mean" in the glue around the kernels (the upstream weights; "none"
+# runs the forward and backward kernels apart): two cases suffice, one with prototypes and
+# margins across several tiles, one where no anchor has a positive.
+REDUCTION_CASES = [CASES[5], CASES[2]]
+# The Triton interpreter is slow (seconds per call at N = 34): the backend's non-default variants
+# run these cases in one dtype on the CPU, and at full size on a GPU.
+VARIANT_CASES = [CASES[5], CASES[2]]
+VARIANT_REDUCTION_CASES = [CASES[2]]
 
 
-@pytest.mark.parametrize("case", GPU_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", [backend_param("triton", "cuda"), backend_param("cuda", "cuda")])
-def test_gpu_backends_match_reference(backend, dtype, case):
-    if backend.startswith("triton") and dtype == torch.float64:
-        pytest.skip("the Triton backend takes no float64")
-    check_backend_against_reference(case, backend, dtype, "cuda")
+def fused_candidates():
+    """(backend, candidate) of every fused candidate in the registry, in its order."""
+    return [(b, c) for b in dispatch.BACKENDS.values() for c in b.candidates if c.fused]
+
+
+def interpreted(backend, device: str) -> bool:
+    """Whether the backend's kernels run through an interpreter on `device` (Triton on the CPU)."""
+    return any(m.name == "triton_interpret" for m in backend_param(backend.name, device).marks)
+
+
+def plan(backend, candidate, device: str) -> tuple[list[Case], list[torch.dtype], list[Case]]:
+    """(cases with reduction="mean", dtypes, cases with "sum" and "none") of one candidate on one
+    device: everything natively, the tiny cases under the interpreter, fewer for the variants
+    the backend does not run by default."""
+    if not interpreted(backend, device):
+        return (GPU_CASES if device == "cuda" else CASES), DTYPES, REDUCTION_CASES
+    if candidate in backend.default_candidates().values():
+        return TINY_CASES, DTYPES, REDUCTION_CASES
+    return VARIANT_CASES, [backend.dtypes[0]], VARIANT_REDUCTION_CASES
+
+
+def problem_of(case: Case, device: str, dtype: torch.dtype) -> dispatch.Problem:
+    rows = case.batch * case.views
+    columns = rows + (case.num_classes if case.preset in ("bcl", "rcl") else 0)
+    return dispatch.Problem(torch.device(device), dtype, rows, columns, case.dim)
+
+
+def candidate_param(backend, candidate, device, dtype, reduction, case):
+    """One pytest.param, skipped with the registry's reasons where the candidate cannot run it
+    here (its backend is unavailable, no such device, a refused dtype or feature size)."""
+    marks = list(backend_param(candidate.name, device).marks)
+    if not any(m.name == "skip" for m in marks):
+        problem = problem_of(case, device, dtype)
+        reasons = backend.candidate_not_supported_reasons(problem, candidate)
+        if reasons:
+            marks.append(pytest.mark.skip(reason=f"{candidate.name}: {'; '.join(reasons)}"))
+    dtype_id = str(dtype).removeprefix("torch.")
+    return pytest.param(candidate.name, device, dtype, reduction, case, marks=marks,
+                        id=f"{candidate.name}-{device}-{dtype_id}-{reduction}-{case}")
+
+
+def matrix_params() -> list:
+    out = []
+    for backend, candidate in fused_candidates():
+        for device in backend.device_types:
+            mean_cases, dtypes, reduction_cases = plan(backend, candidate, device)
+            for dtype in dtypes:
+                for reduction, cases in (("mean", mean_cases), ("sum", reduction_cases),
+                                         ("none", reduction_cases)):
+                    out += [candidate_param(backend, candidate, device, dtype, reduction, case)
+                            for case in cases]
+    return out
+
+
+MATRIX = matrix_params()
+
+
+@pytest.mark.parametrize("backend,device,dtype,reduction,case", MATRIX)
+def test_candidate_matches_reference(backend, device, dtype, reduction, case):
+    check_backend_against_reference(case, backend, dtype, device, reduction)
+
+
+def test_matrix_covers_every_candidate_of_the_registry():
+    """Each fused candidate of each backend is in the matrix on every device type its backend
+    runs on, with every reduction there, and with every dtype (run, or skipped with the refusal)
+    on at least one device: a candidate cannot drop out of the tests unnoticed."""
+    reductions, dtypes = collections.defaultdict(set), collections.defaultdict(set)
+    for param in MATRIX:
+        name, device, dtype, reduction, _ = param.values
+        reductions[name, device].add(reduction)
+        dtypes[name].add(dtype)
+    expected = {(c.name, device) for b in dispatch.BACKENDS.values() for c in b.candidates
+                if c.fused for device in b.device_types}
+    assert expected, "the registry lists no fused candidate"
+    assert set(reductions) == expected
+    assert all(r == set(dispatch.REDUCTIONS) for r in reductions.values()), reductions
+    assert all(d >= set(DTYPES) for d in dtypes.values()), dtypes
+
+
+PRECISION_CASE = Case(1024, 2, 128, 100, "longtail", "rcl")
+
+
+def gpu_params() -> list:
+    """Every fused candidate whose backend runs on CUDA, in float32 on PRECISION_CASE."""
+    return [candidate_param(backend, candidate, "cuda", torch.float32, "mean", PRECISION_CASE)
+            for backend, candidate in fused_candidates() if "cuda" in backend.device_types]
 
 
 @pytest.mark.parametrize("precision", ["highest", "high"])
-@pytest.mark.parametrize("backend", [backend_param("triton", "cuda"), backend_param("cuda", "cuda")])
-def test_gpu_float32_follows_matmul_precision(backend, precision):
+@pytest.mark.parametrize("backend,device,dtype,reduction,case", gpu_params())
+def test_gpu_float32_follows_matmul_precision(backend, device, dtype, reduction, case, precision):
     """With "high" (TF32) both the reference and the backend use TF32 products, so the rule
     compares like with like."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        check_backend_against_reference(Case(1024, 2, 128, 100, "longtail", "rcl"), backend,
-                                        torch.float32, "cuda")
+        check_backend_against_reference(case, backend, dtype, device, reduction)
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_reductions_match_reference(backend, reduction):
-    check_backend_against_reference(CASES[5], backend, torch.float32, "cpu", reduction)
-    check_backend_against_reference(CASES[2], backend, torch.float64, "cpu", reduction)
+def test_gpu_precision_test_covers_every_gpu_candidate():
+    """Each fused candidate whose backend runs on CUDA is in the matmul-precision test."""
+    names = {param.values[0] for param in gpu_params()}
+    assert names == {c.name for b in dispatch.BACKENDS.values() for c in b.candidates
+                     if c.fused and "cuda" in b.device_types}
