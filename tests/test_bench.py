@@ -325,3 +325,63 @@ def test_busy_neighbour_times_every_implementation_quiet_and_busy(tmp_path):
         assert len(r["quiet_rounds_ms"]) == len(r["busy_rounds_ms"]) == 2
         assert all(t > 0 for t in r["quiet_rounds_ms"] + r["busy_rounds_ms"])
         assert r["slowdown"] == pytest.approx(r["busy_ms"] / r["quiet_ms"], rel=1e-3)
+
+
+def test_cpu_exp_accuracy_check_catches_a_wrong_exp():
+    """bench/cpu_exp.py's accuracy check: exp in float32 rounded once passes; an exp off by 1e-6
+    relative, or one that gives 0 above the flush point, does not."""
+    import numpy as np
+
+    import cpu_exp
+
+    x, _ = cpu_exp.sweep(torch.float32, 20_000)
+    arg = x.numpy().ravel()
+    exact = np.exp(arg.astype(np.float64)).astype(np.float32)
+    good = cpu_exp.accuracy(arg, exact, cutoff=-80.0)
+    assert good["max_ulp"] <= 0.5 + 1e-6 and good["checked"] > 30_000 and good["below_cutoff"] > 0
+    assert not good["flushes"]
+    flushed = cpu_exp.accuracy(arg, np.where(arg < -80, np.float32(0), exact), cutoff=-80.0)
+    assert flushed["flushes"] and flushed["max_ulp"] == good["max_ulp"]
+    scaled = cpu_exp.accuracy(arg, exact * np.float32(1 + 1e-6), cutoff=-80.0)
+    assert scaled["max_ulp"] > cpu_exp.MAX_ULP
+    early = cpu_exp.accuracy(arg, np.where(arg < -70, np.float32(0), exact), cutoff=-80.0)
+    assert early["max_rel_err"] == 1.0 and early["max_ulp"] > cpu_exp.MAX_ULP
+
+
+def test_cpu_exp_refuses_a_cpu_without_the_isa():
+    import cpu_exp
+
+    with pytest.raises(SystemExit, match="lacks avx512bw, avx512vl.*--isa avx2"):
+        cpu_exp.require_isa("avx512", {"avx512f", "avx512dq", "fma", "avx2"})
+    with pytest.raises(SystemExit, match="lacks avx2, fma, which the avx2 build needs$"):
+        cpu_exp.require_isa("avx2", set())
+
+
+@pytest.mark.slow
+def test_cpu_exp_bench_runs(tmp_path):
+    """The exp bench end to end at a tiny size, AVX2 build only (the build is cached under
+    build/cpu_exp; the first takes about a minute)."""
+    import cpu_exp
+
+    if not {"avx2", "fma"} <= cpu_exp.cpu_flags():
+        pytest.skip("the CPU lacks AVX2 + FMA")
+    out = tmp_path / "exp.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "cpu_exp.py"), "--isa", "avx2", "--shapes", "3x37",
+         "--rounds", "2", "--reps", "2", "--sweep-points", "5000", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] == torch.__version__
+    (f32, f64) = data["results"]
+    assert set(f32["timing"]) == {"hand avx2", "sleef avx2", "sleef+flush avx2", "exp_u20 avx2",
+                                  "exp_u20+flush avx2", "at::exp_"}
+    assert "exp_u20 avx2" not in f64["timing"]
+    for res in (f32, f64):
+        for label, timing in res["timing"].items():
+            assert timing["passes"] == 4 and timing["ns_per_element_min"] > 0, label
+        for acc in (res["accuracy_block"], res["accuracy_sweep"]):
+            assert acc["hand avx2"]["max_ulp"] <= cpu_exp.MAX_ULP and acc["hand avx2"]["flushes"]
+            assert acc["sleef avx2"]["max_ulp"] <= cpu_exp.MAX_ULP
+            assert acc["sleef+flush avx2"]["flushes"]
+    assert "| float64 | 3×37 | hand avx2 |" in proc.stdout
