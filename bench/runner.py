@@ -93,13 +93,14 @@ def device_slug(name: str) -> str:
     return "-".join(t for t in kept if t) or "gpu"
 
 
-def git_commit() -> str:
-    """Short HEAD, "+dirty" when the package, the C++/CUDA sources or setup.py differ from it."""
+def git_commit(repo: str = REPO) -> str:
+    """Short HEAD of `repo`, "+dirty" when the package, the C++/CUDA sources or setup.py differ
+    from it."""
     try:
-        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"],
+        sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=20).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "--",
+            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no", "--",
              "rcl_kernels", "csrc", "setup.py"], capture_output=True, text=True, timeout=20
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

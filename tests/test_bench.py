@@ -327,6 +327,30 @@ def test_busy_neighbour_times_every_implementation_quiet_and_busy(tmp_path):
         assert r["slowdown"] == pytest.approx(r["busy_ms"] / r["quiet_ms"], rel=1e-3)
 
 
+def test_compare_trees_times_each_tree_in_its_own_process(tmp_path):
+    """bench/compare_trees.py end to end, this checkout against itself at a tiny size: a row per
+    shape and implementation with both trees' times and their ratio."""
+    import compare_trees
+
+    assert compare_trees.main(["--trees", REPO, REPO, "--shapes", "40:8", "--impls", "cpu:tiled",
+                               "reference", "--turns", "2", "--rounds", "2", "--out",
+                               str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "cpu-t.json").read_text())["rows"]
+    assert [(r["N"], r["d"], r["impl"]) for r in rows] == [(40, 8, "cpu:tiled"),
+                                                           (40, 8, "reference")]
+    for r in rows:
+        assert r["before_min_ms"] > 0 and r["after_min_ms"] > 0
+        assert r["after_over_before_min"] == pytest.approx(
+            r["after_min_ms"] / r["before_min_ms"], rel=1e-2)
+
+
+def test_compare_trees_refuses_a_tree_without_the_package(tmp_path):
+    import compare_trees
+
+    with pytest.raises(SystemExit, match="holds no rcl_kernels/ package"):
+        compare_trees.main(["--trees", str(tmp_path), REPO])
+
+
 def test_cpu_exp_accuracy_check_catches_a_wrong_exp():
     """bench/cpu_exp.py's accuracy check: exp in float32 rounded once passes; an exp off by 1e-6
     relative, or one that gives 0 above the flush point, does not."""
