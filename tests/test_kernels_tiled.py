@@ -85,8 +85,8 @@ def test_tiled_loss_forward_backward_vs_float64(dtype, block_rows, self_offset):
 @pytest.mark.parametrize("block_rows", [2100, 1100])
 def test_tiled_cpu_panels_vs_float64(threads, block_rows):
     """Enough rows for the CPU driver's panels (256 rows; two threads pull them from a counter, the
-    last ones in halves when there are eight or more; one thread runs them in order): one block
-    of nine row panels, or two blocks of four, with a last panel and a last block that are
+    last ones in halves when there are four or more; one thread runs them in order): one block
+    of nine row panels, or two blocks of five and four, with a last panel and a last block that are
     partial, and nine dk panels: every output of the one-pass op and the forward's lse against
     float64."""
     gen = fresh_generator()

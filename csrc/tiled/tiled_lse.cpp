@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
   }
 
   // How the phases are cut. Shared by the CPU's threads when every row phase has a panel per
-  // thread or more; half panels where a phase has four per thread or more (fewer: they would be a
+  // thread or more; half panels where a phase has two per thread or more (fewer: they would be a
   // large share of the rows, each GEMM repacking all of K). A single CPU thread runs the row
   // panels in order, which keeps each one in cache from its GEMM to its last use; otherwise
   // (the GPU, or too few panels) a phase is one task.
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const Problem& p, Epilogue ep
   auto cuts_of = [&](int64_t extent, bool rows) {
     if (!shared) return cut(extent, rows && threads == 1 ? p.panel : 0, 0);
     const int64_t panels = (extent + p.panel - 1) / p.panel;
-    return cut(extent, p.panel, panels >= 4 * threads ? threads : 0);
+    return cut(extent, p.panel, panels >= 2 * threads ? threads : 0);
   };
   struct Phase {
     int64_t r0, rows;
