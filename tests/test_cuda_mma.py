@@ -1,9 +1,9 @@
 """GPU tests of the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu, ops
-rcl_kernels::cuda_mma_lse_forward / _backward) against a dense float64 formula of the op.
+rcl_kernels::mma_lse_forward / _backward) against a dense float64 formula of the op.
 
 The inputs, the dense formula, the 2x rule (helpers.assert_within_rule, TF32's floor) and the
-NaN-poisoned allocator are tests/test_cuda_lse.py's; the bad calls' child processes, their set-up and the calls both ops
-share are tests/cuda_children.py's (imported, not copied). What differs
+NaN-poisoned allocator are tests/test_cuda_wmma.py's; the bad calls' child processes, their
+set-up and the calls both ops share are tests/cuda_children.py's (imported, not copied). What differs
 from the wmma ops: float32 without allow_tf32 runs 3xTF32 products (held to the float32 rule),
 the backward takes one split count (the rows of each column tile), and there is no limit on d
 (5000, 8192 and 20000 included). The bad calls run in subprocesses, so a crash fails that test
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import cuda_children
-import test_cuda_lse as base
+import test_cuda_wmma as base
 
 
 def _mma_kernels_unavailable() -> str | None:
@@ -27,9 +27,9 @@ def _mma_kernels_unavailable() -> str | None:
         return base._REASON
     try:
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "rcl_kernels::cuda_mma_lse_forward", "CUDA")
+            "rcl_kernels::mma_lse_forward", "CUDA")
     except RuntimeError as error:  # an extension built before the op existed
-        return f"rcl_kernels._C has no cuda_mma_lse_forward ({error}); rebuild it with `make install`"
+        return f"rcl_kernels._C has no mma_lse_forward ({error}); rebuild it with `make install`"
     if not has_kernel:
         return "rcl_kernels._C was built without the mma.sync kernels"
     if torch.cuda.get_device_capability() < (8, 0):
@@ -46,14 +46,14 @@ SPLITS = base.SPLITS
 
 def mma_forward(p, allow_tf32=False, splits=1):
     base.poison_allocator()
-    return torch.ops.rcl_kernels.cuda_mma_lse_forward(
+    return torch.ops.rcl_kernels.mma_lse_forward(
         p["z"], p["k"], p["row_labels"], p["col_labels"], p["row_bias"], p["col_bias"],
         p["self_offset"], p["scale"], allow_tf32, splits)
 
 
 def mma_backward(p, lse, allow_tf32=False, g=None, splits=1):
     base.poison_allocator()
-    return torch.ops.rcl_kernels.cuda_mma_lse_backward(
+    return torch.ops.rcl_kernels.mma_lse_backward(
         p["g"] if g is None else g, p["z"], p["k"], p["row_labels"], p["col_labels"],
         p["row_bias"], p["col_bias"], lse, p["self_offset"], p["scale"], allow_tf32, splits)
 
@@ -76,7 +76,7 @@ def run_and_check(prob, mode, splits=1):
     return p, lse, dz, dk
 
 
-# (n, m, d, self_offset, self_contrast): test_cuda_lse's cases, and d past any chunk count.
+# (n, m, d, self_offset, self_contrast): test_cuda_wmma's cases, and d past any chunk count.
 CASES = {
     **base.CASES,
     "d5000": (70, 300, 5000, 0, True),
@@ -200,14 +200,14 @@ def test_gradcheck_float64():
     class Op(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, k):
-            lse = torch.ops.rcl_kernels.cuda_mma_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
+            lse = torch.ops.rcl_kernels.mma_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
             ctx.save_for_backward(z, k, lse)
             return lse
 
         @staticmethod
         def backward(ctx, g):
             z, k, lse = ctx.saved_tensors
-            return torch.ops.rcl_kernels.cuda_mma_lse_backward(
+            return torch.ops.rcl_kernels.mma_lse_backward(
                 g, z, k, rl, cl, rb, cb, lse, 0, 2.0, False, 1)
 
     z = prob["z"].clone().requires_grad_()
@@ -221,19 +221,19 @@ def test_gradcheck_float64():
 # --------------------------------------------------------------------------------------------------
 _MMA_CALLS_CHILD = cuda_children.child_script(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
-        return ops.cuda_mma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
+        return ops.mma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
     def bwd(z=z, k=k, lse=lse, g=g, splits=1):
         n = z.shape[0]
-        return ops.cuda_mma_lse_backward(g, z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
+        return ops.mma_lse_backward(g, z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
                                          splits)
 
     def large_d(d, dtype):
         zz = torch.nn.functional.normalize(randn(4, d), dim=-1).to(dtype)
         kk = torch.nn.functional.normalize(randn(6, d), dim=-1).to(dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        l = ops.cuda_mma_lse_forward(zz, kk, rl, cl, rb.to(acc), cb.to(acc), 0, 10.0, False, 1)
-        dz, dk = ops.cuda_mma_lse_backward(g.to(acc), zz, kk, rl, cl, rb.to(acc), cb.to(acc), l,
+        l = ops.mma_lse_forward(zz, kk, rl, cl, rb.to(acc), cb.to(acc), 0, 10.0, False, 1)
+        dz, dk = ops.mma_lse_backward(g.to(acc), zz, kk, rl, cl, rb.to(acc), cb.to(acc), l,
                                            0, 10.0, False, 3)
         assert all(torch.isfinite(t).all() for t in (l, dz, dk)), "non-finite result"
 
@@ -258,9 +258,9 @@ MMA_CALLS = {
     "d20000_fp16": None,
     "d8192_fp64": None,
     **cuda_children.ARGUMENT_ERRORS,
-    "col_splits_zero": "cuda_mma_lse_forward: col_splits must be >= 1",
-    "splits_zero": "cuda_mma_lse_backward: splits must be >= 1",
-    "splits_negative": "cuda_mma_lse_backward: splits must be >= 1",
+    "col_splits_zero": "mma_lse_forward: col_splits must be >= 1",
+    "splits_zero": "mma_lse_backward: splits must be >= 1",
+    "splits_negative": "mma_lse_backward: splits must be >= 1",
     "grad_lse_shape": "grad_lse must have shape",
     "valid_call_after_errors": None,
 }

@@ -9,7 +9,7 @@
 #include <ATen/ATen.h>
 
 #include "cuda/elem_type.h"
-#include "cuda/masked_lse_kernels.cuh"
+#include "cuda/wmma_lse_kernels.cuh"
 
 namespace rcl_cuda_binding {
 

@@ -1,13 +1,13 @@
-// Torch binding of the mma.sync kernels: rcl_kernels::cuda_mma_lse_forward / _backward (schemas
+// Torch binding of the mma.sync kernels: rcl_kernels::mma_lse_forward / _backward (schemas
 // and math in csrc/ops.cpp, kernels in mma_lse_kernels.cu). Validates every argument (TORCH_CHECK
 // naming it) before the first CUDA call, then the device (compute capability, shared memory),
 // allocates outputs and workspaces on the current stream's caching allocator and calls the plain
 // launchers with the caller's split counts (rcl_kernels/kernels/planner.py plans them).
 //
-//   cuda_mma_lse_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-//                        allow_tf32, col_splits) -> lse
-//   cuda_mma_lse_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse,
-//                         self_offset, scale, allow_tf32, splits) -> (dz, dk)
+//   mma_lse_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+//                   allow_tf32, col_splits) -> lse
+//   mma_lse_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse,
+//                    self_offset, scale, allow_tf32, splits) -> (dz, dk)
 // col_splits: blocks that share one row tile's columns (merged in split order); splits: blocks
 // that share one column tile's rows (dk added in split order). float32 without allow_tf32 runs
 // 3xTF32 products.
@@ -47,12 +47,11 @@ void check_device(const char* op, const at::Tensor& z, bool allow_tf32,
               " allows ", smem_optin);
 }
 
-at::Tensor cuda_mma_lse_forward(const at::Tensor& z, const at::Tensor& k,
-                                const at::Tensor& row_labels, const at::Tensor& col_labels,
-                                const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                int64_t self_offset, double scale, bool allow_tf32,
-                                int64_t col_splits) {
-  constexpr const char* op = "cuda_mma_lse_forward";
+at::Tensor mma_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                           const at::Tensor& col_labels, const at::Tensor& row_bias,
+                           const at::Tensor& col_bias, int64_t self_offset, double scale,
+                           bool allow_tf32, int64_t col_splits) {
+  constexpr const char* op = "mma_lse_forward";
   check_features(op, z, k);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
   check_splits(op, "col_splits", col_splits);
@@ -70,12 +69,12 @@ at::Tensor cuda_mma_lse_forward(const at::Tensor& z, const at::Tensor& k,
   return lse;
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_mma_lse_backward(
+std::tuple<at::Tensor, at::Tensor> mma_lse_backward(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
     bool allow_tf32, int64_t splits) {
-  constexpr const char* op = "cuda_mma_lse_backward";
+  constexpr const char* op = "mma_lse_backward";
   check_features(op, z, k);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
   const auto acc = acc_dtype(z.scalar_type());
@@ -108,6 +107,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_mma_lse_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
-  m.impl("cuda_mma_lse_forward", &cuda_mma_lse_forward);
-  m.impl("cuda_mma_lse_backward", &cuda_mma_lse_backward);
+  m.impl("mma_lse_forward", &mma_lse_forward);
+  m.impl("mma_lse_backward", &mma_lse_backward);
 }

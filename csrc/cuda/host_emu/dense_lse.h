@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "cuda/masked_lse_kernels.cuh"
+#include "cuda/wmma_lse_kernels.cuh"
 
 namespace dense_lse {
 

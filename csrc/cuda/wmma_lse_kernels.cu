@@ -1,4 +1,4 @@
-// CUDA kernels of the masked, biased log-sum-exp op (see masked_lse_kernels.cuh and csrc/ops.cpp).
+// CUDA kernels of the masked, biased log-sum-exp op (see wmma_lse_kernels.cuh and csrc/ops.cpp).
 // No torch headers: `nvcc -c` compiles this file alone (make check-cuda).
 //
 // One tile scheme for every dtype, parameterised by a "policy" that supplies the two block-level
@@ -15,7 +15,7 @@
 // Backward (recomputation from z, k, lse): the row pass (grid: row tiles × d chunks × column
 // splits) accumulates dz = s·(g⊙P)·K, the column pass (grid: column tiles × d chunks × row splits)
 // accumulates dk = s·(g⊙P)ᵀ·Z. Split partials are summed in a fixed order: deterministic.
-#include "masked_lse_kernels.cuh"
+#include "wmma_lse_kernels.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,6 +1,6 @@
-// CUDA kernels of rcl_kernels::cuda_lse_forward / cuda_lse_backward (schemas and math in
+// CUDA kernels of rcl_kernels::wmma_lse_forward / wmma_lse_backward (schemas and math in
 // csrc/ops.cpp). This file validates, allocates outputs and workspaces on the current stream's
-// caching allocator, and calls the plain launchers of masked_lse_kernels.cu with the split counts
+// caching allocator, and calls the plain launchers of wmma_lse_kernels.cu with the split counts
 // it is given (rcl_kernels/kernels/planner.py plans them).
 #include <cstdint>
 #include <tuple>
@@ -12,24 +12,24 @@
 #include <torch/library.h>
 
 #include "cuda/lse_binding.h"
-#include "cuda/masked_lse_kernels.cuh"
+#include "cuda/wmma_lse_kernels.cuh"
 
 namespace {
 
 using namespace rcl_cuda_binding;
 
-// The wmma launchers accept d up to kMaxFeatureDim (masked_lse_kernels.cuh); the mma.sync binding
+// The wmma launchers accept d up to kMaxFeatureDim (wmma_lse_kernels.cuh); the mma.sync binding
 // has no such limit, so this check is this binding's own. It runs right after check_features.
 void check_feature_dim(const char* op, const at::Tensor& z) {
   TORCH_CHECK(z.size(1) <= rcl_cuda::kMaxFeatureDim, op, ": feature dim d=", z.size(1),
               " exceeds the supported maximum of ", rcl_cuda::kMaxFeatureDim);
 }
 
-at::Tensor cuda_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+at::Tensor wmma_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
                             const at::Tensor& col_labels, const at::Tensor& row_bias,
                             const at::Tensor& col_bias, int64_t self_offset, double scale,
                             bool allow_tf32, int64_t col_splits) {
-  constexpr const char* op = "cuda_lse_forward";
+  constexpr const char* op = "wmma_lse_forward";
   check_features(op, z, k);
   check_feature_dim(op, z);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
@@ -47,12 +47,12 @@ at::Tensor cuda_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::
   return lse;
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_lse_backward(
+std::tuple<at::Tensor, at::Tensor> wmma_lse_backward(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
     bool allow_tf32, int64_t row_pass_splits, int64_t col_pass_splits) {
-  constexpr const char* op = "cuda_lse_backward";
+  constexpr const char* op = "wmma_lse_backward";
   check_features(op, z, k);
   check_feature_dim(op, z);
   check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
@@ -88,6 +88,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_lse_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
-  m.impl("cuda_lse_forward", &cuda_lse_forward);
-  m.impl("cuda_lse_backward", &cuda_lse_backward);
+  m.impl("wmma_lse_forward", &wmma_lse_forward);
+  m.impl("wmma_lse_backward", &wmma_lse_backward);
 }

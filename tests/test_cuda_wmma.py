@@ -1,5 +1,5 @@
-"""GPU tests of the CUDA LSE kernels (csrc/cuda, ops rcl_kernels::cuda_lse_forward/_backward)
-against a dense float64 formula of the op.
+"""GPU tests of the wmma kernels (csrc/cuda/wmma_lse_kernels.cu, ops
+rcl_kernels::wmma_lse_forward / _backward) against a dense float64 formula of the op.
 
 The op (csrc/ops.cpp):
     t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
@@ -41,9 +41,9 @@ def _cuda_kernels_unavailable() -> str | None:
         return f"rcl_kernels._C cannot be imported ({type(error).__name__}: {error})"
     try:
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "rcl_kernels::cuda_lse_forward", "CUDA")
+            "rcl_kernels::wmma_lse_forward", "CUDA")
     except RuntimeError as error:  # an extension built before the op existed
-        return f"rcl_kernels._C has no cuda_lse_forward ({error}); rebuild it with `make install`"
+        return f"rcl_kernels._C has no wmma_lse_forward ({error}); rebuild it with `make install`"
     if not has_kernel:
         return "rcl_kernels._C was built without the CUDA kernels"
     return None
@@ -179,14 +179,14 @@ SPLITS = {"one": 1, "several": 3, "all": 2**40}
 
 def cuda_forward(p, allow_tf32=False, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.cuda_lse_forward(
+    return torch.ops.rcl_kernels.wmma_lse_forward(
         p["z"], p["k"], p["row_labels"], p["col_labels"], p["row_bias"], p["col_bias"],
         p["self_offset"], p["scale"], allow_tf32, splits)
 
 
 def cuda_backward(p, lse, allow_tf32=False, g=None, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.cuda_lse_backward(
+    return torch.ops.rcl_kernels.wmma_lse_backward(
         p["g"] if g is None else g, p["z"], p["k"], p["row_labels"], p["col_labels"],
         p["row_bias"], p["col_bias"], lse, p["self_offset"], p["scale"], allow_tf32, splits,
         splits)
@@ -375,14 +375,14 @@ def test_gradcheck_float64():
     class Op(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, k):
-            lse = torch.ops.rcl_kernels.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
+            lse = torch.ops.rcl_kernels.wmma_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
             ctx.save_for_backward(z, k, lse)
             return lse
 
         @staticmethod
         def backward(ctx, g):
             z, k, lse = ctx.saved_tensors
-            return torch.ops.rcl_kernels.cuda_lse_backward(
+            return torch.ops.rcl_kernels.wmma_lse_backward(
                 g, z, k, rl, cl, rb, cb, lse, 0, 2.0, False, 1, 1)
 
     z = prob["z"].clone().requires_grad_()
@@ -397,11 +397,11 @@ def test_gradcheck_float64():
 # and the calls every binding shares). The d limit is this binding's own.
 _BAD_CALLS_CHILD = cuda_children.child_script(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
-        return ops.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
+        return ops.wmma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
     def bwd(z=z, k=k, lse=lse, row_splits=1, col_splits=1):
         n = z.shape[0]
-        return ops.cuda_lse_backward(g[:n], z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
+        return ops.wmma_lse_backward(g[:n], z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
                                      row_splits, col_splits)
 
     def bcl_loss_d5000():

@@ -1,5 +1,5 @@
-// Plain-C++ interface of the CUDA masked-LSE kernels (no torch headers), used by
-// masked_lse_cuda.cpp. The math is in the header comment of csrc/ops.cpp:
+// Plain-C++ interface of the wmma masked-LSE kernels (no torch headers), used by
+// wmma_lse_cuda.cpp. The math is in the header comment of csrc/ops.cpp:
 //
 //   t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
 //   lse_i = log Σ_{j ≠ i + self_offset} exp(t_ij)            (−inf when no column is left)
