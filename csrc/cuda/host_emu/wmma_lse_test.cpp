@@ -4,7 +4,7 @@
 // layouts and output indexing. Not covered: the hardware (fragment register layouts, real
 // shared-memory/alignment faults, timing) — tests/test_cuda_wmma.py on a GPU.
 //
-//   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/host_emu_test.cpp
+//   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/wmma_lse_test.cpp
 #define RCL_HOST_EMULATION 1
 #include "cuda/host_emu/cuda_host_emu.h"
 // The kernels, compiled as host code.
