@@ -83,21 +83,10 @@ struct Inputs {
         col_bias(col_bias_.contiguous()) {}
 
   rcl_cuda::LseProblem problem(int64_t self_offset, double scale, bool allow_tf32) const {
-    rcl_cuda::LseProblem p;
-    p.z = z.data_ptr();
-    p.k = k.data_ptr();
-    p.row_labels = row_labels.data_ptr<int64_t>();
-    p.col_labels = col_labels.data_ptr<int64_t>();
-    p.row_bias = row_bias.data_ptr();
-    p.col_bias = col_bias.data_ptr();
-    p.n = z.size(0);
-    p.m = k.size(0);
-    p.d = z.size(1);
-    p.self_offset = self_offset;
-    p.scale = scale;
-    p.type = elem_type(z.scalar_type());
-    p.allow_tf32 = allow_tf32;
-    return p;
+    return rcl_cuda::lse_problem(z.data_ptr(), k.data_ptr(), row_labels.data_ptr<int64_t>(),
+                                 col_labels.data_ptr<int64_t>(), row_bias.data_ptr(),
+                                 col_bias.data_ptr(), z.size(0), k.size(0), z.size(1),
+                                 self_offset, scale, elem_type(z.scalar_type()), allow_tf32);
   }
 };
 

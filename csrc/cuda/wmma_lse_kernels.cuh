@@ -38,6 +38,16 @@ struct LseProblem {
   bool allow_tf32 = false;  // float32 only: TF32 tensor cores instead of fp32 FMA
 };
 
+// The problem over row-major z [n, d] and k [m, d] of `type`, labels and biases as above (the
+// arguments in the order of the members).
+inline LseProblem lse_problem(const void* z, const void* k, const int64_t* row_labels,
+                              const int64_t* col_labels, const void* row_bias,
+                              const void* col_bias, int64_t n, int64_t m, int64_t d,
+                              int64_t self_offset, double scale, ElemType type, bool allow_tf32) {
+  return LseProblem{z, k, row_labels, col_labels, row_bias, col_bias, n, m, d, self_offset, scale,
+                    type, allow_tf32};
+}
+
 // How the work is split. The split counts come from the caller (rcl_kernels/kernels/planner.py, shared
 // with the Triton kernels); a plan only clamps them and sizes the workspaces, which the caller
 // allocates (bytes, may be 0) before launching.
