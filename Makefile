@@ -66,7 +66,7 @@ bench: install
 NVCC_TORCH_DEFS := -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 CUDA_BINDINGS := $(wildcard csrc/cuda/*.cpp)
-HOST_EMU_TESTS := host_emu_test tiled_epilogue_test mma_lse_test
+HOST_EMU_TESTS := wmma_lse_test tiled_epilogue_test mma_lse_test
 CHECK_STUB := build/check-cuda-stub
 check-cuda:
 	@test -n "$(NVCC)" || { echo "check-cuda: nvcc not found"; exit 1; }

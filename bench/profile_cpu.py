@@ -4,7 +4,7 @@
 The fused op calls ATen from C++ inside its tiles, so the profiler sees the GEMMs (aten::mm for
 the logit tiles, aten::addmm_ for the gradient products) and the vectorized exp (aten::exp_);
 the scalar loops of the kernel (bias/mask, row max and shift, row sums, weight scaling) are not
-ATen ops and show up as the self time of rcl_kernels::masked_lse_*. The positive terms and
+ATen ops and show up as the self time of rcl_kernels::streaming_lse_*. The positive terms and
 bias tables (segment sums, index_add, gathers) are ATen ops outside the custom op.
 
 Also times the pieces alone for scale: one N x M GEMM and one exp over N x M floats.

@@ -15,15 +15,18 @@
 // the caller adds the positive-term gradients before the one rounding to the input dtype (two
 // half-precision gradients of opposite sign would cancel badly).
 //
-// One pair of ops per backend and algorithm, so that the backend object chosen in Python
-// (rcl_kernels/dispatch.py) names the kernel it runs and the dispatcher has nothing left to pick:
-//   cpu_lse_*   the CPU streaming kernel (csrc/cpu/masked_lse_cpu.cpp);
-//   cuda_lse_*  the CUDA streaming kernels (csrc/cuda/), with the split counts of
-//               rcl_kernels/kernels/planner.py; allow_tf32 asks for TF32 tensor-core products
-//               on float32 inputs (float32 matmul precision "high"/"medium");
-//   cuda_mma_lse_* the mma.sync kernels (csrc/cuda/mma_lse_kernels.cu): one kernel per pass, any d,
-//               one backward split count; fp32 without allow_tf32 runs 3xTF32 (untimed; the
-//               cuda backend's streaming variant "mma");
+// One pair of ops per candidate, named after the variant that runs it (its source files carry the
+// same name), so that the candidate chosen in Python (rcl_kernels/dispatch.py) names the kernel it
+// runs and the dispatcher has nothing left to pick:
+//   streaming_lse_* the CPU streaming kernel, candidate cpu:streaming
+//               (csrc/cpu/streaming_lse_cpu.cpp);
+//   wmma_lse_*  the CUDA streaming kernels on wmma tiles, candidate cuda:wmma
+//               (csrc/cuda/wmma_lse_*), with the split counts of rcl_kernels/kernels/planner.py;
+//               allow_tf32 asks for TF32 tensor-core products on float32 inputs (float32 matmul
+//               precision "high"/"medium");
+//   mma_lse_*   the CUDA streaming kernels on mma.sync, candidate cuda:mma
+//               (csrc/cuda/mma_lse_*): one kernel per pass, any d, one backward split count;
+//               fp32 without allow_tf32 runs 3xTF32 (untimed);
 //   tiled_lse_* the tiled algorithm (csrc/tiled/): ATen GEMMs into a workspace of block_rows rows
 //               of scores and one device epilogue per block, for CPU and CUDA tensors alike. Its
 //               GEMMs follow PyTorch's float32 matmul precision themselves.
@@ -32,7 +35,7 @@
 //               anchor's label but its self column) and (dz, dk) the gradient of the loss
 //               Σ_i w_i·(lse_i − mean_{j∈Pos(i)} t_ij), i.e. G = scale·diag(w)·(P − Y) with
 //               Y_ij = [j ∈ Pos(i)] / |Pos(i)|: dz = G·K, dk = Gᵀ·Z.
-// The Triton pair (triton_lse_*) is a Python custom op with the arguments of cuda_lse_*, a
+// The Triton pair (triton_lse_*) is a Python custom op with the arguments of wmma_lse_*, a
 // variant name in place of the split counts (rcl_kernels/kernels/triton/__init__.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -47,26 +50,26 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(rcl_kernels, m) {
   m.def(
-      "cpu_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "streaming_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
       "Tensor row_bias, Tensor col_bias, int self_offset, float scale) -> Tensor");
   m.def(
-      "cpu_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "streaming_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale) -> (Tensor, Tensor)");
   m.def(
-      "cuda_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "wmma_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
       "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32, "
       "int col_splits) -> Tensor");
   m.def(
-      "cuda_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "wmma_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale, bool allow_tf32, int row_pass_splits, int col_pass_splits) -> (Tensor, Tensor)");
   m.def(
-      "cuda_mma_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
+      "mma_lse_forward(Tensor z, Tensor k, Tensor row_labels, Tensor col_labels, "
       "Tensor row_bias, Tensor col_bias, int self_offset, float scale, bool allow_tf32, "
       "int col_splits) -> Tensor");
   m.def(
-      "cuda_mma_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
+      "mma_lse_backward(Tensor grad_lse, Tensor z, Tensor k, Tensor row_labels, "
       "Tensor col_labels, Tensor row_bias, Tensor col_bias, Tensor lse, int self_offset, "
       "float scale, bool allow_tf32, int splits) -> (Tensor, Tensor)");
   m.def(

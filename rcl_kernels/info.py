@@ -22,7 +22,7 @@ from .kernels import contract
 from ._version import __version__, build_info
 from .dispatch import BACKENDS, Problem, all_candidates
 
-_OPS = ("cpu_lse", "tiled_lse", "cuda_lse", "cuda_mma_lse")
+_OPS = ("streaming_lse", "tiled_lse", "wmma_lse", "mma_lse")
 
 
 def _compiler() -> str:

@@ -1,4 +1,4 @@
-"""Bad calls of the CUDA LSE ops, each in a child process (tests/test_cuda_lse.py, test_cuda_mma.py).
+"""Bad calls of the CUDA LSE ops, each in a child process (tests/test_cuda_wmma.py, test_cuda_mma.py).
 
 On the first H100 run the d > MAX_D call killed the pytest process. A child runs the calls
 named on its command line in order and prints a JSON line per call; if it dies, the parent records
@@ -38,7 +38,7 @@ SETUP = textwrap.dedent(r"""
     lse, g = torch.zeros(4, device=dev), torch.ones(4, device=dev)
 
     def cpu_op_error():
-        return ops.cpu_lse_forward(z.cpu(), torch.randn(6, 9), rl.cpu(), cl.cpu(), rb.cpu(),
+        return ops.streaming_lse_forward(z.cpu(), torch.randn(6, 9), rl.cpu(), cl.cpu(), rb.cpu(),
                                    cb.cpu(), 0, 1.0)
 """)
 

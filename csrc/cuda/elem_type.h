@@ -5,7 +5,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
-#include "cuda/masked_lse_kernels.cuh"
+#include "cuda/wmma_lse_kernels.cuh"
 
 namespace rcl_kernels {
 

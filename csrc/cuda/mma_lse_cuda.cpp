@@ -1,13 +1,13 @@
-// Torch binding of the mma.sync kernels: rcl_kernels::cuda_mma_lse_forward / _backward (schemas
+// Torch binding of the mma.sync kernels: rcl_kernels::mma_lse_forward / _backward (schemas
 // and math in csrc/ops.cpp, kernels in mma_lse_kernels.cu). Validates every argument (TORCH_CHECK
 // naming it) before the first CUDA call, then the device (compute capability, shared memory),
 // allocates outputs and workspaces on the current stream's caching allocator and calls the plain
 // launchers with the caller's split counts (rcl_kernels/kernels/planner.py plans them).
 //
-//   cuda_mma_lse_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
-//                        allow_tf32, col_splits) -> lse
-//   cuda_mma_lse_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse,
-//                         self_offset, scale, allow_tf32, splits) -> (dz, dk)
+//   mma_lse_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale,
+//                   allow_tf32, col_splits) -> lse
+//   mma_lse_backward(grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse,
+//                    self_offset, scale, allow_tf32, splits) -> (dz, dk)
 // col_splits: blocks that share one row tile's columns (merged in split order); splits: blocks
 // that share one column tile's rows (dk added in split order). float32 without allow_tf32 runs
 // 3xTF32 products.
@@ -26,6 +26,8 @@
 namespace {
 
 using namespace rcl_cuda_binding;
+
+constexpr int64_t kAnyD = -1;  // the mma.sync launchers take any d
 
 // After the argument checks, the device: mma.sync on bf16 / TF32 and cp.async need sm_80, and a
 // block's shared memory (per pass and dtype path) must fit.
@@ -47,67 +49,47 @@ void check_device(const char* op, const at::Tensor& z, bool allow_tf32,
               " allows ", smem_optin);
 }
 
-at::Tensor cuda_mma_lse_forward(const at::Tensor& z, const at::Tensor& k,
-                                const at::Tensor& row_labels, const at::Tensor& col_labels,
-                                const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                int64_t self_offset, double scale, bool allow_tf32,
-                                int64_t col_splits) {
-  constexpr const char* op = "cuda_mma_lse_forward";
-  check_features(op, z, k);
-  check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
+at::Tensor mma_lse_forward(const at::Tensor& z, const at::Tensor& k, const at::Tensor& row_labels,
+                           const at::Tensor& col_labels, const at::Tensor& row_bias,
+                           const at::Tensor& col_bias, int64_t self_offset, double scale,
+                           bool allow_tf32, int64_t col_splits) {
+  constexpr const char* op = "mma_lse_forward";
+  check_inputs(op, z, k, row_labels, col_labels, row_bias, col_bias, kAnyD);
   check_splits(op, "col_splits", col_splits);
-
-  const c10::cuda::CUDAGuard guard(z.device());
-  check_device(op, z, allow_tf32, &rcl_cuda::mma_forward_smem_bytes);
-  const Inputs in(z, k, row_labels, col_labels, row_bias, col_bias);
-  at::Tensor lse = at::empty({z.size(0)}, z.options().dtype(acc_dtype(z.scalar_type())));
-  if (z.size(0) == 0) return lse;
-  const auto problem = in.problem(self_offset, scale, allow_tf32);
-  const auto plan = rcl_cuda::plan_mma_forward(problem, col_splits);
-  const at::Tensor ws = workspace(plan.workspace_bytes, z);
-  C10_CUDA_CHECK(rcl_cuda::launch_mma_forward(problem, plan, lse.data_ptr(), ptr_or_null(ws),
-                                              c10::cuda::getCurrentCUDAStream()));
-  return lse;
+  return run_forward(
+      z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32,
+      [&] { check_device(op, z, allow_tf32, &rcl_cuda::mma_forward_smem_bytes); },
+      [&](const rcl_cuda::LseProblem& problem, void* lse, cudaStream_t stream) {
+        const auto plan = rcl_cuda::plan_mma_forward(problem, col_splits);
+        const at::Tensor ws = workspace(plan.workspace_bytes, z);
+        return rcl_cuda::launch_mma_forward(problem, plan, lse, ptr_or_null(ws), stream);
+      });
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_mma_lse_backward(
+std::tuple<at::Tensor, at::Tensor> mma_lse_backward(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale,
     bool allow_tf32, int64_t splits) {
-  constexpr const char* op = "cuda_mma_lse_backward";
-  check_features(op, z, k);
-  check_metadata(op, z, k, row_labels, col_labels, row_bias, col_bias);
-  const auto acc = acc_dtype(z.scalar_type());
-  check_vector(op, "lse", lse, z.size(0), acc, z, "N");
-  check_grad_lse(op, grad_lse, z);
+  constexpr const char* op = "mma_lse_backward";
+  check_inputs(op, z, k, row_labels, col_labels, row_bias, col_bias, kAnyD);
+  check_backward_inputs(op, grad_lse, z, lse);
   check_splits(op, "splits", splits);
-
-  const c10::cuda::CUDAGuard guard(z.device());
-  check_device(op, z, allow_tf32, &rcl_cuda::mma_backward_smem_bytes);
-  const Inputs in(z, k, row_labels, col_labels, row_bias, col_bias);
-  // Autograd may hand an expanded (stride-0) or lower-precision gradient: make it dense, in Acc.
-  const at::Tensor g = grad_lse.to(acc).contiguous();
-  const at::Tensor lse_c = lse.contiguous();
-  // In the accumulation dtype, as the schema says (csrc/ops.cpp); the kernels write every element.
-  at::Tensor dz = at::empty(in.z.sizes(), in.z.options().dtype(acc));
-  at::Tensor dk = at::empty(in.k.sizes(), in.k.options().dtype(acc));
-  if (z.size(1) == 0) return {dz, dk};
-  const auto problem = in.problem(self_offset, scale, allow_tf32);
-  const auto plan = rcl_cuda::plan_mma_backward(problem, splits);
-  const at::Tensor ws = workspace(plan.workspace_bytes, z);
-  // max|g| for the 16-bit kernels (g·p is rounded to the input dtype); a 0-dim device tensor.
-  const bool half_ops = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
-  const at::Tensor g_absmax = half_ops && g.numel() > 0 ? g.abs().amax() : at::Tensor();
-  C10_CUDA_CHECK(rcl_cuda::launch_mma_backward(problem, plan, g.data_ptr(), ptr_or_null(g_absmax),
-                                               lse_c.data_ptr(), dz.data_ptr(), dk.data_ptr(),
-                                               ptr_or_null(ws), c10::cuda::getCurrentCUDAStream()));
-  return {dz, dk};
+  // The kernels write every element of dz and dk.
+  return run_backward(
+      grad_lse, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
+      allow_tf32, [&] { check_device(op, z, allow_tf32, &rcl_cuda::mma_backward_smem_bytes); },
+      [&](const rcl_cuda::LseProblem& problem, const BackwardBuffers& b, cudaStream_t stream) {
+        const auto plan = rcl_cuda::plan_mma_backward(problem, splits);
+        const at::Tensor ws = workspace(plan.workspace_bytes, z);
+        return rcl_cuda::launch_mma_backward(problem, plan, b.grad_lse, b.grad_absmax, b.lse,
+                                             b.dz, b.dk, ptr_or_null(ws), stream);
+      });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CUDA, m) {
-  m.impl("cuda_mma_lse_forward", &cuda_mma_lse_forward);
-  m.impl("cuda_mma_lse_backward", &cuda_mma_lse_backward);
+  m.impl("mma_lse_forward", &mma_lse_forward);
+  m.impl("mma_lse_backward", &mma_lse_backward);
 }

@@ -582,6 +582,17 @@ __device__ __forceinline__ void in_turn(int* sem, int turn, bool ordered, F&& bo
   }
 }
 
+// f(h, n) for h < 2 and n < NT, unrolled: an accumulator fragment's two rows and its NT pairs of
+// adjacent columns.
+template <int NT, class F>
+__device__ __forceinline__ void for_each_fragment_pair(F&& f) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) f(h, n);
+  }
+}
+
 // out[rows[h], col + 8n + e] = v[n][2h + e]·f[h] (+ its current value when `accumulate`), for
 // h, e < 2 and n < NT: an accumulator fragment's two rows and NT pairs of adjacent columns, where
 // col = the first column of the fragment + 2t. Elements at rows ≥ n_rows or columns ≥ n_cols are
@@ -598,49 +609,34 @@ __device__ __forceinline__ void add_fragment(Acc* out, int64_t n_cols, const int
   Acc cur[2][NT][2];
   if (inside) {
     if (accumulate) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-          rcl_mma::ldcg_pair(out + rows[h] * n_cols + col + 8 * n, cur[h][n][0], cur[h][n][1]);
-      }
+      for_each_fragment_pair<NT>([&](int h, int n) {
+        rcl_mma::ldcg_pair(out + rows[h] * n_cols + col + 8 * n, cur[h][n][0], cur[h][n][1]);
+      });
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        Acc x = v[n][2 * h] * f[h], y = v[n][2 * h + 1] * f[h];
-        if (accumulate) x += cur[h][n][0], y += cur[h][n][1];
-        rcl_mma::st_pair(out + rows[h] * n_cols + col + 8 * n, x, y);
-      }
-    }
+    for_each_fragment_pair<NT>([&](int h, int n) {
+      Acc x = v[n][2 * h] * f[h], y = v[n][2 * h + 1] * f[h];
+      if (accumulate) x += cur[h][n][0], y += cur[h][n][1];
+      rcl_mma::st_pair(out + rows[h] * n_cols + col + 8 * n, x, y);
+    });
     return;
   }
   // A fragment on the matrix's edge: element by element, still all loads first.
+  for_each_fragment_pair<NT>([&](int h, int n) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool ok = rows[h] < n_rows && col + 8 * n + e < n_cols;
-        cur[h][n][e] = accumulate && ok ? rcl_mma::ldcg(out + rows[h] * n_cols + col + 8 * n + e)
-                                        : Acc(0);
-      }
+    for (int e = 0; e < 2; ++e) {
+      const bool ok = rows[h] < n_rows && col + 8 * n + e < n_cols;
+      cur[h][n][e] = accumulate && ok ? rcl_mma::ldcg(out + rows[h] * n_cols + col + 8 * n + e)
+                                      : Acc(0);
     }
-  }
+  });
+  for_each_fragment_pair<NT>([&](int h, int n) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const Acc x = v[n][2 * h + e] * f[h];
-        if (rows[h] < n_rows && col + 8 * n + e < n_cols)
-          out[rows[h] * n_cols + col + 8 * n + e] = accumulate ? cur[h][n][e] + x : x;
-      }
+    for (int e = 0; e < 2; ++e) {
+      const Acc x = v[n][2 * h + e] * f[h];
+      if (rows[h] < n_rows && col + 8 * n + e < n_cols)
+        out[rows[h] * n_cols + col + 8 * n + e] = accumulate ? cur[h][n][e] + x : x;
     }
-  }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------

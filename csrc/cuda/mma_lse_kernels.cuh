@@ -1,5 +1,5 @@
 // Plain-C++ interface (no torch) of the mma.sync masked-LSE kernels, used by mma_lse_cuda.cpp.
-// Same op as masked_lse_kernels.cuh (the math is in csrc/ops.cpp); the problem description is
+// Same op as wmma_lse_kernels.cuh (the math is in csrc/ops.cpp); the problem description is
 // shared with it (LseProblem). Differences: one kernel per pass (the backward computes S and P
 // once per tile for both dz and dk), no upper limit on d, and dz / dk / the split-column merge
 // are accumulated in a fixed order through semaphores instead of partial buffers.
@@ -15,7 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "masked_lse_kernels.cuh"
+#include "wmma_lse_kernels.cuh"
 
 namespace rcl_cuda {
 
@@ -46,7 +46,7 @@ struct MmaBackwardPlan {
 };
 
 // A requested count (>= 1: the binding checks) goes through split_reduction
-// (masked_lse_kernels.cuh), at most 65535 and so that the grid stays below 2^31 blocks.
+// (wmma_lse_kernels.cuh), at most 65535 and so that the grid stays below 2^31 blocks.
 MmaForwardPlan plan_mma_forward(const LseProblem& p, int64_t col_splits);
 MmaBackwardPlan plan_mma_backward(const LseProblem& p, int64_t row_splits);
 

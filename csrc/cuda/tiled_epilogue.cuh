@@ -18,7 +18,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "masked_lse_kernels.cuh"  // ElemType
+#include "wmma_lse_kernels.cuh"  // ElemType
 
 namespace rcl_cuda {
 

@@ -2,7 +2,7 @@
 
 Candidates, in its order of preference (the first of an algorithm is its default):
     cpu:tiled      a GEMM per block of rows into a bounded workspace (rcl_kernels.kernels.tiled)
-    cpu:streaming  flash-style tiles with an online log-sum-exp (ops cpu_lse_forward/backward)
+    cpu:streaming  flash-style tiles with an online log-sum-exp (ops streaming_lse_forward/backward)
 Available whenever the extension is built.
 """
 
@@ -17,20 +17,20 @@ from .tiled import TILED
 
 
 def _forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32):
-    return torch.ops.rcl_kernels.cpu_lse_forward(
+    return torch.ops.rcl_kernels.streaming_lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale
     )
 
 
 def _backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
               allow_tf32):
-    return torch.ops.rcl_kernels.cpu_lse_backward(
+    return torch.ops.rcl_kernels.streaming_lse_backward(
         grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale
     )
 
 
 STREAMING = Kernels(_forward, _backward)
-register_compiled_fakes("cpu_lse")
+register_compiled_fakes("streaming_lse")
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:

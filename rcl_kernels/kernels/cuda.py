@@ -35,7 +35,7 @@ def _wmma_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset,
         -(-z.shape[0] // tile), -(-k.shape[0] // tile), device=z.device, max_splits=128,
         partial_bytes_per_split=2 * z.shape[0] * acc_bytes(z),
     )
-    return torch.ops.rcl_kernels.cuda_lse_forward(
+    return torch.ops.rcl_kernels.wmma_lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
     )
 
@@ -54,7 +54,7 @@ def _wmma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, 
         m_tiles * d_chunks, n_tiles, device=z.device, max_splits=16,
         partial_bytes_per_split=k.shape[0] * row_bytes,
     )
-    return torch.ops.rcl_kernels.cuda_lse_backward(
+    return torch.ops.rcl_kernels.wmma_lse_backward(
         grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
         allow_tf32, row_pass, col_pass,
     )
@@ -74,7 +74,7 @@ def _mma_forward(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, 
     # Their partials do not grow with the split count (merged behind a semaphore).
     splits = planner.reduction_splits(-(-z.shape[0] // rows), -(-k.shape[0] // cols),
                                       device=z.device, max_splits=128)
-    return torch.ops.rcl_kernels.cuda_mma_lse_forward(
+    return torch.ops.rcl_kernels.mma_lse_forward(
         z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32, splits
     )
 
@@ -84,24 +84,24 @@ def _mma_backward(grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, s
     _, _, cols, rows, chunk = _mma_tiles(z.dtype)
     splits = planner.reduction_splits(-(-k.shape[0] // cols) * -(-z.shape[1] // chunk),
                                       -(-z.shape[0] // rows), device=z.device, max_splits=16)
-    return torch.ops.rcl_kernels.cuda_mma_lse_backward(
+    return torch.ops.rcl_kernels.mma_lse_backward(
         grad, z, k, row_labels, col_labels, row_bias, col_bias, lse, self_offset, scale,
         allow_tf32, splits,
     )
 
 
 VARIANTS = {
-    # The wmma launchers refuse larger d (csrc/cuda/masked_lse_kernels.cuh).
+    # The wmma launchers refuse larger d (csrc/cuda/wmma_lse_kernels.cuh).
     "wmma": Kernels(_wmma_forward, _wmma_backward, max_dim=4096),
     "mma": Kernels(_mma_forward, _mma_backward),
 }
-register_compiled_fakes("cuda_lse", "cuda_mma_lse")
+register_compiled_fakes("wmma_lse", "mma_lse")
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
-    if not compiled_kernel_for("cuda_lse_forward", "CUDA"):
+    if not compiled_kernel_for("wmma_lse_forward", "CUDA"):
         return (
             "rcl_kernels._C was built without CUDA kernels (needs nvcc and a CUDA PyTorch at "
             "build time, or RCL_KERNELS_CUDA=1)"
@@ -128,7 +128,7 @@ def candidates() -> tuple[Candidate, ...]:
         Candidate("cuda", "streaming", "wmma", VARIANTS["wmma"], timed_on=("cuda",),
                   description="wmma tiles, split reductions summed in a fixed order"),
         Candidate("cuda", "streaming", "mma", VARIANTS["mma"],
-                  requirement=_compiled("cuda_mma_lse_forward"),
+                  requirement=_compiled("mma_lse_forward"),
                   description="mma.sync with ldmatrix/cp.async, one-pass backward in semaphore order"),
         Candidate("cuda", "tiled", "tiled", TILED, requirement=_compiled("tiled_lse_forward"),
                   description="cuBLAS GEMMs per block of rows, a CUDA epilogue"),

@@ -1,7 +1,7 @@
-// Host emulation of the few CUDA device features masked_lse_kernels.cu uses, so its kernels (wmma
+// Host emulation of the few CUDA device features wmma_lse_kernels.cu uses, so its kernels (wmma
 // included, emulated below) and all of its host-side planning can run on a machine without a GPU:
 // a block is 256 std::threads with a std::barrier for __syncthreads, blocks run one after another.
-// Used only by host_emu_test.cpp (make check-cuda); not part of the extension.
+// Used only by wmma_lse_test.cpp (make check-cuda); not part of the extension.
 #pragma once
 
 #include <cuda_runtime.h>  // dim3, cudaError_t, __device__ and friends (empty for g++)

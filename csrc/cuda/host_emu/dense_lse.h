@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "cuda/masked_lse_kernels.cuh"
+#include "cuda/wmma_lse_kernels.cuh"
 
 namespace dense_lse {
 
@@ -32,21 +32,8 @@ struct Inputs {
 
   // The kernels' view of these inputs.
   rcl_cuda::LseProblem problem(rcl_cuda::ElemType type, bool allow_tf32) const {
-    rcl_cuda::LseProblem p;
-    p.z = z.data();
-    p.k = k.data();
-    p.row_labels = rl.data();
-    p.col_labels = cl.data();
-    p.row_bias = rb.data();
-    p.col_bias = cb.data();
-    p.n = n;
-    p.m = m;
-    p.d = d;
-    p.self_offset = self_offset;
-    p.scale = scale;
-    p.type = type;
-    p.allow_tf32 = allow_tf32;
-    return p;
+    return rcl_cuda::lse_problem(z.data(), k.data(), rl.data(), cl.data(), rb.data(), cb.data(), n,
+                                 m, d, self_offset, scale, type, allow_tf32);
   }
 };
 

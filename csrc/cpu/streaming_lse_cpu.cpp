@@ -39,16 +39,16 @@ Problem make_problem(const at::Tensor& z, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& col_labels, const at::Tensor& row_bias,
                      const at::Tensor& col_bias, int64_t self_offset, double scale) {
   TORCH_CHECK(z.dim() == 2 && k.dim() == 2 && z.size(1) == k.size(1),
-              "masked_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
-  TORCH_CHECK(z.scalar_type() == k.scalar_type(), "masked_lse: z and k must share a dtype");
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "masked_lse: z must be floating point");
+              "streaming_lse: z [N, d] and k [M, d] must share d, got ", z.sizes(), " and ", k.sizes());
+  TORCH_CHECK(z.scalar_type() == k.scalar_type(), "streaming_lse: z and k must share a dtype");
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "streaming_lse: z must be floating point");
   const int64_t n = z.size(0), m = k.size(0);
   TORCH_CHECK(row_labels.numel() == n && row_bias.numel() == n,
-              "masked_lse: row_labels and row_bias must have N = ", n, " entries");
+              "streaming_lse: row_labels and row_bias must have N = ", n, " entries");
   TORCH_CHECK(col_labels.numel() == m && col_bias.numel() == m,
-              "masked_lse: col_labels and col_bias must have M = ", m, " entries");
+              "streaming_lse: col_labels and col_bias must have M = ", m, " entries");
   TORCH_CHECK(row_labels.scalar_type() == at::kLong && col_labels.scalar_type() == at::kLong,
-              "masked_lse: labels must be int64");
+              "streaming_lse: labels must be int64");
   const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Detached: the kernel is below autograd. Labels as int32 (class indices), so that the
   // same-class select below vectorizes with 32-bit compares.
@@ -127,13 +127,13 @@ void forward_row_tiles(const Problem& p, int64_t tile_begin, int64_t tile_end, a
   }
 }
 
-at::Tensor masked_lse_forward_cpu(const at::Tensor& z, const at::Tensor& k,
-                                  const at::Tensor& row_labels, const at::Tensor& col_labels,
-                                  const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                  int64_t self_offset, double scale) {
+at::Tensor streaming_lse_forward(const at::Tensor& z, const at::Tensor& k,
+                                 const at::Tensor& row_labels, const at::Tensor& col_labels,
+                                 const at::Tensor& row_bias, const at::Tensor& col_bias,
+                                 int64_t self_offset, double scale) {
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
   auto lse = at::empty({z.size(0)}, p.z.options());
-  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "streaming_lse_forward", [&] {
     at::parallel_for(0, num_tiles(z.size(0), kRowTile), 1, [&](int64_t begin, int64_t end) {
       const BelowAutograd below_autograd;
       forward_row_tiles<scalar_t>(p, begin, end, lse);
@@ -158,14 +158,43 @@ void tile_probabilities(const Problem& p, const at::Tensor& lse_shift, int64_t r
   for (int64_t i = 0; i < count; ++i) t[i] = t[i] <= underflow ? acc_t(0) : t[i];
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
+// One backward pass, parallel over the tiles of its output: row tiles of dz (kRowPass) or column
+// tiles of dk. Each task owns its output tiles and, for each, walks the other side's tiles in
+// order: accumulate(probabilities, r0, r1, c0, c1) on every recomputed tile of P, then
+// finish(t0, t1) on the output tile [t0, t1). Every output element is summed in one fixed order,
+// so the result does not depend on the thread count.
+template <typename acc_t, bool kRowPass, class Accumulate, class Finish>
+void backward_pass(const Problem& p, const at::Tensor& lse_shift, const Accumulate& accumulate,
+                   const Finish& finish) {
+  const int64_t n = p.z.size(0), m = p.k.size(0);
+  const int64_t own = kRowPass ? n : m, own_tile = kRowPass ? kRowTile : kColTile;
+  const int64_t other = kRowPass ? m : n, other_tile = kRowPass ? kColTile : kRowTile;
+  at::parallel_for(0, num_tiles(own, own_tile), 1, [&](int64_t begin, int64_t end) {
+    const BelowAutograd below_autograd;
+    auto storage = at::empty({kRowTile * kColTile}, p.z.options());
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * own_tile, t1 = std::min(own, t0 + own_tile);
+      for (int64_t o0 = 0; o0 < other; o0 += other_tile) {
+        const int64_t o1 = std::min(other, o0 + other_tile);
+        const int64_t r0 = kRowPass ? t0 : o0, r1 = kRowPass ? t1 : o1;
+        const int64_t c0 = kRowPass ? o0 : t0, c1 = kRowPass ? o1 : t1;
+        auto probabilities = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+        tile_probabilities<acc_t>(p, lse_shift, r0, r1, c0, c1, probabilities);
+        accumulate(probabilities, r0, r1, c0, c1);
+      }
+      finish(t0, t1);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> streaming_lse_backward(
     const at::Tensor& grad_lse, const at::Tensor& z, const at::Tensor& k,
     const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& row_bias,
     const at::Tensor& col_bias, const at::Tensor& lse, int64_t self_offset, double scale) {
   const Problem p = make_problem(z, k, row_labels, col_labels, row_bias, col_bias, self_offset, scale);
-  const int64_t n = z.size(0), m = k.size(0);
+  const int64_t n = z.size(0);
   TORCH_CHECK(grad_lse.numel() == n && lse.numel() == n,
-              "masked_lse_backward: grad_lse and lse must have N = ", n, " entries");
+              "streaming_lse_backward: grad_lse and lse must have N = ", n, " entries");
   const auto lse_acc = lse.detach().to(p.z.scalar_type());
   const auto lse_shift =
       at::where(lse_acc.isneginf(), at::zeros_like(lse_acc), lse_acc).contiguous();
@@ -175,38 +204,21 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
   const auto weighted_z = p.z * row_weights;
   auto dz = at::zeros_like(p.z);
   auto dk = at::zeros_like(p.k);
-  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_lse_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "streaming_lse_backward", [&] {
     // dz rows: (g·scale) ⊙ Σ over column tiles of P_tile · K_tile.
-    at::parallel_for(0, num_tiles(n, kRowTile), 1, [&](int64_t begin, int64_t end) {
-      const BelowAutograd below_autograd;
-      auto storage = at::empty({kRowTile * kColTile}, p.z.options());
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t r0 = tile * kRowTile, r1 = std::min(n, r0 + kRowTile);
-        auto dz_rows = dz.slice(0, r0, r1);
-        for (int64_t c0 = 0; c0 < m; c0 += kColTile) {
-          const int64_t c1 = std::min(m, c0 + kColTile);
-          auto probabilities = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
-          tile_probabilities<scalar_t>(p, lse_shift, r0, r1, c0, c1, probabilities);
-          dz_rows.addmm_(probabilities, p.k.slice(0, c0, c1));
-        }
-        dz_rows.mul_(row_weights.slice(0, r0, r1));
-      }
-    });
+    backward_pass<scalar_t, true>(
+        p, lse_shift,
+        [&](const at::Tensor& probabilities, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+          dz.slice(0, r0, r1).addmm_(probabilities, p.k.slice(0, c0, c1));
+        },
+        [&](int64_t r0, int64_t r1) { dz.slice(0, r0, r1).mul_(row_weights.slice(0, r0, r1)); });
     // dk columns: Σ over row tiles of P_tileᵀ · ((g·scale) ⊙ Z_tile).
-    at::parallel_for(0, num_tiles(m, kColTile), 1, [&](int64_t begin, int64_t end) {
-      const BelowAutograd below_autograd;
-      auto storage = at::empty({kRowTile * kColTile}, p.z.options());
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t c0 = tile * kColTile, c1 = std::min(m, c0 + kColTile);
-        auto dk_cols = dk.slice(0, c0, c1);
-        for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-          const int64_t r1 = std::min(n, r0 + kRowTile);
-          auto probabilities = storage.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
-          tile_probabilities<scalar_t>(p, lse_shift, r0, r1, c0, c1, probabilities);
-          dk_cols.addmm_(probabilities.t(), weighted_z.slice(0, r0, r1));
-        }
-      }
-    });
+    backward_pass<scalar_t, false>(
+        p, lse_shift,
+        [&](const at::Tensor& probabilities, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+          dk.slice(0, c0, c1).addmm_(probabilities.t(), weighted_z.slice(0, r0, r1));
+        },
+        [](int64_t, int64_t) {});
   });
   return {dz, dk};
 }
@@ -214,8 +226,8 @@ std::tuple<at::Tensor, at::Tensor> masked_lse_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_kernels, CPU, m) {
-  m.impl("cpu_lse_forward", &masked_lse_forward_cpu);
-  m.impl("cpu_lse_backward", &masked_lse_backward_cpu);
+  m.impl("streaming_lse_forward", &streaming_lse_forward);
+  m.impl("streaming_lse_backward", &streaming_lse_backward);
 }
 
 }  // namespace rcl_kernels

@@ -1,5 +1,5 @@
-"""GPU tests of the CUDA LSE kernels (csrc/cuda, ops rcl_kernels::cuda_lse_forward/_backward)
-against a dense float64 formula of the op.
+"""GPU tests of the wmma kernels (csrc/cuda/wmma_lse_kernels.cu, ops
+rcl_kernels::wmma_lse_forward / _backward) against a dense float64 formula of the op.
 
 The op (csrc/ops.cpp):
     t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
@@ -24,12 +24,23 @@ fails that test, naming the signal and the call, instead of killing the suite.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
 
 import cuda_children
 from helpers import assert_within_rule
+
+
+def uncompiled_reason(op: str, kernels: str) -> str | None:
+    """Why `rcl_kernels::<op>` has no CUDA kernel in the loaded extension, or None."""
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"rcl_kernels::{op}", "CUDA")
+    except RuntimeError as error:  # an extension built before the op existed
+        return f"rcl_kernels._C has no {op} ({error}); rebuild it with `make install`"
+    return None if has_kernel else f"rcl_kernels._C was built without the {kernels}"
 
 
 def _cuda_kernels_unavailable() -> str | None:
@@ -39,14 +50,7 @@ def _cuda_kernels_unavailable() -> str | None:
         import rcl_kernels._C  # noqa: F401  (loading the library registers the ops)
     except Exception as error:  # ImportError, or a broken build
         return f"rcl_kernels._C cannot be imported ({type(error).__name__}: {error})"
-    try:
-        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "rcl_kernels::cuda_lse_forward", "CUDA")
-    except RuntimeError as error:  # an extension built before the op existed
-        return f"rcl_kernels._C has no cuda_lse_forward ({error}); rebuild it with `make install`"
-    if not has_kernel:
-        return "rcl_kernels._C was built without the CUDA kernels"
-    return None
+    return uncompiled_reason("wmma_lse_forward", "CUDA kernels")
 
 
 _REASON = _cuda_kernels_unavailable()
@@ -179,17 +183,38 @@ SPLITS = {"one": 1, "several": 3, "all": 2**40}
 
 def cuda_forward(p, allow_tf32=False, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.cuda_lse_forward(
+    return torch.ops.rcl_kernels.wmma_lse_forward(
         p["z"], p["k"], p["row_labels"], p["col_labels"], p["row_bias"], p["col_bias"],
         p["self_offset"], p["scale"], allow_tf32, splits)
 
 
 def cuda_backward(p, lse, allow_tf32=False, g=None, splits=1):
     poison_allocator()
-    return torch.ops.rcl_kernels.cuda_lse_backward(
+    return torch.ops.rcl_kernels.wmma_lse_backward(
         p["g"] if g is None else g, p["z"], p["k"], p["row_labels"], p["col_labels"],
         p["row_bias"], p["col_bias"], lse, p["self_offset"], p["scale"], allow_tf32, splits,
         splits)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A CUDA streaming variant's ops as the tests call them, each on a NaN-poisoned allocator:
+    forward(p, allow_tf32=False, splits=1) -> lse, backward(p, lse, allow_tf32=False, g=None,
+    splits=1) -> (dz, dk). deterministic_case: make_problem's (n, m, d) of the determinism test,
+    large enough that every reduction of the variant is split."""
+    forward: Callable
+    backward: Callable
+    deterministic_case: tuple[int, int, int]
+
+
+WMMA = Variant(cuda_forward, cuda_backward, (256, 3000, 256))
+
+
+@pytest.fixture
+def variant() -> Variant:
+    """The variant the shared tests below run; tests/test_cuda_mma.py imports them and gives
+    its own."""
+    return WMMA
 
 
 def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
@@ -214,17 +239,17 @@ def check_rule(name, value, low, true, mode):
     assert_within_rule(f"{name} [{mode}]", value, low, true, dtype, floor=TF32_FLOOR if tf32 else None)
 
 
-def run_and_check(prob, mode, splits=1):
+def run_and_check(prob, mode, splits=1, variant=WMMA):
     dtype, tf32 = MODES[mode]
     p = on_device(prob, dtype)
     lse_t, dz_t, dk_t = truth(p)
     lse_l, dz_l, dk_l = dense_op(p, dtype, allow_tf32=tf32)
 
-    lse = cuda_forward(p, tf32, splits=splits)
+    lse = variant.forward(p, tf32, splits=splits)
     assert lse.dtype == _acc(dtype) and lse.shape == (p["z"].shape[0],)
     check_rule("lse", lse, lse_l, lse_t, mode)
 
-    dz, dk = cuda_backward(p, lse, tf32, splits=splits)
+    dz, dk = variant.backward(p, lse, tf32, splits=splits)
     assert dz.dtype == _acc(dtype) and dz.shape == p["z"].shape
     assert dk.dtype == _acc(dtype) and dk.shape == p["k"].shape
     check_rule("dz", dz, dz_l, dz_t, mode)
@@ -254,58 +279,62 @@ def test_matches_dense_formula(case, mode, splits):
     run_and_check(make_problem(n, m, d, off, self_contrast=self_contrast), mode, SPLITS[splits])
 
 
+# The tests from here to test_gradcheck_float64 but test_nan_row_only take the variant from the
+# fixture: tests/test_cuda_mma.py runs them on the mma.sync ops.
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bf16", "tf32", "fp32"])
-def test_bcl_inaturalist_shape(mode):
+def test_bcl_inaturalist_shape(mode, variant):
     """BCL on iNaturalist-like shapes: N=512 anchors, M=8654 columns, d=1024 (M >> N)."""
-    run_and_check(make_problem(512, 8654, 1024, 0, self_contrast=True, num_classes=8142), mode)
+    run_and_check(make_problem(512, 8654, 1024, 0, self_contrast=True, num_classes=8142), mode,
+                  variant=variant)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_empty_row_gives_neg_inf_and_zero_grad(mode):
-    dtype, tf32 = MODES[mode]
-    p, lse, dz, dk = run_and_check(make_problem(1, 1, 20, 0, self_contrast=True), mode)
+def test_empty_row_gives_neg_inf_and_zero_grad(mode, variant):
+    p, lse, dz, dk = run_and_check(make_problem(1, 1, 20, 0, self_contrast=True), mode,
+                                   variant=variant)
     assert lse.item() == NEG_INF
     assert torch.all(dz == 0) and torch.all(dk == 0)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "fp64"])
-def test_no_columns_and_no_rows(mode):
+def test_no_columns_and_no_rows(mode, variant):
     dtype, tf32 = MODES[mode]
     # M = 0: every lse is -inf and dz is zero (written, not left poisoned).
     p = on_device(make_problem(5, 0, 33, 0, self_contrast=False), dtype)
-    lse = cuda_forward(p, tf32)
+    lse = variant.forward(p, tf32)
     assert torch.all(lse == NEG_INF)
-    dz, dk = cuda_backward(p, lse, tf32)
+    dz, dk = variant.backward(p, lse, tf32)
     assert dz.shape == (5, 33) and torch.all(dz == 0) and dk.shape == (0, 33)
     # N = 0: empty lse, dk zero.
     p = on_device(make_problem(0, 7, 33, 0, self_contrast=False), dtype)
-    lse = cuda_forward(p, tf32)
+    lse = variant.forward(p, tf32)
     assert lse.shape == (0,)
-    dz, dk = cuda_backward(p, lse, tf32)
+    dz, dk = variant.backward(p, lse, tf32)
     assert dz.shape == (0, 33) and dk.shape == (7, 33) and torch.all(dk == 0)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_nan_propagates(mode):
+def test_nan_propagates(mode, variant):
     """A NaN feature of anchor r makes lse_r and dz_r NaN (and every dk row it touches); the
-    other rows stay finite and correct. No hang."""
+    other rows stay finite. No hang."""
     dtype, tf32 = MODES[mode]
     prob = make_problem(70, 90, 40, 3, self_contrast=False)
     prob["z"][7, 11] = float("nan")
     prob["col_bias"][20] = float("nan")  # a NaN bias poisons every row that sees column 20
     p = on_device(prob, dtype)
     lse_t, dz_t, dk_t = truth(p)
-    lse = cuda_forward(p, tf32)
+    lse = variant.forward(p, tf32)
     assert torch.isnan(lse[7])
     assert torch.equal(torch.isnan(lse), torch.isnan(lse_t))
-    dz, dk = cuda_backward(p, lse, tf32)
+    dz, dk = variant.backward(p, lse, tf32)
     assert torch.equal(torch.isnan(dz), torch.isnan(dz_t))
     assert torch.equal(torch.isnan(dk), torch.isnan(dk_t))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_nan_row_only(mode):
+    """Only anchor 7's row is NaN: every other lse stays finite and correct."""
     dtype, tf32 = MODES[mode]
     prob = make_problem(70, 90, 40, 3, self_contrast=False)
     prob["z"][7, 11] = float("nan")
@@ -317,73 +346,74 @@ def test_nan_row_only(mode):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "fp64", "bf16"])
-def test_large_logits_are_stable(mode):
+def test_large_logits_are_stable(mode, variant):
     """scale = 1000: exp of an unshifted logit would overflow; the LSE must stay exact."""
     prob = make_problem(65, 200, 64, 0, self_contrast=True, scale=1000.0)
-    run_and_check(prob, mode)
+    run_and_check(prob, mode, variant=variant)
 
 
-def test_fp16_tiny_grad_does_not_underflow():
+def test_fp16_tiny_grad_does_not_underflow(variant):
     """g ~ 1e-3 (a mean over many anchors): g·p (~1e-6) would fall into float16's subnormals
-    without the max|g| normalization of the column pass."""
+    without the max|g| normalization of dk's operand."""
     prob = make_problem(300, 400, 64, 0, self_contrast=True)
     prob["g"] = prob["g"] * 1e-3
     p = on_device(prob, torch.float16)
     _, dz_t, dk_t = truth(p)
-    lse = cuda_forward(p)
-    dz, dk = cuda_backward(p, lse)
+    lse = variant.forward(p)
+    dz, dk = variant.backward(p, lse)
     assert rel_err(dz.double(), dz_t) < 1e-2
     assert rel_err(dk.double(), dk_t) < 1e-2
 
 
 @pytest.mark.parametrize("splits", list(SPLITS))
 @pytest.mark.parametrize("mode", ["bf16", "fp32", "tf32"])
-def test_backward_is_deterministic(mode, splits):
+def test_results_are_deterministic(mode, splits, variant):
+    """Every split reduction (the forward's merge, dz and dk) is added in a fixed order: the same
+    call gives the same bits."""
     dtype, tf32 = MODES[mode]
     s = SPLITS[splits]
-    p = on_device(make_problem(256, 3000, 256, 0, self_contrast=True), dtype)
-    lse = cuda_forward(p, tf32, splits=s)
-    assert torch.equal(lse, cuda_forward(p, tf32, splits=s))
-    a = cuda_backward(p, lse, tf32, splits=s)
-    b = cuda_backward(p, lse, tf32, splits=s)
+    n, m, d = variant.deterministic_case
+    p = on_device(make_problem(n, m, d, 0, self_contrast=True), dtype)
+    lse = variant.forward(p, tf32, splits=s)
+    assert torch.equal(lse, variant.forward(p, tf32, splits=s))
+    a = variant.backward(p, lse, tf32, splits=s)
+    b = variant.backward(p, lse, tf32, splits=s)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_non_contiguous_inputs_and_expanded_grad():
+def test_non_contiguous_inputs_and_expanded_grad(variant):
     prob = make_problem(40, 60, 48, 0, self_contrast=True)
     p = on_device(prob, torch.float32)
-    lse_t, dz_t, dk_t = truth(p)
+    lse_t, _, _ = truth(p)
     q = dict(p)
     wide = torch.zeros(40, 96, dtype=p["z"].dtype, device="cuda")
     wide[:, ::2] = p["z"]
     q["z"] = wide[:, ::2]  # stride 2 along d, same values
     q["k"] = p["k"].T.contiguous().T  # column-major
-    lse = cuda_forward(q)
+    lse = variant.forward(q)
     assert rel_err(lse, lse_t) < 1e-5
     g = torch.ones((), device="cuda").expand(40)  # what autograd hands for lse.sum()
-    dz, dk = cuda_backward(q, lse, g=g)
+    dz, dk = variant.backward(q, lse, g=g)
     q1 = dict(p, g=torch.ones(40, dtype=torch.float64, device="cuda"))
     _, dz1, dk1 = truth(q1)
     assert rel_err(dz, dz1) < 1e-5 and rel_err(dk, dk1) < 1e-5
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(variant):
     """Finite differences of the forward op against the backward op."""
     prob = on_device(make_problem(6, 9, 5, 0, self_contrast=True, scale=2.0), torch.float64)
-    rl, cl, rb, cb = prob["row_labels"], prob["col_labels"], prob["row_bias"], prob["col_bias"]
 
     class Op(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, k):
-            lse = torch.ops.rcl_kernels.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 2.0, False, 1)
+            lse = variant.forward(dict(prob, z=z, k=k))
             ctx.save_for_backward(z, k, lse)
             return lse
 
         @staticmethod
         def backward(ctx, g):
             z, k, lse = ctx.saved_tensors
-            return torch.ops.rcl_kernels.cuda_lse_backward(
-                g, z, k, rl, cl, rb, cb, lse, 0, 2.0, False, 1, 1)
+            return variant.backward(dict(prob, z=z, k=k), lse, g=g)
 
     z = prob["z"].clone().requires_grad_()
     k = torch.randn(9, 5, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -397,11 +427,11 @@ def test_gradcheck_float64():
 # and the calls every binding shares). The d limit is this binding's own.
 _BAD_CALLS_CHILD = cuda_children.child_script(r"""
     def fwd(z=z, k=k, rl=rl, cl=cl, rb=rb, cb=cb, splits=1):
-        return ops.cuda_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
+        return ops.wmma_lse_forward(z, k, rl, cl, rb, cb, 0, 1.0, False, splits)
 
     def bwd(z=z, k=k, lse=lse, row_splits=1, col_splits=1):
         n = z.shape[0]
-        return ops.cuda_lse_backward(g[:n], z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
+        return ops.wmma_lse_backward(g[:n], z, k, rl[:n], cl, rb[:n], cb, lse, 0, 1.0, False,
                                      row_splits, col_splits)
 
     def bcl_loss_d5000():

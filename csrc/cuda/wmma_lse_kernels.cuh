@@ -1,5 +1,5 @@
-// Plain-C++ interface of the CUDA masked-LSE kernels (no torch headers), used by
-// masked_lse_cuda.cpp. The math is in the header comment of csrc/ops.cpp:
+// Plain-C++ interface of the wmma masked-LSE kernels (no torch headers), used by
+// wmma_lse_cuda.cpp. The math is in the header comment of csrc/ops.cpp:
 //
 //   t_ij  = scale·<z_i, k_j> + (col_labels[j] == row_labels[i] ? row_bias[i] : col_bias[j])
 //   lse_i = log Σ_{j ≠ i + self_offset} exp(t_ij)            (−inf when no column is left)
@@ -37,6 +37,16 @@ struct LseProblem {
   ElemType type = ElemType::kFloat32;
   bool allow_tf32 = false;  // float32 only: TF32 tensor cores instead of fp32 FMA
 };
+
+// The problem over row-major z [n, d] and k [m, d] of `type`, labels and biases as above (the
+// arguments in the order of the members).
+inline LseProblem lse_problem(const void* z, const void* k, const int64_t* row_labels,
+                              const int64_t* col_labels, const void* row_bias,
+                              const void* col_bias, int64_t n, int64_t m, int64_t d,
+                              int64_t self_offset, double scale, ElemType type, bool allow_tf32) {
+  return LseProblem{z, k, row_labels, col_labels, row_bias, col_bias, n, m, d, self_offset, scale,
+                    type, allow_tf32};
+}
 
 // How the work is split. The split counts come from the caller (rcl_kernels/kernels/planner.py, shared
 // with the Triton kernels); a plan only clamps them and sizes the workspaces, which the caller

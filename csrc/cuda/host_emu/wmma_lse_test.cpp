@@ -1,14 +1,14 @@
-// Runs every kernel path of masked_lse_kernels.cu on the host under cuda_host_emu.h (threads for a
+// Runs every kernel path of wmma_lse_kernels.cu on the host under cuda_host_emu.h (threads for a
 // block; wmma emulated with its documented semantics) and compares lse, dz, dk with a dense double
 // formula of the op on the same (rounded) inputs. Checks tiling, masking, split/merge, operand
 // layouts and output indexing. Not covered: the hardware (fragment register layouts, real
-// shared-memory/alignment faults, timing) — tests/test_cuda_lse.py on a GPU.
+// shared-memory/alignment faults, timing) — tests/test_cuda_wmma.py on a GPU.
 //
-//   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/host_emu_test.cpp
+//   g++ -std=c++20 -O2 -pthread -I<cuda>/include -Icsrc csrc/cuda/host_emu/wmma_lse_test.cpp
 #define RCL_HOST_EMULATION 1
 #include "cuda/host_emu/cuda_host_emu.h"
 // The kernels, compiled as host code.
-#include "cuda/masked_lse_kernels.cu"
+#include "cuda/wmma_lse_kernels.cu"
 
 #include <array>
 #include <cstdio>

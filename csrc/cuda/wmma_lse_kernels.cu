@@ -1,4 +1,4 @@
-// CUDA kernels of the masked, biased log-sum-exp op (see masked_lse_kernels.cuh and csrc/ops.cpp).
+// CUDA kernels of the masked, biased log-sum-exp op (see wmma_lse_kernels.cuh and csrc/ops.cpp).
 // No torch headers: `nvcc -c` compiles this file alone (make check-cuda).
 //
 // One tile scheme for every dtype, parameterised by a "policy" that supplies the two block-level
@@ -15,7 +15,7 @@
 // Backward (recomputation from z, k, lse): the row pass (grid: row tiles × d chunks × column
 // splits) accumulates dz = s·(g⊙P)·K, the column pass (grid: column tiles × d chunks × row splits)
 // accumulates dk = s·(g⊙P)ᵀ·Z. Split partials are summed in a fixed order: deterministic.
-#include "masked_lse_kernels.cuh"
+#include "wmma_lse_kernels.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -609,97 +609,96 @@ __device__ __forceinline__ void compute_p(const KParams<typename P::Acc>& kp, ch
   }
 }
 
+// One block of a backward pass: an output tile of DV features by BM rows of dz (kRowPass: V = K,
+// summed over column tiles) or BN columns of dk (V = Z, summed over row tiles), accumulated over
+// the tiles [t_begin, t_end) of its split; out = ws + split · (n or m) · d. Both passes recompute
+// S and P of a (row tile, column tile) alike; they differ in the side held fixed, the operand
+// read as V, whether P is read transposed and where g goes: the row pass scales its fp32 output
+// rows by g, the column pass folds g into P.
+// g_absmax (column pass; device scalar, or null): max_i |g_i|. With 16-bit operands g is divided
+// by it before g·p is rounded to the input dtype (so that tiny g, e.g. a mean over many anchors,
+// does not underflow float16) and multiplied back in fp32 at the end.
+template <class P, bool kRowPass>
+__device__ __forceinline__ void backward_pass(const KParams<typename P::Acc>& kp,
+                                              const typename P::Acc* g,
+                                              const typename P::Acc* lse,
+                                              const typename P::Acc* g_absmax,
+                                              typename P::Acc* out) {
+  using Acc = typename P::Acc;
+  using Op = typename P::Op;
+  using In = typename P::In;
+  using L = Layout<P, true>;
+  RCL_DYNAMIC_SMEM(smem);
+  constexpr int kOwnTile = kRowPass ? P::BM : P::BN;  // the output tile's rows (dz) or columns (dk)
+  constexpr int kSumTile = kRowPass ? P::BN : P::BM;  // the tiles summed over
+  const int64_t own_count = kRowPass ? kp.n : kp.m;
+  const int64_t sum_count = kRowPass ? kp.m : kp.n;
+  const int64_t own0 = int64_t(blockIdx.x) * kOwnTile;
+  const int64_t dv0 = int64_t(blockIdx.y) * P::DV;
+  const int split = blockIdx.z;
+  const int64_t sum_tiles = (sum_count + kSumTile - 1) / kSumTile;
+  const int64_t t_begin = int64_t(split) * kp.tiles_per_split;
+  const int64_t t_end = min64(sum_tiles, t_begin + kp.tiles_per_split);
+  Op* vs = reinterpret_cast<Op*>(smem + L::vs);
+  const Op* ps = reinterpret_cast<const Op*>(smem + L::ps);
+
+  Acc g_norm = Acc(1);
+  if constexpr (kRowPass) {
+    load_row_meta<P, true>(kp, smem, own0, g, lse);
+  } else {
+    if (sizeof(Op) == 2 && g_absmax != nullptr) {
+      const Acc gm = *g_absmax;
+      if (gm > Acc(0) && !isinf(gm)) g_norm = gm;  // NaN / 0 / inf: leave g as it is
+    }
+    load_col_meta<P, true>(kp, smem, own0);
+  }
+  typename P::OAcc o;
+  P::o_init(o);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t sum0 = t * kSumTile;
+    const int64_t row0 = kRowPass ? own0 : sum0;
+    const int64_t col0 = kRowPass ? sum0 : own0;
+    if constexpr (kRowPass) {
+      load_col_meta<P, true>(kp, smem, col0);
+    } else {
+      load_row_meta<P, true>(kp, smem, row0, g, lse, Acc(1) / g_norm);
+    }
+    compute_s<P, true>(kp, smem, row0, col0);
+    // V = K[col0 : col0+BN, dv0 : dv0+DV] (row pass) or Z[row0 : row0+BM, dv0 : dv0+DV]
+    load_tile<P, kSumTile, P::DV, P::LDV>(vs, static_cast<const In*>(kRowPass ? kp.k : kp.z),
+                                          sum0, sum_count, dv0, kp.d, kp.vec_ok);
+    __syncthreads();
+    compute_p<P, kRowPass>(kp, smem, row0, col0);
+    __syncthreads();
+    P::template o_mma<!kRowPass>(o, ps, vs);
+    __syncthreads();
+  }
+  __syncthreads();
+  Acc* dst = out + int64_t(split) * own_count * kp.d + own0 * kp.d + dv0;
+  if constexpr (kRowPass) {
+    P::o_store(o, kp.scale, reinterpret_cast<const Acc*>(smem + L::row_g), smem, dst,
+               min64(kOwnTile, own_count - own0), min64(P::DV, kp.d - dv0), kp.d);
+  } else {
+    P::o_store(o, kp.scale * g_norm, static_cast<const Acc*>(nullptr), smem, dst,
+               min64(kOwnTile, own_count - own0), min64(P::DV, kp.d - dv0), kp.d);
+  }
+}
+
 // dz partial: grid (row tiles, d chunks, column splits); out = ws + split · n · d.
 template <class P>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_rows_kernel(KParams<typename P::Acc> kp, const typename P::Acc* g,
                              const typename P::Acc* lse, typename P::Acc* out) {
-  using Acc = typename P::Acc;
-  using Op = typename P::Op;
-  using In = typename P::In;
-  using L = Layout<P, true>;
-  RCL_DYNAMIC_SMEM(smem);
-  const int64_t row0 = int64_t(blockIdx.x) * P::BM;
-  const int64_t dv0 = int64_t(blockIdx.y) * P::DV;
-  const int split = blockIdx.z;
-  const int64_t col_tiles = (kp.m + P::BN - 1) / P::BN;
-  const int64_t t_begin = int64_t(split) * kp.tiles_per_split;
-  const int64_t t_end = min64(col_tiles, t_begin + kp.tiles_per_split);
-  Op* vs = reinterpret_cast<Op*>(smem + L::vs);
-  const Op* ps = reinterpret_cast<const Op*>(smem + L::ps);
-
-  load_row_meta<P, true>(kp, smem, row0, g, lse);
-  typename P::OAcc o;
-  P::o_init(o);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t col0 = t * P::BN;
-    load_col_meta<P, true>(kp, smem, col0);
-    compute_s<P, true>(kp, smem, row0, col0);
-    // V = K[col0 : col0+BN, dv0 : dv0+DV]
-    load_tile<P, P::BN, P::DV, P::LDV>(vs, static_cast<const In*>(kp.k), col0, kp.m, dv0, kp.d,
-                                       kp.vec_ok);
-    __syncthreads();
-    compute_p<P, true>(kp, smem, row0, col0);
-    __syncthreads();
-    P::template o_mma<false>(o, ps, vs);
-    __syncthreads();
-  }
-  __syncthreads();
-  Acc* dst = out + int64_t(split) * kp.n * kp.d + row0 * kp.d + dv0;
-  P::o_store(o, kp.scale, reinterpret_cast<const Acc*>(smem + L::row_g), smem, dst,
-             min64(P::BM, kp.n - row0),
-             min64(P::DV, kp.d - dv0), kp.d);
+  backward_pass<P, true>(kp, g, lse, nullptr, out);
 }
 
 // dk partial: grid (column tiles, d chunks, row splits); out = ws + split · m · d.
-// g_absmax (device scalar, or null): max_i |g_i|. With 16-bit operands g is divided by it before
-// g·p is rounded to the input dtype (so that tiny g, e.g. a mean over many anchors, does not
-// underflow float16) and multiplied back in fp32 at the end.
 template <class P>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_cols_kernel(KParams<typename P::Acc> kp, const typename P::Acc* g,
                              const typename P::Acc* lse, const typename P::Acc* g_absmax,
                              typename P::Acc* out) {
-  using Acc = typename P::Acc;
-  using Op = typename P::Op;
-  using In = typename P::In;
-  using L = Layout<P, true>;
-  RCL_DYNAMIC_SMEM(smem);
-  const int64_t col0 = int64_t(blockIdx.x) * P::BN;
-  const int64_t dv0 = int64_t(blockIdx.y) * P::DV;
-  const int split = blockIdx.z;
-  const int64_t row_tiles = (kp.n + P::BM - 1) / P::BM;
-  const int64_t t_begin = int64_t(split) * kp.tiles_per_split;
-  const int64_t t_end = min64(row_tiles, t_begin + kp.tiles_per_split);
-  Op* vs = reinterpret_cast<Op*>(smem + L::vs);
-  const Op* ps = reinterpret_cast<const Op*>(smem + L::ps);
-
-  Acc g_norm = Acc(1);
-  if (sizeof(Op) == 2 && g_absmax != nullptr) {
-    const Acc gm = *g_absmax;
-    if (gm > Acc(0) && !isinf(gm)) g_norm = gm;  // NaN / 0 / inf: leave g as it is
-  }
-  load_col_meta<P, true>(kp, smem, col0);
-  typename P::OAcc o;
-  P::o_init(o);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t row0 = t * P::BM;
-    load_row_meta<P, true>(kp, smem, row0, g, lse, Acc(1) / g_norm);
-    compute_s<P, true>(kp, smem, row0, col0);
-    // V = Z[row0 : row0+BM, dv0 : dv0+DV]
-    load_tile<P, P::BM, P::DV, P::LDV>(vs, static_cast<const In*>(kp.z), row0, kp.n, dv0, kp.d,
-                                       kp.vec_ok);
-    __syncthreads();
-    compute_p<P, false>(kp, smem, row0, col0);
-    __syncthreads();
-    P::template o_mma<true>(o, ps, vs);
-    __syncthreads();
-  }
-  __syncthreads();
-  Acc* dst = out + int64_t(split) * kp.m * kp.d + col0 * kp.d + dv0;
-  P::o_store(o, kp.scale * g_norm, static_cast<const Acc*>(nullptr), smem, dst,
-             min64(P::BN, kp.m - col0),
-             min64(P::DV, kp.d - dv0), kp.d);
+  backward_pass<P, false>(kp, g, lse, g_absmax, out);
 }
 
 // out[i] = Σ_s ws[s · count + i], summed in split order (deterministic).
