@@ -217,8 +217,9 @@ void cpu_epilogue(const tiled::Problem& p, tiled::Block& block) {
 // Rows (and dk rows) per panel of the driver's dynamic schedule. MKL packs the whole of K for each
 // panel's GEMM, so a panel spends a share ∝ 1/rows of its time packing (2·rows flops per packed
 // element): on a 2-core EPYC, 128-row panels ran 1.2x the three bare GEMMs at N = 4,096 and
-// d = 1,024 where 256 rows ran 1.05-1.13x, and no worse at d = 128 or at BCL's shape. Thicker panels
-// leave too few of them to balance the threads when one shares its core with another process.
+// d = 1,024 where 256 rows ran 1.05-1.13x, and no worse at d = 128 or at BCL's shape. Thicker
+// panels leave too few of them to balance the threads when one shares its core with another
+// process.
 constexpr int64_t kPanel = 256;
 
 // The op's inputs in the accumulation dtype (float, or double for float64): the CPU GEMMs run
