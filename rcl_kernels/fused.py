@@ -208,39 +208,93 @@ class _FusedPerAnchorLoss(_FusedFunction):
         return *_input_gradients(dz, dk, z, k), None, None, None, None, None, None, None, None
 
 
+def _is_unit_gradient(grad: torch.Tensor) -> bool:
+    """Whether a scalar loss's upstream gradient is exactly 1 (loss.backward()): then the saved
+    gradient needs no scaling pass. Read only where that costs nothing: a CPU tensor (on a GPU
+    the read would sync)."""
+    return grad.device.type == "cpu" and grad.numel() == 1 and grad.item() == 1.0
+
+
+def _hands_over() -> bool:
+    """Whether this forward can hand its gradient buffers over to the backward (see
+    _FusedWeightedSum): eagerly only, since a traced graph (torch.compile) and a functorch
+    transform (torch.func.grad) keep their own copies of what a backward reads."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def _weighted_sum_gradients(kernels, weights, z, k, labels, col_labels, row_bias, col_bias,
+                            self_offset, scale, allow_tf32):
+    """The forward's (lse, positive_dots, dz, dk); dk None and added into dz when the columns are
+    the anchors (k None)."""
+    columns = z if k is None else k
+    lse, positive_dots, dz, dk = kernels.loss_forward_backward(
+        weights, z, columns, labels, col_labels, row_bias, col_bias, self_offset, scale, allow_tf32)
+    if k is None:  # the columns are the anchors: their gradients add up
+        dz, dk = dz + dk, None
+    return lse, positive_dots, dz, dk
+
+
 class _FusedWeightedSum(_FusedFunction):
     """Σ_i w_i·L_i for weights w known up front (a mean or a sum). kernels.loss_forward_backward
     gives the positive dots and the whole gradient in the forward's pass, so no segment sum runs
-    and the backward only scales the saved gradient."""
+    and the backward only scales the saved gradient.
+
+    Eagerly the gradient buffers [N, d] and [M, d] are handed over: the backward scales them in
+    place (not at all for an upstream gradient of 1) and returns them, where a scaled copy would
+    be two fresh buffers (at BCL's shape 8 MB, page-faulted in on every step) and a pass over
+    them. They are kept as attributes of ctx, not saved tensors, and dropped once handed over:
+    the .grad they become may be edited in place, so a second backward through a retained graph
+    computes them again from the inputs."""
 
     @staticmethod
     def forward(z, k, labels, col_labels, tables, weights, kernels, self_offset, num_classes, scale,
                 allow_tf32):
-        columns = z if k is None else k
-        lse, positive_dots, dz, dk = kernels.loss_forward_backward(
-            weights, z, columns, labels, col_labels, tables.row_bias, tables.col_bias, self_offset,
-            scale, allow_tf32)
+        lse, positive_dots, dz, dk = _weighted_sum_gradients(
+            kernels, weights, z, k, labels, col_labels, tables.row_bias, tables.col_bias,
+            self_offset, scale, allow_tf32)
         losses = _losses_from_positive_dots(lse, positive_dots, tables, scale)
-        if k is None:  # the columns are the anchors: their gradients add up
-            dz, dk = dz + dk, None
-        # Saved in the accumulation dtype and rounded once, after the backward's scaling.
+        # In the accumulation dtype, rounded once, after the backward's scaling.
         return (weights * losses).sum(), dz, dk
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, k = inputs[:2]
-        ctx.save_for_backward(z, k, output[1], output[2])
+        z, k, labels, col_labels, tables, weights, kernels, self_offset, _, scale, allow_tf32 = inputs
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         # The saved gradients get no gradient: without this, autograd would fill an N x d and an
         # M x d tensor of zeros for them on every backward.
         ctx.set_materialize_grads(False)
+        ctx.hand_over = _hands_over()
+        if not ctx.hand_over:
+            ctx.save_for_backward(z, k, output[1], output[2])
+            return
+        ctx.save_for_backward(z, k, labels, col_labels, tables.row_bias, tables.col_bias, weights)
+        ctx.gradients = output[1:]
+        ctx.kernels, ctx.options = kernels, (self_offset, scale, allow_tf32)
 
     @staticmethod
     def backward(ctx, grad, _grad_dz, _grad_dk):
         if grad is None:  # no gradient reached the loss (it is not materialized as zeros)
             return (None,) * 11
-        z, k, dz, dk = ctx.saved_tensors
-        dz, dk = _ScaleSavedGradients.apply(grad.to(dz.dtype), dz, dk, z, k)
+        if not ctx.hand_over:
+            z, k, dz, dk = ctx.saved_tensors
+        else:
+            z, k, *inputs = ctx.saved_tensors
+            labels, col_labels, row_bias, col_bias, weights = inputs
+            if ctx.gradients is None:  # handed over by an earlier backward of a retained graph
+                ctx.gradients = _weighted_sum_gradients(
+                    ctx.kernels, weights, z, k, labels, col_labels, row_bias, col_bias,
+                    *ctx.options)[2:]
+            dz, dk = ctx.gradients
+        if ctx.hand_over and not torch.is_grad_enabled():
+            ctx.gradients = None
+            if not _is_unit_gradient(grad):
+                factor = grad.to(dz.dtype)
+                dz.mul_(factor)
+                if dk is not None:
+                    dk.mul_(factor)
+        else:
+            # A traced backward, or create_graph=True: this step's derivative raises.
+            dz, dk = _ScaleSavedGradients.apply(grad.to(dz.dtype), dz, dk, z, k)
         dk = None if k is None else dk.to(k.dtype)
         return dz.to(z.dtype), dk, None, None, None, None, None, None, None, None, None
 

@@ -89,3 +89,33 @@ def test_the_loss_passes_int32_labels_to_the_triton_ops_only(monkeypatch, protot
     assert cpu.STREAMING.label_dtype == torch.int64
     assert tiled.TILED.label_dtype == torch.int64
     assert all(k.label_dtype == torch.int64 for k in cuda.VARIANTS.values())
+
+
+@pytest.mark.parametrize("prototypes", [True, False])
+def test_the_handed_over_gradient_survives_a_retained_graph(prototypes):
+    """The mean's backward hands its gradient buffers over as the input gradients (scaled in
+    place, or as they are for an upstream gradient of 1). A second backward through the retained
+    graph, after the first one's .grad was edited in place (as gradient clipping does), must give
+    the same gradient, and a scaled upstream gradient must scale it."""
+    gen = fresh_generator()
+    features = random_features((48, 2, 16), gen).float().requires_grad_()
+    centers = random_features((6, 16), gen).float().requires_grad_() if prototypes else None
+    labels = draw_labels("longtail", 48, 6, gen)
+    leaves = [t for t in (features, centers) if t is not None]
+    loss = rk.contrastive_loss(features, labels, centers, backend="cpu:tiled")
+    loss.backward(retain_graph=True)
+    first = [leaf.grad.clone() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad.mul_(-7.0)
+        leaf.grad = None
+    loss.backward(retain_graph=True)
+    for leaf, want in zip(leaves, first):
+        assert torch.equal(leaf.grad, want)
+    for upstream in (3.0, 1.0):
+        got = torch.autograd.grad(loss, leaves, grad_outputs=torch.tensor(upstream),
+                                  retain_graph=True)
+        for value, want in zip(got, first):
+            torch.testing.assert_close(value, upstream * want, rtol=1e-6, atol=1e-8)
+    reference = rk.contrastive_loss(features, labels, centers, backend="reference")
+    for value, want in zip(torch.autograd.grad(reference, leaves), first):
+        torch.testing.assert_close(value, want, rtol=1e-4, atol=1e-6)
