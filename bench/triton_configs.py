@@ -34,7 +34,7 @@ SHAPES = {  # name -> (N anchors, M columns, d, C classes): the BCL layout, K = 
 DTYPES = {"bf16": ("bfloat16", False), "fp16": ("float16", False), "tf32": ("float32", True),
           "fp32": ("float32", False)}
 KERNELS = ("forward", "dz", "dk", "one_pass")
-# The GPU plan, most important first (a budget stops it where it is): the must-show shapes.
+# The GPU plan, most important first (a budget stops it where it is): the shapes that decide.
 DEFAULT_PLAN = [("bcl-n32768-d128", "bf16"), ("bcl-n8192-d128", "bf16"),
                 ("bcl-n32768-d128", "tf32"), ("bcl-n32768-d128", "fp32"),
                 ("inat-n512-d1024", "bf16")]
